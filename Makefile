@@ -1,0 +1,29 @@
+# One command sets up and runs each thing; the virtualenv is made once and reused.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the one-command tour: embedded Redis, sandbox, worker, intents, summary
+	$(BIN)/tpns-batcher demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker tests
+	$(BIN)/mypy
+
+test: lint  ## lint, type-check, then the whole test suite
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/tpns-batcher bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

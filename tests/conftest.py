@@ -1,0 +1,61 @@
+"""Shared fixtures: a real Redis (the machine's, or a private one started here) and per-test prefixes.
+
+Tests never touch keys they did not create: each test gets its own key prefix (which also prefixes
+the Celery broker's keys) and every key under it is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from worker.embedded import start_private
+
+
+def _reachable(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client.ping()
+        client.close()
+        return True
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real Redis server: $TPNS_TEST_REDIS_URL, else 127.0.0.1:6379, else a private one."""
+    url = os.environ.get("TPNS_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if _reachable(url):
+        yield url
+        return
+    proc, private_url = start_private(Path(tmp_path_factory.mktemp("redis")))
+    try:
+        yield private_url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; every key under it is deleted when the test ends."""
+    value = f"tpnstest:{uuid.uuid4().hex[:10]}:"
+    yield value
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{value}*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start:start + 500])
+    client.close()
+
+
+@pytest.fixture
+def rconn(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()

@@ -1,0 +1,1 @@
+"""tpns-batcher: turn a stream of TPNS account bind/unbind intents into the fewest correct calls."""

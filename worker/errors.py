@@ -1,0 +1,132 @@
+"""Every exception tpns-batcher raises on purpose.
+
+    TpnsBatcherError                 root: catch this to catch everything below
+    ├── ConfigError                  a setting is missing or has a bad value
+    ├── IntentError                  an intent breaks a rule of SPEC §4 (refused, nothing stored)
+    ├── IdConflictError              an ``id`` already exists with a different payload
+    ├── StoreError                   Redis answered something the store did not expect
+    └── TpnsError                    a call to TPNS did not succeed as a whole
+        ├── TransientError           worth retrying: the same call may succeed later
+        │   ├── HttpStatusError      HTTP 5xx (or another non-2xx that is not 429)
+        │   ├── RateLimitedError     HTTP 429 or ret_code 1008028; carries ``retry_after_s``
+        │   ├── ServiceError         ret_code 1008004 (the service's internal call failed)
+        │   ├── TransportError       timeout, refused or dropped connection
+        │   ├── BadResponseError     a body that is not the JSON object TPNS sends
+        │   └── UnexpectedRetCodeError  a ret_code that no rule of SPEC §6 names
+        └── PermanentError           retrying the same call cannot help
+            ├── RejectedError        ret_code 1008001/1008002/1008007: the call was malformed
+            └── CredentialsError     ret_code 1008003/10030002/1008030/1008031/1010001
+
+Retry policy is a type check: tenacity retries ``TransientError`` only. No message or attribute
+ever carries the secret key.
+"""
+
+from __future__ import annotations
+
+
+class TpnsBatcherError(Exception):
+    """Root of every error raised by tpns-batcher."""
+
+
+class ConfigError(TpnsBatcherError):
+    """Raised when a setting is missing or invalid; ``str()`` is one line naming the variable."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        self.variable = variable
+        self.reason = reason
+        super().__init__(f"{variable}: {reason}")
+
+
+class IntentError(TpnsBatcherError):
+    """Raised when an intent is refused at enqueue; names the field and the rule it breaks."""
+
+    def __init__(self, field: str, rule: str, line: int | None = None) -> None:
+        self.field = field
+        self.rule = rule
+        self.line = line
+        super().__init__(f"{field}: {rule}" if line is None else f"line {line}: {field}: {rule}")
+
+    @property
+    def reason(self) -> str:
+        """The message without its line number: ``"token: must not be empty"``."""
+        return f"{self.field}: {self.rule}"
+
+
+class IdConflictError(IntentError):
+    """Raised when an ``id`` is enqueued again with a payload different from the stored one."""
+
+    def __init__(self, intent_id: str, line: int | None = None) -> None:
+        super().__init__("id", f"{intent_id!r} already exists with a different payload", line)
+        self.intent_id = intent_id
+
+
+class StoreError(TpnsBatcherError):
+    """Raised when Redis holds or returns something the store's scripts did not expect."""
+
+
+class TpnsError(TpnsBatcherError):
+    """Raised when a call to TPNS failed as a whole (not item by item)."""
+
+    #: short machine-readable reason written into statuses (``http_503``, ``timeout``, ...)
+    code: str = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, ret_code: int | None = None,
+                 http_status: int | None = None, err_msg: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.ret_code = ret_code
+        self.http_status = http_status
+        self.err_msg = err_msg
+
+
+class TransientError(TpnsError):
+    """Raised when a call failed in a way that the same call may not fail again later."""
+
+
+class HttpStatusError(TransientError):
+    """Raised on an HTTP status other than 2xx and 429 (``code`` is ``http_<status>``)."""
+
+
+class RateLimitedError(TransientError):
+    """Raised on HTTP 429 or ret_code 1008028; ``retry_after_s`` is the server's hint, if any."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after_s = retry_after_s
+
+
+class ServiceError(TransientError):
+    """Raised on ret_code 1008004: the service failed to call one of its own parts."""
+
+    code = "service_error"
+
+
+class TransportError(TransientError):
+    """Raised on a timeout, a refused connection or a connection dropped mid-call."""
+
+    code = "connection_error"
+
+
+class BadResponseError(TransientError):
+    """Raised when the body is not a JSON object with an integer ``ret_code``."""
+
+    code = "bad_response"
+
+
+class UnexpectedRetCodeError(TransientError):
+    """Raised on a call-level ret_code that no outcome rule names (``code`` is ``ret_<code>``)."""
+
+
+class PermanentError(TpnsError):
+    """Raised when retrying the very same call cannot succeed."""
+
+
+class RejectedError(PermanentError):
+    """Raised on ret_code 1008001, 1008002 or 1008007: the service refused the call as malformed."""
+
+
+class CredentialsError(PermanentError):
+    """Raised on credential, billing or app-lifecycle codes: sending for the app must pause."""
