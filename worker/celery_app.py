@@ -1,0 +1,64 @@
+"""The Celery app: configuration chosen for wake-up messages, and the two thin tasks.
+
+Why these settings (the intents live in Redis; a Celery message only says "flush (app, op)"):
+
+* ``task_acks_late=False``: a wake lost with a dying worker costs nothing, the sweep re-sends it
+  within a second; intents in flight are protected by the store's own leases, not by the broker.
+  Late acks would only add redeliveries of long calls (visibility timeout) for no safety gained.
+* ``worker_prefetch_multiplier=1``: one process must not hoard wakes the others could run.
+* ``visibility_timeout``: only delayed (linger) wakes sit unacked, for at most a few seconds; the
+  default hour is kept, set explicitly so a shared broker does not shorten it below our needs.
+* ``task_time_limit``: a flush holds a lease; past the lease its items are reclaimed anyway, so the
+  task is stopped a little after ``TPNS_LEASE_S`` rather than left hanging.
+* Beat uses the in-memory scheduler: the sweep runs every second and needs no schedule file, and
+  two workers with beat only make the sweep's Redis lock skip the extra run.
+* The queue name and (on Redis) every broker key carry the product's prefix, so two deployments
+  (or two tests) can share one Redis without seeing each other's wakes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from .embedded import kombu_url
+from .settings import Settings
+from .wakeup import FLUSH_TASK, SWEEP_TASK
+
+#: how often the sweep (lease reaper, retry and linger catch-up) runs
+SWEEP_INTERVAL_S = 1.0
+
+
+def make_celery(settings: Settings, redis_url: str, prefix: str | None = None,
+                with_tasks: bool = False) -> Celery:
+    """A Celery app for these settings; ``with_tasks`` registers the flush and sweep tasks."""
+    prefix = prefix or settings.prefix
+    broker = settings.broker_url or kombu_url(redis_url)
+    app = Celery("tpns_batcher", broker=broker, set_as_current=False)
+    transport: dict[str, Any] = {"visibility_timeout": 3600}
+    if broker.startswith(("redis", "rediss", "sentinel")):
+        transport["global_keyprefix"] = f"{prefix}celery:"
+    app.conf.update(
+        task_default_queue=f"{prefix}flush",
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=False,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_time_limit=int(settings.lease_s + 30),
+        beat_scheduler="celery.beat:Scheduler",
+        beat_schedule={
+            "tpns-sweep": {"task": SWEEP_TASK, "schedule": SWEEP_INTERVAL_S},
+        },
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    if with_tasks:
+        from .tasks import register
+
+        register(app, settings, redis_url, prefix)
+    return app

@@ -1,0 +1,294 @@
+"""The ``tpns-batcher`` command (SPEC §8). Errors go to stderr with a non-zero exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from typing import IO, Any
+
+import click
+
+from .errors import ConfigError, IntentError, TpnsBatcherError
+from .intents import iter_lines, parse_line
+from .settings import Settings
+
+#: lines read and enqueued per round of ``enqueue``
+ENQUEUE_BATCH = 5000
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+
+
+def _producer() -> Any:
+    from .producer import Producer
+
+    try:
+        return Producer(settings=_settings())
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tpns-batcher")
+def main() -> None:
+    """Batch TPNS account bind/unbind intents into the fewest correct calls.
+
+    Producers enqueue one intent at a time (``enqueue``, the Python ``Producer``, or ``serve``);
+    workers (``worker``) group them into calls of at most 20 tokens per operator_type, keep
+    per-key order, retry transient failures and record a status for every intent in Redis.
+
+    Without REDIS_URL every command uses one embedded Redis under TPNS_DATA_DIR.
+    Try it with no credentials: ``tpns-batcher demo``.
+    """
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--no-beat", is_flag=True, help="Do not embed beat (run the sweeps elsewhere).")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(no_beat: bool, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker with the flush and sweep tasks.
+
+    CELERY_ARGS go to ``celery worker`` (e.g. --concurrency 8, --hostname w1@%h, --pool threads).
+    Needs TPNS credentials, or an explicit TPNS_BASE_URL such as a sandbox's URL.
+    """
+    from .celery_app import make_celery
+    from .embedded import resolve_redis_url
+    from .logs import setup_logging
+    from .tasks import make_store
+
+    settings = _settings()
+    try:
+        settings.require_credentials()
+        redis_url = resolve_redis_url(settings.redis_url, settings.data_dir)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+    setup_logging(settings.log_format)
+    app = make_celery(settings, redis_url, with_tasks=True)
+    store = make_store(settings, redis_url, settings.prefix)
+    store.register_apps(settings.apps)
+    _start_heartbeat(store, settings)
+    argv = ["worker", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    if not any(a.startswith(("-c", "--concurrency")) for a in celery_args):
+        argv += ["--concurrency", "4"]
+    if not no_beat:
+        argv.append("--beat")
+    app.worker_main(argv=argv + list(celery_args))
+
+
+def _start_heartbeat(store: Any, settings: Settings) -> None:
+    name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def beat() -> None:
+        stop = threading.Event()
+        while not stop.wait(5.0):
+            try:
+                store.heartbeat(name)
+                store.register_apps(settings.apps)
+            except Exception:  # Redis away for a moment: the next beat tries again
+                continue
+
+    store.heartbeat(name)
+    threading.Thread(target=beat, name="tpns-heartbeat", daemon=True).start()
+
+
+def _read_batches(stream: IO[str]) -> Iterator[tuple[list[int], list[Any], list[IntentError]]]:
+    numbers: list[int] = []
+    objs: list[Any] = []
+    bad: list[IntentError] = []
+    for number, line in iter_lines(stream):
+        try:
+            objs.append(parse_line(line, number))
+            numbers.append(number)
+        except IntentError as exc:
+            bad.append(exc)
+        if len(objs) + len(bad) >= ENQUEUE_BATCH:
+            yield numbers, objs, bad
+            numbers, objs, bad = [], [], []
+    if objs or bad:
+        yield numbers, objs, bad
+
+
+@main.command()
+@click.argument("source", type=click.File("r", encoding="utf-8"))
+def enqueue(source: IO[str]) -> None:
+    """Enqueue JSON Lines from SOURCE (a file, or - for stdin).
+
+    Prints one id per accepted line, in input order, to stdout; each refused line goes to stderr
+    as ``line N: reason``. Exits 1 if any line was refused.
+    """
+    producer = _producer()
+    refused = 0
+    progress = _progress() if sys.stderr.isatty() else None
+    try:
+        for numbers, objs, bad in _read_batches(source):
+            result = producer.enqueue(objs, line_numbers=numbers) if objs else None
+            lines: list[tuple[int, str]] = [(e.line or 0, f"line {e.line}: {e.reason}")
+                                            for e in bad]
+            if result is not None:
+                for k, intent_id in enumerate(result.ids):
+                    if intent_id is None:
+                        err = result.errors[k]
+                        lines.append((numbers[k], f"line {numbers[k]}: {err.reason}"))
+                    else:
+                        lines.append((numbers[k], "\0" + intent_id))
+            lines.sort()
+            out = []
+            for _, text in lines:
+                if text.startswith("\0"):
+                    out.append(text[1:])
+                else:
+                    refused += 1
+                    click.echo(text, err=True)
+            if out:
+                click.echo("\n".join(out))
+            if progress is not None:
+                progress.advance(len(lines))
+    except TpnsBatcherError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if progress is not None:
+            progress.stop()
+        producer.close()
+    if refused:
+        sys.exit(1)
+
+
+class _progress:
+    """A live count on the terminal (stderr) while a bulk enqueue runs."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(SpinnerColumn(), TextColumn("enqueued {task.completed} lines"),
+                             TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self._task = self._bar.add_task("enqueue", total=None)
+        self._bar.start()
+
+    def advance(self, n: int) -> None:
+        self._bar.advance(self._task, n)
+
+    def stop(self) -> None:
+        self._bar.stop()
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True)
+def status(ids: tuple[str, ...]) -> None:
+    """Print the status of each intent as one JSON object per line; exit 1 if any id is unknown."""
+    producer = _producer()
+    missing = 0
+    for intent_id, st in zip(ids, producer.statuses(list(ids)), strict=True):
+        if st is None:
+            missing += 1
+            click.echo(f"{intent_id}: not found", err=True)
+        else:
+            click.echo(json.dumps(st.to_dict(), ensure_ascii=False))
+    producer.close()
+    if missing:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True,
+              help="Seconds to wait.")
+def wait(ids: tuple[str, ...], timeout_s: float) -> None:
+    """Wait until every intent is terminal, then print their statuses.
+
+    Exit 0 if all succeeded, 1 if any failed (or is unknown), 2 on timeout.
+    """
+    producer = _producer()
+    try:
+        statuses = producer.wait(list(ids), timeout_s=timeout_s)
+    except TimeoutError as exc:
+        click.echo(f"timeout: {exc}", err=True)
+        sys.exit(2)
+    finally:
+        producer.close()
+    code = 0
+    for intent_id, st in zip(ids, statuses, strict=True):
+        if st is None:
+            click.echo(f"{intent_id}: not found", err=True)
+            code = 1
+        else:
+            click.echo(json.dumps(st.to_dict(), ensure_ascii=False))
+            if st.state != "succeeded":
+                code = 1
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+def stats(as_json: bool) -> None:
+    """Counts per state and operator_type, queue depth, oldest pending age, calls, pauses."""
+    producer = _producer()
+    figures = producer.stats()
+    producer.close()
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    from rich.console import Console
+
+    from .views import stats_table
+
+    Console().print(stats_table(figures))
+
+
+@main.command("requeue-failed")
+@click.option("--error", "error", default=None, metavar="CODE",
+              help="Only intents that failed with this error (e.g. exhausted, invalid_token).")
+def requeue_failed(error: str | None) -> None:
+    """Put failed intents back into the queue (prints their ids)."""
+    producer = _producer()
+    ids, wakes = producer.store.requeue_failed(error)
+    producer._send_wakes(wakes)
+    producer.close()
+    for intent_id in ids:
+        click.echo(intent_id)
+    click.echo(f"requeued {len(ids)} failed intents", err=True)
+
+
+@main.command()
+@click.option("--worker", "need_worker", is_flag=True,
+              help="Also require a worker seen in the last 30 s.")
+def health(need_worker: bool) -> None:
+    """Exit 0 when healthy, 1 otherwise, with a one-line reason."""
+    import redis as redis_lib
+
+    try:
+        producer = _producer()
+        producer.redis.ping()
+    except (redis_lib.RedisError, OSError, click.ClickException) as exc:
+        click.echo(f"unhealthy: redis unreachable ({type(exc).__name__})")
+        sys.exit(1)
+    try:
+        workers = producer.store.workers()
+        pauses = producer.store.pauses(producer.apps())
+    finally:
+        producer.close()
+    if need_worker and not workers:
+        click.echo("unhealthy: no worker seen in the last 30 s")
+        sys.exit(1)
+    if pauses:
+        app, (left, reason) = next(iter(pauses.items()))
+        click.echo(f"unhealthy: sending for app {app} paused ({reason}, {left:.0f} s left)")
+        sys.exit(1)
+    click.echo(f"ok: redis reachable, {len(workers)} worker(s) seen")
+
+
+def _register_optional() -> None:
+    from .sandbox import sandbox_command
+
+    main.add_command(sandbox_command)
+
+
+_register_optional()

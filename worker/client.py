@@ -1,0 +1,419 @@
+"""The TPNS client: one ``batchoperate`` call, its request body, its auth and its in-call retries.
+
+``TpnsClient.batchoperate`` either returns a ``CallResult`` (ret_code 0, 1008026 or 1008027: the
+items are then judged one by one, see ``worker.outcomes``) or raises one of the ``TpnsError``
+classes of ``worker.errors``. Transient failures are retried inside the call with tenacity
+(bounded by attempts and, optionally, by a time budget); what is still failing after that is
+raised for the caller to turn into item outcomes (SPEC §6).
+
+No exception, log record or ``repr`` made here carries the secret key: requests' own exceptions
+(which hold the prepared request and its headers) are never chained, only their class name is kept.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import requests
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
+
+from .auth import basic_header, sign_headers
+from .errors import (
+    BadResponseError,
+    ConfigError,
+    CredentialsError,
+    HttpStatusError,
+    RateLimitedError,
+    RejectedError,
+    ServiceError,
+    TpnsError,
+    TransientError,
+    TransportError,
+    UnexpectedRetCodeError,
+)
+from .model import BatchItem
+from .settings import AppConfig
+
+logger = logging.getLogger(__name__)
+
+#: the endpoint, relative to the app's service URL
+BATCHOPERATE_PATH = "/v3/device/account/batchoperate"
+#: the service's hard limit of tokens (ops 1-4) or accounts (op 5) per call
+MAX_ITEMS_PER_CALL = 20
+
+#: ret_codes after which the items are judged one by one from ``result``
+ITEM_LEVEL_RET_CODES = frozenset({0, 1008026, 1008027})
+#: the call was malformed: split it (SPEC §6)
+REJECTED_RET_CODES = frozenset({1008001, 1008002, 1008007})
+#: credentials, billing, app gone: pause the app (SPEC §6)
+CREDENTIALS_RET_CODES = frozenset({1008003, 10030002, 1008030, 1008031, 1010001})
+RATE_LIMITED_RET_CODE = 1008028
+SERVICE_ERROR_RET_CODE = 1008004
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tpns-batcher")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0"
+
+
+USER_AGENT = f"tpns-batcher/{_version()}"
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What one accepted ``batchoperate`` call returned.
+
+    ``result`` holds one status string per token (ops 1-4) or account (op 5), index-matched with
+    the items sent; it may be shorter than the call. ``attempts`` counts the HTTP requests made
+    (in-call retries included) and ``latency_ms`` is the round trip of the last one.
+    """
+
+    ret_code: int
+    err_msg: str
+    result: tuple[str, ...]
+    http_status: int
+    attempts: int
+    latency_ms: float
+
+
+def build_body(operator_type: int, items: Sequence[BatchItem]) -> dict[str, Any]:
+    """The JSON body of one ``batchoperate`` call for ``items`` (SPEC §1, reference §1.2).
+
+    Ops 1-3 send ``token_accounts``, op 4 ``token_list``, op 5 ``account_list`` (each op-5 item
+    carries exactly one account and no token). Raises ``ValueError`` on a programming error
+    upstream: no items, more than 20, a repeated token (or account for op 5), an item that does not
+    fit the operator_type.
+    """
+    if operator_type not in (1, 2, 3, 4, 5) or isinstance(operator_type, bool):
+        raise ValueError(f"operator_type must be 1-5, got {operator_type!r}")
+    if not items:
+        raise ValueError("a call needs at least one item")
+    if len(items) > MAX_ITEMS_PER_CALL:
+        raise ValueError(f"a call carries at most {MAX_ITEMS_PER_CALL} items, got {len(items)}")
+    seen: set[object] = set()
+    body: dict[str, Any] = {"operator_type": operator_type}
+    if operator_type == 5:
+        accounts: list[dict[str, Any]] = []
+        for item in items:
+            if item.token is not None or len(item.accounts) != 1:
+                raise ValueError(f"item {item.id!r}: op 5 takes one account and no token")
+            account = item.accounts[0]
+            key = (account.account, account.account_type)
+            if key in seen:
+                raise ValueError(f"item {item.id!r}: account {key!r} repeated in one call")
+            seen.add(key)
+            accounts.append(account.to_json())
+        body["account_list"] = accounts
+        return body
+    for item in items:
+        if not item.token:
+            raise ValueError(f"item {item.id!r}: op {operator_type} needs a token")
+        if item.token in seen:
+            raise ValueError(f"item {item.id!r}: token repeated in one call")
+        seen.add(item.token)
+        if operator_type != 4 and not item.accounts:
+            raise ValueError(f"item {item.id!r}: op {operator_type} needs at least one account")
+    if operator_type == 4:
+        body["token_list"] = [item.token for item in items]
+    else:
+        body["token_accounts"] = [
+            {"token": item.token, "account_list": [a.to_json() for a in item.accounts]}
+            for item in items
+        ]
+    return body
+
+
+def encode_body(body: dict[str, Any]) -> bytes:
+    """The exact bytes sent and signed: compact JSON, UTF-8, non-ASCII kept as is."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _StopAfterBudget(stop_base):
+    """Stop when the coming sleep would end at or after ``budget_s`` since the call started.
+
+    Measured with the client's injectable clock (tenacity's own ``stop_before_delay`` reads the
+    monotonic clock, which an injected ``sleep`` does not move).
+    """
+
+    def __init__(self, budget_s: float, started: float, clock: Callable[[], float]) -> None:
+        self.budget_s = budget_s
+        self.started = started
+        self.clock = clock
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        elapsed = self.clock() - self.started
+        return elapsed + retry_state.upcoming_sleep >= self.budget_s
+
+
+class TpnsClient:
+    """A client of ``/v3/device/account/batchoperate`` for one app.
+
+    One ``requests.Session`` per client (make one client per app per process): pooled
+    connections, an explicit ``(connect, read)`` timeout, TLS verification always on. ``sleep`` and
+    ``clock`` are injectable so tests can record the retry schedule instead of waiting;
+    ``before_call`` runs before every HTTP attempt (the worker waits for its rate limiter there).
+    A ``session`` passed in stays the caller's: ``close()`` only closes a session it made.
+    """
+
+    def __init__(self, app: AppConfig, *, timeout_s: float = 10.0, max_attempts: int = 3,
+                 wait_min_s: float = 0.2, wait_max_s: float = 2.0,
+                 retry_after_cap_s: float = 30.0, budget_s: float | None = None,
+                 session: requests.Session | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.time,
+                 before_call: Callable[[], None] | None = None) -> None:
+        if not app.access_id or not app.secret_key:
+            var = "TPNS_ACCESS_ID" if app.name == "default" else \
+                f"TPNS_APP_{app.name.upper()}_ACCESS_ID"
+            raise ConfigError(var, f"app {app.name!r} has no credentials")
+        if app.auth not in ("sign", "basic"):
+            raise ConfigError("TPNS_AUTH", f"must be sign or basic, got {app.auth!r}")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if timeout_s <= 0 or wait_min_s < 0 or wait_max_s < wait_min_s or retry_after_cap_s < 0:
+            raise ValueError("timeouts and waits must be positive, wait_min_s <= wait_max_s")
+        self.app = app
+        self.url = app.base_url.rstrip("/") + BATCHOPERATE_PATH
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.wait_min_s = wait_min_s
+        self.wait_max_s = wait_max_s
+        self.retry_after_cap_s = retry_after_cap_s
+        self.budget_s = budget_s
+        self._own_session = session is None
+        self._session = session if session is not None else requests.Session()
+        self._sleep = sleep
+        self._clock = clock
+        self._before_call = before_call
+        self._access_id: str = app.access_id
+        self._secret: str = app.secret_key
+        self._basic = basic_header(app.access_id, app.secret_key)
+        # exponential from wait_min_s (0.2, 0.4, 0.8, ...) plus up to wait_min_s of jitter
+        self._expo = wait_exponential_jitter(multiplier=wait_min_s, max=wait_max_s,
+                                             jitter=wait_min_s, min=wait_min_s)
+
+    def __repr__(self) -> str:
+        return f"TpnsClient(app={self.app.name!r}, url={self.url!r}, auth={self.app.auth!r})"
+
+    def __enter__(self) -> TpnsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pooled connections (of a session this client made)."""
+        if self._own_session:
+            self._session.close()
+
+    # -- the call ---------------------------------------------------------------------------
+
+    def batchoperate(self, operator_type: int, items: Sequence[BatchItem]) -> CallResult:
+        """Send one ``batchoperate`` call for ``items``, retrying transient failures in-call.
+
+        Returns for ret_code 0, 1008026 and 1008027. Raises ``RejectedError``,
+        ``CredentialsError`` (never retried) or, once attempts or budget are spent, the last
+        ``TransientError`` (see ``worker.errors``). ``ValueError`` for a batch that
+        ``build_body`` refuses.
+        """
+        body = encode_body(build_body(operator_type, items))
+        count = len(items)
+        attempts = 0
+
+        def attempt() -> CallResult:
+            nonlocal attempts
+            attempts += 1
+            return self._send_once(operator_type, count, body, attempts)
+
+        stop: Any = stop_after_attempt(self.max_attempts)
+        if self.budget_s is not None:
+            stop = stop | _StopAfterBudget(self.budget_s, self._clock(), self._clock)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            code = exc.code if isinstance(exc, TpnsError) else type(exc).__name__
+            logger.warning("batchoperate op=%d items=%d attempt %d failed (%s); retrying in %.2fs",
+                           operator_type, count, state.attempt_number, code, state.upcoming_sleep)
+
+        retrying = Retrying(  # a fresh one per call: Retrying instances are not thread-safe
+            retry=retry_if_exception_type(TransientError),
+            stop=stop,
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(attempt)
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            return float(min(max(retry_after, 0.0), self.retry_after_cap_s))
+        return float(self._expo(state))
+
+    def _headers(self, body: bytes) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json",
+                   "User-Agent": USER_AGENT}
+        if self.app.auth == "basic":
+            headers.update(self._basic)
+        else:
+            headers.update(sign_headers(self._access_id, self._secret, body, int(self._clock())))
+        return headers
+
+    def _send_once(self, operator_type: int, count: int, body: bytes, attempt: int) -> CallResult:
+        """One HTTP request: returns a ``CallResult`` or raises the classified ``TpnsError``."""
+        if self._before_call is not None:
+            self._before_call()
+        started = time.perf_counter()
+        response: requests.Response | None = None
+        failure: TpnsError | None = None
+        try:
+            response = self._session.post(self.url, data=body, headers=self._headers(body),
+                                          timeout=(self.timeout_s, self.timeout_s), verify=True,
+                                          allow_redirects=False)
+        except requests.Timeout as exc:
+            failure = TransportError(f"batchoperate timed out after {self.timeout_s:g}s "
+                                     f"({type(exc).__name__})", code="timeout")
+        except requests.RequestException as exc:
+            failure = TransportError(f"batchoperate connection failed ({type(exc).__name__})",
+                                     code="connection_error")
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        # raised outside the ``except`` blocks so that requests' exception (which holds the
+        # prepared request and its auth headers) is not even the implicit ``__context__``
+        if failure is None:
+            assert response is not None
+            try:
+                failure_or_result = self._classify(response, attempt, latency_ms)
+            finally:
+                response.close()
+        else:
+            failure_or_result = failure
+        if isinstance(failure_or_result, TpnsError):
+            logger.info("batchoperate op=%d items=%d ret_code=%s error=%s http_status=%s "
+                        "latency_ms=%.1f attempt=%d", operator_type, count,
+                        failure_or_result.ret_code, failure_or_result.code,
+                        failure_or_result.http_status, latency_ms, attempt)
+            raise failure_or_result
+        logger.info("batchoperate op=%d items=%d ret_code=%d http_status=%d latency_ms=%.1f "
+                    "attempt=%d", operator_type, count, failure_or_result.ret_code,
+                    failure_or_result.http_status, latency_ms, attempt)
+        return failure_or_result
+
+    def _classify(self, response: requests.Response, attempt: int,
+                  latency_ms: float) -> CallResult | TpnsError:
+        status = response.status_code
+        try:
+            content = response.content
+        except requests.RequestException as exc:  # the connection dropped mid-body
+            return TransportError(f"batchoperate body lost ({type(exc).__name__})",
+                                  code="connection_error", http_status=status)
+        parsed = _parse_body(content)
+        ret_code, err_msg = (parsed[0], self._redact(parsed[1])) if parsed else (None, None)
+        if status == 429 or ret_code == RATE_LIMITED_RET_CODE:
+            retry_after = _retry_after_s(response.headers.get("Retry-After"), self._clock())
+            return RateLimitedError(
+                f"TPNS asked to slow down (HTTP {status}, ret_code {ret_code}, "
+                f"Retry-After {retry_after})", retry_after_s=retry_after, ret_code=ret_code,
+                http_status=status, err_msg=err_msg)
+        if not 200 <= status < 300:
+            # a 4xx that names a permanent ret_code is that error, not a retryable HTTP status
+            if ret_code is not None and status < 500 and (
+                    ret_code in REJECTED_RET_CODES or ret_code in CREDENTIALS_RET_CODES):
+                return _ret_code_error(ret_code, err_msg or "", status)
+            return HttpStatusError(f"TPNS answered HTTP {status}", code=f"http_{status}",
+                                   ret_code=ret_code, http_status=status, err_msg=err_msg)
+        if parsed is None:
+            return BadResponseError(
+                f"TPNS answered HTTP {status} with a body that is not a JSON object with an "
+                f"integer ret_code ({len(content)} bytes)", http_status=status)
+        assert ret_code is not None and err_msg is not None
+        if ret_code in ITEM_LEVEL_RET_CODES:
+            result = parsed[2]
+            if result is None:
+                return BadResponseError(f"TPNS answered ret_code {ret_code} with a `result` "
+                                        "that is not a list", ret_code=ret_code,
+                                        http_status=status, err_msg=err_msg)
+            return CallResult(ret_code=ret_code, err_msg=err_msg, result=result,
+                              http_status=status, attempts=attempt, latency_ms=latency_ms)
+        return _ret_code_error(ret_code, err_msg, status)
+
+    def _redact(self, text: str) -> str:
+        """A server's message should never echo credentials; make sure ours cannot leak."""
+        for secret in (self._secret, self._basic["Authorization"].removeprefix("Basic ")):
+            text = text.replace(secret, "***")
+        return text
+
+
+def _ret_code_error(ret_code: int, err_msg: str, status: int) -> TpnsError:
+    message = f"TPNS answered ret_code {ret_code} ({err_msg!r})"
+    kw: dict[str, Any] = {"ret_code": ret_code, "http_status": status, "err_msg": err_msg}
+    if ret_code in REJECTED_RET_CODES:
+        return RejectedError(message, code=f"rejected:{ret_code}", **kw)
+    if ret_code in CREDENTIALS_RET_CODES:
+        return CredentialsError(message, code=f"credentials:{ret_code}", **kw)
+    if ret_code == SERVICE_ERROR_RET_CODE:
+        return ServiceError(message, **kw)
+    return UnexpectedRetCodeError(message, code=f"ret_{ret_code}", **kw)
+
+
+def _parse_body(content: bytes) -> tuple[int, str, tuple[str, ...] | None] | None:
+    """``(ret_code, err_msg, result)`` from a response body, or None when it is not TPNS JSON.
+
+    ``retCode``/``errMsg`` (the query API's spelling) are accepted too. ``result`` is None when
+    present but not a list, ``()`` when absent.
+    """
+    try:
+        data = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    ret_code = data.get("ret_code", data.get("retCode"))
+    if not isinstance(ret_code, int) or isinstance(ret_code, bool):
+        return None
+    err_msg = data.get("err_msg", data.get("errMsg"))
+    err_msg = "" if err_msg is None else str(err_msg)
+    raw = data.get("result", [])
+    if raw is None:
+        raw = []
+    result = tuple(str(code) for code in raw) if isinstance(raw, list) else None
+    return ret_code, err_msg, result
+
+
+def _retry_after_s(value: str | None, now: float) -> float | None:
+    """``Retry-After`` in seconds from now: delta-seconds or an HTTP date; None when unusable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = when.timestamp() - now
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(seconds, 0.0)

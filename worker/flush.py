@@ -1,0 +1,166 @@
+"""The flush and sweep loops, free of Celery: claim a batch, call TPNS, record every outcome.
+
+``Flusher`` holds what one worker process needs (the store, one ``TpnsClient`` per app, a waker)
+and is what the Celery tasks call. Tests drive it directly as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .client import TpnsClient
+from .model import BatchItem
+from .outcomes import BatchReport, run_batch
+from .settings import Settings
+from .store import Store, Wake
+
+logger = logging.getLogger(__name__)
+
+#: batches one flush task may send before handing over to a fresh wake (keeps tasks short, so a
+#: warm shutdown is quick and (app, op) pairs take turns)
+BATCHES_PER_TASK = 8
+
+WakeSender = Callable[[Sequence[Wake]], None]
+
+
+@dataclass
+class FlushResult:
+    """What one flush task did."""
+
+    batches: int = 0
+    items: int = 0
+    calls: int = 0
+    stopped: str = ""
+
+
+class Flusher:
+    """One worker process's flushing machinery."""
+
+    def __init__(self, settings: Settings, store: Store, wake: WakeSender,
+                 clients: dict[str, TpnsClient] | None = None, *,
+                 sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
+        self.settings = settings
+        self.store = store
+        self.wake = wake
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.should_stop = should_stop
+        self.clients = clients if clients is not None else {
+            name: self._make_client(name) for name in settings.apps}
+
+    def _make_client(self, app: str) -> TpnsClient:
+        s = self.settings
+
+        def before_call() -> None:
+            wait_s = self.store.throttle(app, s.max_calls_per_s)
+            if wait_s > 0:
+                self.sleep(min(wait_s, s.lease_s / 2))
+
+        return TpnsClient(s.apps[app], timeout_s=s.http_timeout_s, budget_s=s.lease_s / 2,
+                          sleep=self.sleep, before_call=before_call)
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+    def flush(self, app: str, operator_type: int) -> FlushResult:
+        """Send up to ``BATCHES_PER_TASK`` batches of ``(app, operator_type)``, waking a successor
+        before each call while eligible work remains, so idle pool slots join in."""
+        result = FlushResult()
+        self.store.clear_wake(app, operator_type)
+        for _ in range(BATCHES_PER_TASK):
+            claim = self.store.claim(app, operator_type)
+            if claim.kind != "batch":
+                result.stopped = claim.kind
+                if claim.kind == "wait":
+                    self._linger_wake(app, operator_type, claim.wait_ms)
+                break
+            if claim.eligible_left:
+                self._successor(app, operator_type, claim.eligible_left, claim.wait_ms)
+            report = self.send(app, operator_type, claim.batch_id or "", claim.items)
+            result.batches += 1
+            result.items += len(claim.items)
+            result.calls += len(report.calls)
+            if report.pause is not None or self.should_stop():
+                result.stopped = "paused" if report.pause is not None else "shutdown"
+                break
+            if not claim.eligible_left:
+                result.stopped = "empty"
+                break
+        return result
+
+    def send(self, app: str, operator_type: int, batch_id: str,
+             items: Sequence[BatchItem]) -> BatchReport:
+        """Call TPNS for one claimed batch and record the outcome of every item."""
+        client = self.clients[app]
+        now_ms = int(time.time() * 1000)
+        report = run_batch(client.batchoperate, operator_type, items, now_ms=now_ms,
+                           max_attempts=self.settings.max_attempts,
+                           max_age_s=self.settings.max_age_s, rng=self.rng)
+        if report.pause is not None:
+            logger.error("sending for app %s paused for %gs: TPNS refused the credentials or the "
+                         "app (ret_code=%s, %s); nothing was failed, the items wait in the queue",
+                         app, self.settings.pause_s, report.pause.ret_code, report.pause.code)
+            self.store.pause(app, self.settings.pause_s, f"{report.pause.code}:{report.pause.ret_code}")
+        if report.retry_after_s:
+            self.store.set_backoff(app, min(report.retry_after_s, 30.0))
+        # items_sent counts each item once per batch; halving shows up as extra calls
+        sent = len(items) if report.calls else 0
+        completion = self.store.complete(
+            batch_id, [dataclasses.asdict(o) for o in report.outcomes],
+            calls=len(report.calls), items_sent=sent)
+        if completion.stale:
+            logger.warning("batch %s: %d outcomes arrived after the lease was lost and were "
+                           "dropped (the items were or will be sent again)", batch_id,
+                           completion.stale)
+        states: dict[str, int] = {}
+        for o in report.outcomes:
+            states[o.state] = states.get(o.state, 0) + 1
+        logger.info("batch %s op=%s app=%s items=%d calls=%d outcomes=%s", batch_id,
+                    operator_type, app, len(items), len(report.calls), states)
+        if completion.wakes:
+            self.wake(completion.wakes)
+        return report
+
+    def _successor(self, app: str, op: int, left: int, wait_ms: int) -> None:
+        if left >= self.settings.max_items_per_call or wait_ms <= 0:
+            if self.store.redis.set(self.store.key("wake", app, op), "1", nx=True, px=2000):
+                self.wake([Wake(app, op, "now")])
+        else:
+            self._linger_wake(app, op, wait_ms)
+
+    def _linger_wake(self, app: str, op: int, wait_ms: int) -> None:
+        if self.store.redis.set(self.store.key("wakel", app, op), "1", nx=True,
+                                px=max(1, wait_ms)):
+            self.wake_after(app, op, wait_ms / 1000)
+
+    def wake_after(self, app: str, op: int, delay_s: float) -> None:
+        """Send one wake for ``(app, op)`` after ``delay_s`` (the waker decides how)."""
+        self.wake([Wake(app, op, "now" if delay_s <= 0 else "linger")])
+
+    def sweep(self) -> dict[str, int]:
+        """Reap expired leases and wake every (app, op) with eligible or retrying work.
+
+        Runs every second from beat; a Redis lock makes extra beats (two workers with beat) skip.
+        """
+        if not self.store.redis.set(self.store.key("sweep"), "1", nx=True, px=800):
+            return {"skipped": 1}
+        reclaimed, wakes = self.store.reap()
+        if reclaimed:
+            logger.warning("reclaimed %d items from expired leases (a worker died or hung)",
+                           reclaimed)
+        sent = list(wakes)
+        apps = set(self.settings.apps) | self.store.known_apps()
+        for (app, op), (ready, _retrying) in self.store.ready_counts(apps).items():
+            if self.store.redis.set(self.store.key("wake", app, op), "1", nx=True, px=2000):
+                sent.append(Wake(app, op, "now" if ready else "linger"))
+        if sent:
+            self.wake(sent)
+        return {"reclaimed": reclaimed, "wakes": len(sent)}

@@ -1,0 +1,84 @@
+-- ARGV: prefix, app, op, max_items, linger_ms, lease_ms
+-- Returns one of:
+--   {'paused', ms_left, reason}       sending for the app is paused
+--   {'empty', ms_to_next_due | -1}    nothing eligible
+--   {'wait', ms}                      a partial batch whose oldest item has not lingered enough
+--   {'batch', batch_id, items_json, eligible_left, head_wait_ms}
+local app, op = ARGV[2], tonumber(ARGV[3])
+local max_items, linger_ms, lease_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now = now_ms()
+local pause_ms = redis.call('PTTL', P .. 'pause:' .. app)
+if pause_ms > 0 then
+  return {'paused', pause_ms, redis.call('GET', P .. 'pause:' .. app) or ''}
+end
+local counts = {}
+local qk, dk = ready_key(app, op), delayed_key(app, op)
+
+-- items whose retry backoff is over become eligible again, ahead of newer ones
+local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 500)
+for k = #due - 1, 1, -2 do
+  local id = due[k]
+  redis.call('ZREM', dk, id)
+  local rec = load(id)
+  if rec and rec.s == 'r' then
+    rec.s = 'q'
+    rec.u = tonumber(due[k + 1])
+    save(id, rec)
+    redis.call('LPUSH', qk, id)
+    bump(counts, 'retrying', op, -1)
+    bump(counts, 'queued', op, 1)
+  end
+end
+
+local function head_wait(len)
+  if len == 0 or len >= max_items then return 0 end
+  local head = load(redis.call('LINDEX', qk, 0))
+  if not head then return 0 end
+  return math.max(0, (head.u or head.c) + linger_ms - now)
+end
+
+local len = redis.call('LLEN', qk)
+if len == 0 then
+  flush_counts(counts)
+  local nxt = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
+  if #nxt == 0 then return {'empty', -1} end
+  return {'empty', math.max(0, tonumber(nxt[2]) - now)}
+end
+local wait = head_wait(len)
+if wait > 0 then
+  flush_counts(counts)
+  return {'wait', wait}
+end
+
+local batch_id = 'b' .. redis.call('INCR', P .. 'seq')
+local ids = redis.call('LPOP', qk, max_items)
+local items, taken, seen, back = {}, {}, {}, {}
+for _, id in ipairs(ids) do
+  local rec = load(id)
+  if rec and rec.s == 'q' and not rec.d then
+    -- a call never names a token (or an op-5 account) twice; per-key order makes this
+    -- impossible, the check keeps it so whatever happens upstream
+    local ident = rec.t or (rec.l[1][1] .. '\0' .. tostring(rec.l[1][2]))
+    if seen[ident] then
+      back[#back + 1] = id
+    else
+      seen[ident] = true
+      rec.s = 's'
+      rec.n = (rec.n or 0) + 1
+      rec.b = batch_id
+      rec.u = now
+      save(id, rec)
+      bump(counts, 'queued', op, -1)
+      bump(counts, 'sending', op, 1)
+      taken[#taken + 1] = id
+      items[#items + 1] = {id, rec.t or false, rec.l or {}, rec.n, rec.c}
+    end
+  end
+end
+for k = #back, 1, -1 do redis.call('LPUSH', qk, back[k]) end
+flush_counts(counts)
+if #taken == 0 then return {'empty', -1} end
+redis.call('HSET', P .. 'batches', batch_id, cjson.encode({a = app, o = op, i = taken}))
+redis.call('ZADD', P .. 'leases', now + lease_ms, batch_id)
+local left = redis.call('LLEN', qk)
+return {'batch', batch_id, cjson.encode(items), left, head_wait(left)}

@@ -1,0 +1,130 @@
+-- Shared by every script (prepended at load time). ARGV[1] is always the key prefix.
+-- Record of intent ID at P.."i:"..ID, a JSON string with short fields:
+--   o op, a app, t token (ops 1-4), l [[account, type], ...], c created ms, u updated ms (absent = c),
+--   s state (q sending r ok f), n attempts, d predecessors still pending (absent = 0),
+--   w ids waiting on this one, b batch id, rc/ret/m/er result code, ret_code, err_msg, error.
+-- P.."ko" maps a 12-hex digest of each key (app + token, app + account + type) to the latest
+-- pending intent holding it: per-key order is a chain of "waits for" edges along it.
+local P = ARGV[1]
+local STATE_NAME = {q = 'queued', s = 'sending', r = 'retrying', ok = 'succeeded', f = 'failed'}
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function rec_key(id) return P .. 'i:' .. id end
+local function ready_key(app, op) return P .. 'q:' .. app .. ':' .. op end
+local function delayed_key(app, op) return P .. 'd:' .. app .. ':' .. op end
+
+local function load(id)
+  local raw = redis.call('GET', rec_key(id))
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function save(id, rec, ttl_s)
+  if ttl_s then
+    redis.call('SET', rec_key(id), cjson.encode(rec), 'EX', ttl_s)
+  else
+    redis.call('SET', rec_key(id), cjson.encode(rec))
+  end
+end
+
+-- the digests of an intent's keys: its token (ops 1-4) and each account with its type (ops 1-3, 5)
+local function digests(rec)
+  local out, seen = {}, {}
+  local function add(s)
+    local d = string.sub(redis.sha1hex(rec.a .. '\0' .. s), 1, 12)
+    if not seen[d] then seen[d] = true; out[#out + 1] = d end
+  end
+  if rec.t then add('t\0' .. rec.t) end
+  if rec.l and rec.o ~= 4 then
+    for _, acc in ipairs(rec.l) do add('a\0' .. tostring(acc[2]) .. '\0' .. acc[1]) end
+  end
+  return out
+end
+
+-- counters are summed in a table and written once per script call
+local function bump(counts, name, op, by)
+  local f = name .. ':' .. op
+  counts[f] = (counts[f] or 0) + by
+end
+
+local function flush_counts(counts)
+  for f, v in pairs(counts) do
+    if v ~= 0 then redis.call('HINCRBY', P .. 'n', f, v) end
+  end
+end
+
+-- place ID behind the pending holders of its keys; true when it is eligible at once
+local function chain(id, rec)
+  local waits = 0
+  local seen = {}
+  for _, d in ipairs(digests(rec)) do
+    local prev = redis.call('HGET', P .. 'ko', d)
+    redis.call('HSET', P .. 'ko', d, id)
+    if prev and prev ~= id and not seen[prev] then
+      seen[prev] = true
+      local prec = load(prev)
+      if prec and prec.s ~= 'ok' and prec.s ~= 'f' then
+        local w = prec.w or {}
+        w[#w + 1] = id
+        prec.w = w
+        save(prev, prec)
+        waits = waits + 1
+      end
+    end
+  end
+  if waits > 0 then rec.d = waits else rec.d = nil end
+  return waits == 0
+end
+
+-- a terminal intent lets go of its keys and unblocks those that waited on it;
+-- `woken` collects "app:op" of ready lists that grew
+local function release(id, rec, now, woken)
+  for _, d in ipairs(digests(rec)) do
+    if redis.call('HGET', P .. 'ko', d) == id then redis.call('HDEL', P .. 'ko', d) end
+  end
+  if rec.w then
+    for _, wid in ipairs(rec.w) do
+      local wrec = load(wid)
+      if wrec and wrec.d then
+        wrec.d = wrec.d - 1
+        if wrec.d <= 0 then
+          wrec.d = nil
+          wrec.u = now
+          redis.call('RPUSH', ready_key(wrec.a, wrec.o), wid)
+          woken[wrec.a .. ':' .. wrec.o] = true
+        end
+        save(wid, wrec)
+      end
+    end
+    rec.w = nil
+  end
+end
+
+-- should a wake-up be sent for this ready list? 'now' when a full batch waits, 'linger' once per
+-- linger window otherwise, '' when a wake is already on its way
+local function wake_kind(app, op, max_items, linger_ms)
+  local n = redis.call('LLEN', ready_key(app, op))
+  if n == 0 then return '' end
+  if n >= max_items then
+    if redis.call('SET', P .. 'wake:' .. app .. ':' .. op, '1', 'NX', 'PX', 2000) then return 'now' end
+    return ''
+  end
+  if redis.call('SET', P .. 'wakel:' .. app .. ':' .. op, '1', 'NX', 'PX', math.max(linger_ms, 1)) then
+    return 'linger'
+  end
+  return ''
+end
+
+local function wakes(woken, max_items, linger_ms)
+  local out = {}
+  for k, _ in pairs(woken) do
+    local app, op = string.match(k, '^(.*):(%d)$')
+    local kind = wake_kind(app, tonumber(op), max_items, linger_ms)
+    if kind ~= '' then out[#out + 1] = app .. ':' .. op .. ':' .. kind end
+  end
+  return out
+end

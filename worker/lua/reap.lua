@@ -1,0 +1,33 @@
+-- ARGV: prefix, max_items, linger_ms, limit
+-- Batches whose lease ran out (a worker died or hung mid-call) go back to their queues; their
+-- attempt stays counted since the call may have been made. Returns {reclaimed_items, wakes}.
+local max_items, linger_ms, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_ms()
+local counts, woken = {}, {}
+local reclaimed = 0
+for _, batch_id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, limit)) do
+  local raw = redis.call('HGET', P .. 'batches', batch_id)
+  redis.call('HDEL', P .. 'batches', batch_id)
+  redis.call('ZREM', P .. 'leases', batch_id)
+  redis.call('HINCRBY', P .. 'n', 'leases_reclaimed', 1)
+  if raw then
+    local b = cjson.decode(raw)
+    for k = #b.i, 1, -1 do
+      local id = b.i[k]
+      local rec = load(id)
+      if rec and rec.s == 's' and rec.b == batch_id then
+        rec.s = 'q'
+        rec.u = now - linger_ms
+        rec.er = 'lease_expired'
+        save(id, rec)
+        redis.call('LPUSH', ready_key(rec.a, rec.o), id)
+        bump(counts, 'sending', rec.o, -1)
+        bump(counts, 'queued', rec.o, 1)
+        woken[rec.a .. ':' .. rec.o] = true
+        reclaimed = reclaimed + 1
+      end
+    end
+  end
+end
+flush_counts(counts)
+return {reclaimed, wakes(woken, max_items, linger_ms)}

@@ -1,0 +1,373 @@
+"""The intent store in Redis: enqueue, claim, complete, reap, requeue, status and counters.
+
+Every state change is one Lua script call (``worker/lua/*.lua``, loaded once and run by SHA), so a
+change, its counters and its place in the queues move together or not at all. Key layout, under
+the configurable prefix ``P`` (default ``tpns:``):
+
+    P i:{id}             the intent's record (JSON string; a TTL once terminal)
+    P ko                 hash: digest of a key (app+token, app+account+type) -> latest pending holder
+    P q:{app}:{op}       list: ids eligible now, oldest first
+    P d:{app}:{op}       zset: retrying ids by the time their backoff ends
+    P batches, P leases  hash batch_id -> its ids; zset batch_id -> lease deadline
+    P n                  hash of counters: "<state>:<op>", "enqueued:<op>", calls, items_sent, ...
+    P failed             zset of failed ids (trimmed to the status TTL)
+    P pause:{app}        set while sending for an app is paused (PX = the pause)
+    P wake:/wakel:{app}:{op}, P rate:{app}, P backoff:{app}, P seq, P apps, P workers
+
+Per-key order: an intent waits for the latest pending intent that holds any of its keys (a chain
+along ``P ko``), and only intents with nothing to wait for enter ``P q:...``. A claim therefore never
+hands out two intents that share a key, and the earlier one is terminal before the later one is sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+import redis
+
+from .errors import StoreError
+from .model import OPERATOR_TYPES, Account, BatchItem, Intent, Status
+
+_STATE = {"q": "queued", "s": "sending", "r": "retrying", "ok": "succeeded", "f": "failed"}
+_OUTCOME = {"succeeded": "ok", "failed": "f", "retry": "r", "requeue": "q"}
+#: intents per script call when enqueueing; a few hundred keeps Redis responsive between calls
+ENQUEUE_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Wake:
+    """A flush should be woken for ``(app, operator_type)``: at once, or after the linger."""
+
+    app: str
+    operator_type: int
+    kind: Literal["now", "linger"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claim found: a ``batch`` to send, or why not (``wait``, ``empty``, ``paused``)."""
+
+    kind: Literal["batch", "wait", "empty", "paused"]
+    batch_id: str | None = None
+    items: tuple[BatchItem, ...] = ()
+    #: eligible items left in the queue after this claim
+    eligible_left: int = 0
+    #: wait: ms until the partial batch may go; empty: ms until a retry is due (-1 none);
+    #: paused: ms left; batch: ms until what is left may go
+    wait_ms: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """How many outcomes were applied, how many were stale (lease lost), and wakes to send."""
+
+    applied: int
+    stale: int
+    wakes: tuple[Wake, ...]
+
+
+def _load_script(name: str) -> str:
+    lib = resources.files("worker").joinpath("lua/lib.lua").read_text(encoding="utf-8")
+    body = resources.files("worker").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+    return lib + "\n" + body
+
+
+def _wakes(raw: Iterable[Any]) -> tuple[Wake, ...]:
+    out = []
+    for item in raw:
+        app, op, kind = _text(item).rsplit(":", 2)
+        out.append(Wake(app, int(op), kind))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def iso_ms(epoch_ms: int | float) -> str:
+    """``2026-11-25T10:00:00.000Z`` for an epoch time in milliseconds."""
+    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch_ms) % 1000:03d}Z"
+
+
+def intent_arg(intent_id: str, intent: Intent) -> str:
+    """The compact JSON one intent is passed to ``enqueue.lua`` as."""
+    payload: dict[str, Any] = {"i": intent_id, "a": intent.app, "o": intent.operator_type}
+    if intent.token is not None:
+        payload["t"] = intent.token
+    if intent.accounts:
+        payload["l"] = [[a.account, a.account_type] for a in intent.accounts]
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+class Store:
+    """The Redis side of tpns-batcher. Thread-safe as far as the given redis client is."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "tpns:", *, max_items: int = 20,
+                 linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.max_items = max_items
+        self.linger_ms = linger_ms
+        self.lease_ms = int(lease_s * 1000)
+        self.status_ttl_s = status_ttl_s
+        self._scripts = {name: client.register_script(_load_script(name)) for name in
+                         ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle")}
+
+    def key(self, *parts: object) -> str:
+        return self.prefix + ":".join(str(p) for p in parts)
+
+    # -- producers ---------------------------------------------------------------------------
+
+    def enqueue(self, intents: Sequence[tuple[str, Intent]]) -> tuple[list[int], tuple[Wake, ...]]:
+        """Store ``(id, intent)`` pairs in order; one round trip per few thousand intents.
+
+        Returns one code per intent (1 stored, 0 already stored with the same payload, -1 the id
+        exists with another payload) and the wakes to send.
+        """
+        codes: list[int] = []
+        wakes: dict[tuple[str, int], Wake] = {}
+        script = self._scripts["enqueue"]
+        head: list[str | int] = [self.prefix, self.max_items, self.linger_ms]
+        pipe_chunks = ENQUEUE_CHUNK * 10
+        for start in range(0, len(intents), pipe_chunks):
+            pipe = self.redis.pipeline(transaction=False)
+            block = intents[start:start + pipe_chunks]
+            for k in range(0, len(block), ENQUEUE_CHUNK):
+                args = head + [intent_arg(i, it) for i, it in block[k:k + ENQUEUE_CHUNK]]
+                script(args=args, client=pipe)
+            for result in pipe.execute():
+                codes.extend(int(c) for c in result[0])
+                for wake in _wakes(result[1]):
+                    key = (wake.app, wake.operator_type)
+                    if key not in wakes or wake.kind == "now":
+                        wakes[key] = wake
+        return codes, tuple(wakes.values())
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def claim(self, app: str, operator_type: int) -> Claim:
+        """Atomically take up to ``max_items`` eligible intents of one app and op, under a lease."""
+        raw = self._scripts["claim"](args=[self.prefix, app, operator_type, self.max_items,
+                                           self.linger_ms, self.lease_ms])
+        kind = _text(raw[0])
+        if kind == "paused":
+            return Claim("paused", wait_ms=int(raw[1]), reason=_text(raw[2]))
+        if kind in ("empty", "wait"):
+            return Claim(kind, wait_ms=int(raw[1]))  # type: ignore[arg-type]
+        if kind != "batch":
+            raise StoreError(f"claim returned {kind!r}")
+        items = tuple(
+            BatchItem(id=i, token=t or None,
+                      accounts=tuple(Account(a, int(k)) for a, k in (accs or [])),
+                      attempts=int(n), created_at_ms=int(c))
+            for i, t, accs, n, c in json.loads(raw[2]))
+        return Claim("batch", batch_id=_text(raw[1]), items=items, eligible_left=int(raw[3]),
+                     wait_ms=int(raw[4]))
+
+    def complete(self, batch_id: str, outcomes: Sequence[Mapping[str, Any]], *, calls: int,
+                 items_sent: int) -> Completion:
+        """Record each item's outcome; ``outcomes`` are ItemOutcome-like mappings or objects.
+
+        Each needs ``id`` and ``state`` (succeeded, failed, retry, requeue), optionally
+        ``result_code``, ``ret_code``, ``err_msg``, ``error`` and ``delay_s``.
+        """
+        packed = []
+        for out in outcomes:
+            entry: dict[str, Any] = {"i": out["id"], "s": _OUTCOME[out["state"]]}
+            for field, short in (("result_code", "rc"), ("ret_code", "ret"), ("err_msg", "m"),
+                                 ("error", "er")):
+                if out.get(field) is not None:
+                    entry[short] = out[field]
+            if out["state"] == "retry":
+                entry["dl"] = int(float(out.get("delay_s") or 0) * 1000)
+            packed.append(entry)
+        raw = self._scripts["complete"](args=[
+            self.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
+            json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent])
+        return Completion(int(raw[0]), int(raw[1]), _wakes(raw[2]))
+
+    def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
+        """Return the items of expired leases to their queues; (items reclaimed, wakes)."""
+        raw = self._scripts["reap"](args=[self.prefix, self.max_items, self.linger_ms, limit])
+        return int(raw[0]), _wakes(raw[1])
+
+    def requeue_failed(self, error: str | None = None,
+                       limit: int = 100_000) -> tuple[list[str], tuple[Wake, ...]]:
+        """Put failed intents (optionally only those with this ``error``) back into the queue."""
+        raw = self._scripts["requeue_failed"](args=[self.prefix, error or "", limit,
+                                                    self.max_items, self.linger_ms])
+        return [_text(i) for i in raw[0]], _wakes(raw[1])
+
+    def throttle(self, app: str, max_calls_per_s: float) -> float:
+        """Reserve a call slot of the global rate limit; seconds to wait before sending."""
+        interval_ms = 0 if max_calls_per_s <= 0 else max(1, round(1000 / max_calls_per_s))
+        return int(self._scripts["throttle"](args=[self.prefix, app, interval_ms])) / 1000
+
+    def set_backoff(self, app: str, seconds: float) -> None:
+        """Make every worker hold calls for ``app`` for ``seconds`` (after a 429 / 1008028)."""
+        ms = max(1, int(seconds * 1000))
+        now_s, now_us = self.redis.time()
+        until = now_s * 1000 + now_us // 1000 + ms
+        self.redis.set(self.key("backoff", app), until, px=ms)
+
+    def pause(self, app: str, seconds: float, reason: str) -> None:
+        """Pause sending for ``app`` on every worker (credentials, billing, app gone)."""
+        if seconds > 0:
+            self.redis.set(self.key("pause", app), reason, px=max(1, int(seconds * 1000)))
+
+    def resume(self, app: str) -> None:
+        self.redis.delete(self.key("pause", app))
+
+    def pauses(self, apps: Iterable[str]) -> dict[str, tuple[float, str]]:
+        """Apps paused now: app -> (seconds left, reason)."""
+        apps = list(apps)
+        pipe = self.redis.pipeline(transaction=False)
+        for app in apps:
+            pipe.pttl(self.key("pause", app))
+            pipe.get(self.key("pause", app))
+        res = pipe.execute()
+        out = {}
+        for k, app in enumerate(apps):
+            ms, reason = res[2 * k], res[2 * k + 1]
+            if ms and ms > 0 and reason is not None:
+                out[app] = (ms / 1000, _text(reason))
+        return out
+
+    def clear_wake(self, app: str, operator_type: int) -> None:
+        """A flush started: the next full batch may send a new immediate wake."""
+        self.redis.delete(self.key("wake", app, operator_type))
+
+    def ready_counts(self, apps: Iterable[str]) -> dict[tuple[str, int], tuple[int, int]]:
+        """(app, op) -> (eligible now, retrying) for every pair with work."""
+        pairs = [(a, op) for a in apps for op in OPERATOR_TYPES]
+        pipe = self.redis.pipeline(transaction=False)
+        for app, op in pairs:
+            pipe.llen(self.key("q", app, op))
+            pipe.zcard(self.key("d", app, op))
+        res = pipe.execute()
+        return {pair: (res[2 * k], res[2 * k + 1]) for k, pair in enumerate(pairs)
+                if res[2 * k] or res[2 * k + 1]}
+
+    # -- apps and workers --------------------------------------------------------------------
+
+    def register_apps(self, names: Iterable[str]) -> None:
+        """Workers publish the app names they serve, so producers need no configuration."""
+        names = list(names)
+        if names:
+            self.redis.sadd(self.key("apps"), *names)
+
+    def known_apps(self) -> set[str]:
+        return {_text(a) for a in self.redis.smembers(self.key("apps"))}
+
+    def heartbeat(self, worker: str, ttl_s: int = 30) -> None:
+        """Note that ``worker`` is alive (entries older than ``ttl_s`` are dropped)."""
+        now_s = int(self.redis.time()[0])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.key("workers"), {worker: now_s})
+        pipe.zremrangebyscore(self.key("workers"), "-inf", now_s - ttl_s)
+        pipe.execute()
+
+    def workers(self, ttl_s: int = 30) -> dict[str, float]:
+        """Workers seen in the last ``ttl_s`` seconds -> seconds since last seen."""
+        now_s = int(self.redis.time()[0])
+        seen: Any = self.redis.zrangebyscore(self.key("workers"), now_s - ttl_s, "+inf",
+                                             withscores=True)
+        return {_text(w): now_s - float(score) for w, score in seen}
+
+    # -- status and stats --------------------------------------------------------------------
+
+    def status(self, intent_id: str) -> Status | None:
+        """The status of one intent, or None for an unknown id."""
+        return self.statuses([intent_id])[0]
+
+    def statuses(self, ids: Sequence[str]) -> list[Status | None]:
+        """Statuses of many intents in one round trip (None for unknown ids)."""
+        if not ids:
+            return []
+        raws = self.redis.mget([self.key("i", i) for i in ids])
+        return [None if raw is None else record_to_status(i, json.loads(raw))
+                for i, raw in zip(ids, raws, strict=True)]
+
+    def counters(self) -> dict[str, int]:
+        return {_text(k): int(v) for k, v in self.redis.hgetall(self.key("n")).items()}
+
+    def stats(self, apps: Iterable[str]) -> dict[str, Any]:
+        """Counts per state and op, queue depth, oldest pending age, calls, items per call, pauses."""
+        apps = sorted(set(apps) | self.known_apps())
+        counters = self.counters()
+        by_op: dict[str, dict[str, int]] = {}
+        totals = dict.fromkeys(("queued", "sending", "retrying", "succeeded", "failed"), 0)
+        for op in OPERATOR_TYPES:
+            row = {state: counters.get(f"{state}:{op}", 0) for state in totals}
+            row["enqueued"] = counters.get(f"enqueued:{op}", 0)
+            by_op[str(op)] = row
+            for state in totals:
+                totals[state] += row[state]
+        pairs = [(a, op) for a in apps for op in OPERATOR_TYPES]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        for app, op in pairs:
+            pipe.llen(self.key("q", app, op))
+            pipe.lindex(self.key("q", app, op), 0)
+        res = pipe.execute()
+        now_ms = res[0][0] * 1000 + res[0][1] // 1000
+        heads = [res[1 + 2 * k + 1] for k in range(len(pairs))]
+        depth = {f"{a}:{op}": res[1 + 2 * k] for k, (a, op) in enumerate(pairs) if res[1 + 2 * k]}
+        head_ids = [_text(h) for h in heads if h is not None]
+        oldest_ms = 0
+        if head_ids:
+            for raw in self.redis.mget([self.key("i", h) for h in head_ids]):
+                if raw is not None:
+                    rec = json.loads(raw)
+                    oldest_ms = max(oldest_ms, now_ms - int(rec.get("u", rec["c"])))
+        calls = counters.get("calls", 0)
+        items_sent = counters.get("items_sent", 0)
+        return {
+            "states": totals,
+            "by_operator_type": by_op,
+            "eligible": depth,
+            "queue_depth": totals["queued"] + totals["retrying"],
+            "in_flight": totals["sending"],
+            "oldest_pending_age_s": round(oldest_ms / 1000, 3),
+            "calls": calls,
+            "items_sent": items_sent,
+            "items_per_call": round(items_sent / calls, 2) if calls else 0.0,
+            "leases_reclaimed": counters.get("leases_reclaimed", 0),
+            "paused": {app: {"seconds_left": round(left, 1), "reason": reason}
+                       for app, (left, reason) in self.pauses(apps).items()},
+            "apps": apps,
+        }
+
+    def recent_failures(self, limit: int = 20) -> list[Status]:
+        """The most recently failed intents, newest first."""
+        ids = [_text(i) for i in self.redis.zrevrange(self.key("failed"), 0, limit - 1)]
+        return [s for s in self.statuses(ids) if s is not None]
+
+
+def record_to_status(intent_id: str, rec: Mapping[str, Any]) -> Status:
+    """Turn a stored record into the status of SPEC §5."""
+    op = int(rec["o"])
+    accounts = [{"account": a, "account_type": int(k)} for a, k in (rec.get("l") or [])]
+    return Status(
+        id=intent_id,
+        operator_type=op,
+        app=rec.get("a", "default"),
+        token=rec.get("t"),
+        account_list=accounts,
+        state=_STATE[rec["s"]],
+        attempts=int(rec.get("n", 0)),
+        result_code=rec.get("rc"),
+        ret_code=rec.get("ret"),
+        err_msg=rec.get("m"),
+        error=rec.get("er"),
+        batch_id=rec.get("b"),
+        created_at=iso_ms(rec["c"]),
+        updated_at=iso_ms(rec.get("u", rec["c"])),
+    )

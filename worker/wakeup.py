@@ -1,0 +1,43 @@
+"""Wake-ups: the only Celery messages tpns-batcher sends (SPEC §2).
+
+A wake names one ``(app, operator_type)`` and asks a worker to run the flush task for it, at once
+(a full batch is waiting) or after the linger (a partial batch). Intents themselves never travel
+through the broker; the store's flags keep wakes to about one per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .settings import Settings
+from .store import Wake
+
+FLUSH_TASK = "tpns.flush"
+SWEEP_TASK = "tpns.sweep"
+
+
+class CeleryWaker:
+    """Sends flush wake-ups through a Celery app (made lazily, without the worker's tasks)."""
+
+    def __init__(self, settings: Settings, redis_url: str, prefix: str | None = None,
+                 celery_app: Any = None) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.prefix = prefix or settings.prefix
+        self._app = celery_app
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            from .celery_app import make_celery
+
+            self._app = make_celery(self.settings, self.redis_url, self.prefix)
+        return self._app
+
+    def __call__(self, wakes: Sequence[Wake], delay_s: float | None = None) -> None:
+        for wake in wakes:
+            countdown = delay_s if delay_s is not None else (
+                0.0 if wake.kind == "now" else self.settings.linger_ms / 1000)
+            self.app.send_task(FLUSH_TASK, args=[wake.app, wake.operator_type],
+                               countdown=countdown or None)
