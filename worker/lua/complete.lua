@@ -1,5 +1,8 @@
--- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, calls, items_sent
+-- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, calls, items_sent,
+--       metrics_json
 -- outcomes: [{i, s = ok|f|r|q, rc?, ret?, m?, er?, dl? (retry delay ms)}]
+-- metrics: {op, bs = batch size, c = [[call result class, latency ms or -1], ...]} -> hash P.."m"
+--   (cluster-wide figures for /metrics: calls by op and class, latency and batch-size buckets)
 -- An outcome applies only while the intent is still 'sending' in this very batch: a worker whose
 -- lease was reaped (and whose items went to another batch) cannot overwrite the newer outcome.
 -- Returns {applied, stale, wakes}.
@@ -13,6 +16,22 @@ redis.call('HDEL', P .. 'batches', batch_id)
 redis.call('ZREM', P .. 'leases', batch_id)
 redis.call('HINCRBY', P .. 'n', 'calls', tonumber(ARGV[7]))
 redis.call('HINCRBY', P .. 'n', 'items_sent', tonumber(ARGV[8]))
+local LAT_BUCKETS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}
+local metrics = cjson.decode(ARGV[9])
+local mk = P .. 'm'
+redis.call('HINCRBY', mk, 'bs:' .. metrics.bs, 1)
+for _, call in ipairs(metrics.c) do
+  redis.call('HINCRBY', mk, 'call:' .. metrics.op .. ':' .. call[1], 1)
+  local ms = tonumber(call[2])
+  if ms >= 0 then
+    local le = '+Inf'
+    for _, b in ipairs(LAT_BUCKETS) do
+      if ms <= b then le = tostring(b); break end
+    end
+    redis.call('HINCRBY', mk, 'lat:' .. le, 1)
+    redis.call('HINCRBYFLOAT', mk, 'lat_sum_ms', ms)
+  end
+end
 
 local function opt(v)
   if v == nil or v == cjson.null then return nil end
@@ -38,6 +57,7 @@ for _, out in ipairs(outcomes) do
         redis.call('ZADD', P .. 'failed', now, out.i)
       end
     elseif out.s == 'r' then
+      redis.call('HINCRBY', mk, 'retries:' .. op, 1)
       rec.s = 'r'
       save(out.i, rec)
       redis.call('ZADD', delayed_key(rec.a, op), now + (tonumber(out.dl) or 0), out.i)
