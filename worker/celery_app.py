@@ -22,9 +22,9 @@ from typing import Any
 
 from celery import Celery
 
-from .embedded import kombu_url
+from .connections import celery_broker, is_redis_url
 from .settings import Settings
-from .wakeup import FLUSH_TASK, SWEEP_TASK
+from .wakeup import SWEEP_TASK
 
 #: how often the sweep (lease reaper, retry and linger catch-up) runs
 SWEEP_INTERVAL_S = 1.0
@@ -34,10 +34,11 @@ def make_celery(settings: Settings, redis_url: str, prefix: str | None = None,
                 with_tasks: bool = False) -> Celery:
     """A Celery app for these settings; ``with_tasks`` registers the flush and sweep tasks."""
     prefix = prefix or settings.prefix
-    broker = settings.broker_url or kombu_url(redis_url)
+    source = settings.broker_url or redis_url
+    broker, options = celery_broker(source)
     app = Celery("tpns_batcher", broker=broker, set_as_current=False)
-    transport: dict[str, Any] = {"visibility_timeout": 3600}
-    if broker.startswith(("redis", "rediss", "sentinel")):
+    transport: dict[str, Any] = {"visibility_timeout": 3600, **options}
+    if is_redis_url(source):
         transport["global_keyprefix"] = f"{prefix}celery:"
     app.conf.update(
         task_default_queue=f"{prefix}flush",
@@ -62,3 +63,18 @@ def make_celery(settings: Settings, redis_url: str, prefix: str | None = None,
 
         register(app, settings, redis_url, prefix)
     return app
+
+
+def __getattr__(name: str) -> Celery:
+    """``celery -A worker.celery_app flower``: the app for these settings, built on first use.
+
+    Only for Celery's own commands (Flower, ``inspect``), which look an app up as the module's
+    ``app`` attribute; it is built from the environment when asked for, never at import time.
+    It sees the same broker, queue (``<prefix>flush``) and key prefix as the workers.
+    """
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .embedded import resolve_redis_url
+
+    settings = Settings.from_env()
+    return make_celery(settings, resolve_redis_url(settings.redis_url, settings.data_dir))

@@ -52,8 +52,14 @@ def main() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--no-beat", is_flag=True, help="Do not embed beat (run the sweeps elsewhere).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="TPNS_METRICS_PORT",
+              default=None, help="Serve Prometheus /metrics (cluster-wide) on this port "
+                                 "[env TPNS_METRICS_PORT].")
+@click.option("--metrics-host", default="127.0.0.1", envvar="TPNS_METRICS_HOST",
+              show_default=True, help="Address for --metrics-port [env TPNS_METRICS_HOST].")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(no_beat: bool, celery_args: tuple[str, ...]) -> None:
+def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
+           celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker with the flush and sweep tasks.
 
     CELERY_ARGS go to ``celery worker`` (e.g. --concurrency 8, --hostname w1@%h, --pool threads).
@@ -75,6 +81,13 @@ def worker(no_beat: bool, celery_args: tuple[str, ...]) -> None:
     store = make_store(settings, redis_url, settings.prefix)
     store.register_apps(settings.apps)
     _start_heartbeat(store, settings)
+    if metrics_port is not None:
+        from .metrics import start_metrics_server
+
+        try:
+            start_metrics_server(metrics_port, store, settings.apps, addr=metrics_host)
+        except OSError as exc:
+            raise click.ClickException(f"--metrics-port {metrics_port}: {exc.strerror}") from None
     argv = ["worker", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     if not any(a.startswith(("-c", "--concurrency")) for a in celery_args):
         argv += ["--concurrency", "4"]
@@ -228,11 +241,21 @@ def wait(ids: tuple[str, ...], timeout_s: float) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
-def stats(as_json: bool) -> None:
+@click.option("--watch", is_flag=True,
+              help="Refresh a live view in place (with --json: one JSON line per interval) "
+                   "until Ctrl-C.")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1), default=1.0,
+              show_default=True, help="Seconds between refreshes with --watch.")
+def stats(as_json: bool, watch: bool, interval_s: float) -> None:
     """Counts per state and operator_type, queue depth, oldest pending age, calls, pauses."""
     producer = _producer()
-    figures = producer.stats()
-    producer.close()
+    try:
+        if watch:
+            _watch_stats(producer, as_json, interval_s)
+            return
+        figures = producer.stats()
+    finally:
+        producer.close()
     if as_json:
         click.echo(json.dumps(figures))
         return
@@ -241,6 +264,23 @@ def stats(as_json: bool) -> None:
     from .views import stats_table
 
     Console().print(stats_table(figures))
+
+
+def _watch_stats(producer: Any, as_json: bool, interval_s: float) -> None:
+    """``stats --watch``: the live view (or JSON Lines) until Ctrl-C, which exits 0."""
+    from .overview import read_overview
+    from .views import watch
+
+    if not as_json:
+        watch(lambda: read_overview(producer.store, producer.apps()), interval_s)
+        return
+    stop = threading.Event()
+    try:
+        while True:
+            click.echo(json.dumps(producer.stats()))
+            stop.wait(interval_s)
+    except KeyboardInterrupt:
+        return
 
 
 @main.command("requeue-failed")
@@ -260,8 +300,18 @@ def requeue_failed(error: str | None) -> None:
 @main.command()
 @click.option("--worker", "need_worker", is_flag=True,
               help="Also require a worker seen in the last 30 s.")
-def health(need_worker: bool) -> None:
-    """Exit 0 when healthy, 1 otherwise, with a one-line reason."""
+@click.option("--local", "local", is_flag=True,
+              help="Require a worker on this host (its heartbeat is hostname:pid); implies "
+                   "--worker. For a worker's own liveness probe.")
+@click.option("--allow-paused", is_flag=True,
+              help="Report a sending pause (credentials/billing) without failing: a restart "
+                   "would not fix it.")
+def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
+    """Exit 0 when healthy, 1 otherwise, with a one-line reason.
+
+    Healthy: Redis answers, no app's sending is paused, and (with --worker) a worker has
+    heartbeated in the last 30 s, on this host with --local.
+    """
     import redis as redis_lib
 
     try:
@@ -275,20 +325,27 @@ def health(need_worker: bool) -> None:
         pauses = producer.store.pauses(producer.apps())
     finally:
         producer.close()
-    if need_worker and not workers:
-        click.echo("unhealthy: no worker seen in the last 30 s")
+    if local:
+        here = f"{socket.gethostname()}:"
+        workers = {name: age for name, age in workers.items() if name.startswith(here)}
+    if (need_worker or local) and not workers:
+        where = f" on {socket.gethostname()}" if local else ""
+        click.echo(f"unhealthy: no worker seen{where} in the last 30 s")
         sys.exit(1)
-    if pauses:
+    if pauses and not allow_paused:
         app, (left, reason) = next(iter(pauses.items()))
         click.echo(f"unhealthy: sending for app {app} paused ({reason}, {left:.0f} s left)")
         sys.exit(1)
-    click.echo(f"ok: redis reachable, {len(workers)} worker(s) seen")
+    paused = f"; sending paused for {', '.join(sorted(pauses))}" if pauses else ""
+    click.echo(f"ok: redis reachable, {len(workers)} worker(s) seen{paused}")
 
 
 def _register_optional() -> None:
+    from .http import serve_command
     from .sandbox import sandbox_command
 
     main.add_command(sandbox_command)
+    main.add_command(serve_command)
 
 
 _register_optional()

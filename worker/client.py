@@ -307,25 +307,26 @@ class TpnsClient:
                 response.close()
         else:
             failure_or_result = failure
+        fields = {"operator_type": operator_type, "items": count,
+                  "ret_code": failure_or_result.ret_code,
+                  "http_status": failure_or_result.http_status,
+                  "latency_ms": round(latency_ms, 1), "attempt": attempt}
         if isinstance(failure_or_result, TpnsError):
             logger.info("batchoperate op=%d items=%d ret_code=%s error=%s http_status=%s "
                         "latency_ms=%.1f attempt=%d", operator_type, count,
                         failure_or_result.ret_code, failure_or_result.code,
-                        failure_or_result.http_status, latency_ms, attempt)
+                        failure_or_result.http_status, latency_ms, attempt,
+                        extra={**fields, "error": failure_or_result.code})
             raise failure_or_result
         logger.info("batchoperate op=%d items=%d ret_code=%d http_status=%d latency_ms=%.1f "
                     "attempt=%d", operator_type, count, failure_or_result.ret_code,
-                    failure_or_result.http_status, latency_ms, attempt)
+                    failure_or_result.http_status, latency_ms, attempt, extra=fields)
         return failure_or_result
 
     def _classify(self, response: requests.Response, attempt: int,
                   latency_ms: float) -> CallResult | TpnsError:
         status = response.status_code
-        try:
-            content = response.content
-        except requests.RequestException as exc:  # the connection dropped mid-body
-            return TransportError(f"batchoperate body lost ({type(exc).__name__})",
-                                  code="connection_error", http_status=status)
+        content = response.content  # already read by post() (not streamed)
         parsed = _parse_body(content)
         ret_code, err_msg = (parsed[0], self._redact(parsed[1])) if parsed else (None, None)
         if status == 429 or ret_code == RATE_LIMITED_RET_CODE:

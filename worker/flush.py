@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .client import TpnsClient
+from .client import CallResult, TpnsClient
+from .errors import CredentialsError, RateLimitedError, RejectedError, TpnsError
 from .model import BatchItem
 from .outcomes import BatchReport, run_batch
 from .settings import Settings
@@ -115,7 +116,8 @@ class Flusher:
         sent = len(items) if report.calls else 0
         completion = self.store.complete(
             batch_id, [dataclasses.asdict(o) for o in report.outcomes],
-            calls=len(report.calls), items_sent=sent)
+            calls=len(report.calls), items_sent=sent, operator_type=operator_type,
+            call_metrics=[call_class(c) for c in report.calls])
         if completion.stale:
             logger.warning("batch %s: %d outcomes arrived after the lease was lost and were "
                            "dropped (the items were or will be sent again)", batch_id,
@@ -123,8 +125,15 @@ class Flusher:
         states: dict[str, int] = {}
         for o in report.outcomes:
             states[o.state] = states.get(o.state, 0) + 1
+        last = report.calls[-1] if report.calls else None
         logger.info("batch %s op=%s app=%s items=%d calls=%d outcomes=%s", batch_id,
-                    operator_type, app, len(items), len(report.calls), states)
+                    operator_type, app, len(items), len(report.calls), states,
+                    extra={"batch_id": batch_id, "operator_type": operator_type, "app": app,
+                           "items": len(items), "calls": len(report.calls), "outcomes": states,
+                           "ret_code": getattr(last, "ret_code", None),
+                           "latency_ms": round(getattr(last, "latency_ms", 0.0), 1) or None,
+                           "attempt": max((getattr(c, "attempts", 1) for c in report.calls),
+                                          default=0)})
         if completion.wakes:
             self.wake(completion.wakes)
         return report
@@ -150,6 +159,8 @@ class Flusher:
 
         Runs every second from beat; a Redis lock makes extra beats (two workers with beat) skip.
         """
+        # every run counts (skipped ones too): runs per second show how many beats are scheduling
+        self.store.redis.hincrby(self.store.key("n"), "sweeps", 1)
         if not self.store.redis.set(self.store.key("sweep"), "1", nx=True, px=800):
             return {"skipped": 1}
         reclaimed, wakes = self.store.reap()
@@ -164,3 +175,18 @@ class Flusher:
         if sent:
             self.wake(sent)
         return {"reclaimed": reclaimed, "wakes": len(sent)}
+
+
+def call_class(call: CallResult | TpnsError) -> tuple[str, float]:
+    """(result class, latency ms or -1) of one call, as the metrics hash counts them."""
+    if isinstance(call, CallResult):
+        cls = {0: "ok", 1008026: "partly_failed", 1008027: "all_failed"}.get(call.ret_code,
+                                                                           "unexpected")
+        return cls, call.latency_ms
+    if isinstance(call, RejectedError):
+        return "rejected", -1.0
+    if isinstance(call, CredentialsError):
+        return "credentials", -1.0
+    if isinstance(call, RateLimitedError):
+        return "rate_limited", -1.0
+    return "transient", -1.0

@@ -109,6 +109,16 @@ def _account_list(value: Any) -> tuple[Account, ...]:
     return tuple(accounts)
 
 
+def _check_id(intent_id: Any) -> str | None:
+    if intent_id is None:
+        return None
+    if not isinstance(intent_id, str) or not intent_id:
+        raise IntentError("id", "must be a non-empty string")
+    if len(intent_id) > MAX_ID_CHARS or not _ID.match(intent_id):
+        raise IntentError("id", f"must be at most {MAX_ID_CHARS} characters of A-Z a-z 0-9 . _ ~ : -")
+    return intent_id
+
+
 def validate(obj: Any, apps: Collection[str] | None = None, default_app: str = "default") -> Intent:
     """Check one intent against SPEC §4; ``apps`` are the known app names (None: any name)."""
     if not isinstance(obj, dict):
@@ -129,13 +139,7 @@ def validate(obj: Any, apps: Collection[str] | None = None, default_app: str = "
         raise IntentError("app", "must be a non-empty string")
     if apps is not None and app not in apps:
         raise IntentError("app", f"{app!r} is not a configured app ({', '.join(sorted(apps))})")
-    intent_id = obj.get("id")
-    if intent_id is not None:
-        if not isinstance(intent_id, str) or not intent_id:
-            raise IntentError("id", "must be a non-empty string")
-        if len(intent_id) > MAX_ID_CHARS or not _ID.match(intent_id):
-            raise IntentError("id", f"must be at most {MAX_ID_CHARS} characters of "
-                                    "A-Z a-z 0-9 . _ ~ : -")
+    intent_id = _check_id(obj.get("id"))
     if op == 5:
         if "account" not in obj:
             raise IntentError("account", "is required with operator_type 5")

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from .connections import redis_client
 from .embedded import resolve_redis_url
 from .errors import IdConflictError, IntentError
 from .intents import validate
@@ -52,7 +53,7 @@ class Producer:
         self.settings = settings or Settings.from_env()
         url = redis_url or resolve_redis_url(self.settings.redis_url, self.settings.data_dir)
         self.redis_url = url
-        self.redis = client or redis.Redis.from_url(url)
+        self.redis = client or redis_client(url)
         s = self.settings
         self.store = Store(self.redis, prefix if prefix != "tpns:" else s.prefix,
                            max_items=s.max_items_per_call, linger_ms=s.linger_ms,

@@ -5,17 +5,18 @@ change, its counters and its place in the queues move together or not at all. Ke
 the configurable prefix ``P`` (default ``tpns:``):
 
     P i:{id}             the intent's record (JSON string; a TTL once terminal)
-    P ko                 hash: digest of a key (app+token, app+account+type) -> latest pending holder
+    P ko:{shard}         hashes: digest of a key (app+token, app+account+type) -> latest pending holder
     P q:{app}:{op}       list: ids eligible now, oldest first
     P d:{app}:{op}       zset: retrying ids by the time their backoff ends
     P batches, P leases  hash batch_id -> its ids; zset batch_id -> lease deadline
     P n                  hash of counters: "<state>:<op>", "enqueued:<op>", calls, items_sent, ...
+    P m                  hash of call metrics: calls by op and class, latency and batch-size buckets
     P failed             zset of failed ids (trimmed to the status TTL)
     P pause:{app}        set while sending for an app is paused (PX = the pause)
     P wake:/wakel:{app}:{op}, P rate:{app}, P backoff:{app}, P seq, P apps, P workers
 
 Per-key order: an intent waits for the latest pending intent that holds any of its keys (a chain
-along ``P ko``), and only intents with nothing to wait for enter ``P q:...``. A claim therefore never
+along ``P ko:*``), and only intents with nothing to wait for enter ``P q:...``. A claim therefore never
 hands out two intents that share a key, and the earlier one is terminal before the later one is sent.
 """
 
@@ -172,11 +173,13 @@ class Store:
                      wait_ms=int(raw[4]))
 
     def complete(self, batch_id: str, outcomes: Sequence[Mapping[str, Any]], *, calls: int,
-                 items_sent: int) -> Completion:
+                 items_sent: int, operator_type: int = 0,
+                 call_metrics: Sequence[tuple[str, float]] = ()) -> Completion:
         """Record each item's outcome; ``outcomes`` are ItemOutcome-like mappings or objects.
 
         Each needs ``id`` and ``state`` (succeeded, failed, retry, requeue), optionally
-        ``result_code``, ``ret_code``, ``err_msg``, ``error`` and ``delay_s``.
+        ``result_code``, ``ret_code``, ``err_msg``, ``error`` and ``delay_s``. ``call_metrics``
+        has one ``(result class, latency ms or -1)`` per HTTP call made, for the metrics hash.
         """
         packed = []
         for out in outcomes:
@@ -190,7 +193,9 @@ class Store:
             packed.append(entry)
         raw = self._scripts["complete"](args=[
             self.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
-            json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent])
+            json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
+            json.dumps({"op": operator_type, "bs": len(packed),
+                        "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]})])
         return Completion(int(raw[0]), int(raw[1]), _wakes(raw[2]))
 
     def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
@@ -297,6 +302,11 @@ class Store:
 
     def counters(self) -> dict[str, int]:
         return {_text(k): int(v) for k, v in self.redis.hgetall(self.key("n")).items()}
+
+    def call_metrics(self) -> dict[str, float]:
+        """The raw metrics hash: ``call:<op>:<class>``, ``lat:<le ms>``, ``lat_sum_ms``,
+        ``bs:<size>`` and ``retries:<op>`` (see complete.lua)."""
+        return {_text(k): float(v) for k, v in self.redis.hgetall(self.key("m")).items()}
 
     def stats(self, apps: Iterable[str]) -> dict[str, Any]:
         """Counts per state and op, queue depth, oldest pending age, calls, items per call, pauses."""

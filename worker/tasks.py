@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import threading
 from typing import Any
 
-import redis
 from celery import Celery, signals
 
+from .connections import redis_client
 from .flush import Flusher, FlushResult
 from .settings import Settings
 from .store import Store
 from .wakeup import FLUSH_TASK, SWEEP_TASK, CeleryWaker
 
-_shutting_down = threading.Event()
+#: set in the main process when a warm shutdown starts (SIGTERM); a multiprocessing Event, not a
+#: threading one, so that prefork pool children (forked before the signal, which only the main
+#: process receives) see it too and a flush stops after its call in flight instead of sending
+#: up to BATCHES_PER_TASK more batches while the shutdown waits for it
+_shutting_down = multiprocessing.Event()
 _local: dict[int, Flusher] = {}
 
 
@@ -24,7 +28,7 @@ def _on_shutdown(**_: Any) -> None:
 
 
 def make_store(settings: Settings, redis_url: str, prefix: str) -> Store:
-    client = redis.Redis.from_url(redis_url, health_check_interval=30, socket_keepalive=True)
+    client = redis_client(redis_url, health_check_interval=30, socket_keepalive=True)
     return Store(client, prefix, max_items=settings.max_items_per_call,
                  linger_ms=settings.linger_ms, lease_s=settings.lease_s,
                  status_ttl_s=settings.status_ttl_s)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from .model import OPERATOR_TYPES
+from .overview import failure_reason
 
 
 def stats_table(figures: dict[str, Any]) -> Table:
@@ -30,3 +36,60 @@ def _caption(f: dict[str, Any]) -> str:
     return (f"queue depth {f['queue_depth']}, in flight {f['in_flight']}, oldest pending "
             f"{f['oldest_pending_age_s']}s, calls {f['calls']}, items/call {f['items_per_call']}, "
             f"leases reclaimed {f['leases_reclaimed']}; {paused}")
+
+
+def dashboard(figures: dict[str, Any]) -> Group:
+    """The live view of ``stats --watch``: the stats table, calls, workers and recent failures.
+
+    ``figures`` is a ``worker.overview.read_overview`` result.
+    """
+    calls = Table.grid(padding=(0, 2))
+    calls.add_column(style="bold")
+    calls.add_column()
+    classes = ", ".join(f"{k} {v}" for k, v in figures["call_classes"].items()) or "none yet"
+    latency = figures["mean_latency_ms"]
+    workers = figures["workers"]
+    paused = figures["paused"]
+    for label, value in (
+        ("queue depth", f"{figures['queue_depth']} (in flight {figures['in_flight']})"),
+        ("oldest pending", f"{figures['oldest_pending_age_s']} s"),
+        ("calls", f"{figures['calls']} ({classes})"),
+        ("items/call", str(figures["items_per_call"])),
+        ("mean latency", "n/a" if latency is None else f"{latency} ms"),
+        ("items retried", str(figures["retries"])),
+        ("leases reclaimed", str(figures["leases_reclaimed"])),
+        ("workers seen", f"{len(workers)} " + (escape(", ".join(workers)) if workers
+                                               else "(none in 30 s)")),
+        ("sending", "; ".join(f"[red]{escape(app)} paused[/red] ({escape(p['reason'])}, "
+                              f"{p['seconds_left']} s)"
+                              for app, p in paused.items()) or "[green]not paused[/green]"),
+    ):
+        calls.add_row(label, value)
+    parts: list[Any] = [stats_table(figures), calls]
+    failures = figures["recent_failures"]
+    if failures:
+        recent = Table(title="recent failures", title_justify="left")
+        for column in ("id", "op", "reason", "attempts", "updated"):
+            recent.add_column(column)
+        for st in failures:
+            recent.add_row(escape(st["id"]), str(st["operator_type"]), escape(failure_reason(st)),
+                           str(st["attempts"]), st["updated_at"])
+        parts.append(recent)
+    return Group(*parts)
+
+
+def watch(read: Callable[[], dict[str, Any]], interval_s: float, console: Console | None = None,
+          wait: Callable[[float], object] | None = None) -> None:
+    """Refresh ``dashboard(read())`` in place every ``interval_s`` until Ctrl-C (returns then).
+
+    ``wait`` is injectable for tests (default: an Event wait, which Ctrl-C interrupts).
+    """
+    pause = wait or threading.Event().wait
+    try:
+        with Live(dashboard(read()), console=console, auto_refresh=False,
+                  redirect_stdout=False) as live:
+            while True:
+                pause(interval_s)
+                live.update(dashboard(read()), refresh=True)
+    except KeyboardInterrupt:
+        return

@@ -3,8 +3,8 @@
 --   o op, a app, t token (ops 1-4), l [[account, type], ...], c created ms, u updated ms (absent = c),
 --   s state (q sending r ok f), n attempts, d predecessors still pending (absent = 0),
 --   w ids waiting on this one, b batch id, rc/ret/m/er result code, ret_code, err_msg, error.
--- P.."ko" maps a 12-hex digest of each key (app + token, app + account + type) to the latest
--- pending intent holding it: per-key order is a chain of "waits for" edges along it.
+-- P.."ko:<shard>" maps a 10-hex digest of each key (app + token, app + account + type) to the
+-- latest pending intent holding it: per-key order is a chain of "waits for" edges along it.
 local P = ARGV[1]
 local STATE_NAME = {q = 'queued', s = 'sending', r = 'retrying', ok = 'succeeded', f = 'failed'}
 
@@ -17,25 +17,38 @@ local function rec_key(id) return P .. 'i:' .. id end
 local function ready_key(app, op) return P .. 'q:' .. app .. ':' .. op end
 local function delayed_key(app, op) return P .. 'd:' .. app .. ':' .. op end
 
+-- the app is left out of a record when it is 'default' (bytes per pending intent count)
 local function load(id)
   local raw = redis.call('GET', rec_key(id))
   if not raw then return nil end
-  return cjson.decode(raw)
+  local rec = cjson.decode(raw)
+  rec.a = rec.a or 'default'
+  return rec
 end
 
 local function save(id, rec, ttl_s)
+  local app = rec.a
+  if app == 'default' then rec.a = nil end
+  local raw = cjson.encode(rec)
+  rec.a = app
   if ttl_s then
-    redis.call('SET', rec_key(id), cjson.encode(rec), 'EX', ttl_s)
+    redis.call('SET', rec_key(id), raw, 'EX', ttl_s)
   else
-    redis.call('SET', rec_key(id), cjson.encode(rec))
+    redis.call('SET', rec_key(id), raw)
   end
 end
+
+-- the key index is sharded into 4096 small hashes so that each stays a compact listpack:
+-- shard = the digest's first 3 hex digits, field = the next 7 (a collision only makes two
+-- unrelated intents wait for each other, which is safe)
+local function ko_key(d) return P .. 'ko:' .. string.sub(d, 1, 3) end
+local function ko_field(d) return string.sub(d, 4) end
 
 -- the digests of an intent's keys: its token (ops 1-4) and each account with its type (ops 1-3, 5)
 local function digests(rec)
   local out, seen = {}, {}
   local function add(s)
-    local d = string.sub(redis.sha1hex(rec.a .. '\0' .. s), 1, 12)
+    local d = string.sub(redis.sha1hex(rec.a .. '\0' .. s), 1, 10)
     if not seen[d] then seen[d] = true; out[#out + 1] = d end
   end
   if rec.t then add('t\0' .. rec.t) end
@@ -62,8 +75,8 @@ local function chain(id, rec)
   local waits = 0
   local seen = {}
   for _, d in ipairs(digests(rec)) do
-    local prev = redis.call('HGET', P .. 'ko', d)
-    redis.call('HSET', P .. 'ko', d, id)
+    local prev = redis.call('HGET', ko_key(d), ko_field(d))
+    redis.call('HSET', ko_key(d), ko_field(d), id)
     if prev and prev ~= id and not seen[prev] then
       seen[prev] = true
       local prec = load(prev)
@@ -84,7 +97,7 @@ end
 -- `woken` collects "app:op" of ready lists that grew
 local function release(id, rec, now, woken)
   for _, d in ipairs(digests(rec)) do
-    if redis.call('HGET', P .. 'ko', d) == id then redis.call('HDEL', P .. 'ko', d) end
+    if redis.call('HGET', ko_key(d), ko_field(d)) == id then redis.call('HDEL', ko_key(d), ko_field(d)) end
   end
   if rec.w then
     for _, wid in ipairs(rec.w) do

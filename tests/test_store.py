@@ -1,0 +1,185 @@
+"""The store's rules one by one, against a real Redis: linger, wakes, pause, leases, retries,
+requeue, TTLs and the rate limiter."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from worker.model import Account, Intent
+from worker.store import Store, Wake
+
+
+def intent(token: str, op: int = 2, account: str = "u1", app: str = "default") -> Intent:
+    if op == 4:
+        return Intent(4, token, (), app)
+    if op == 5:
+        return Intent(5, None, (Account(account),), app)
+    return Intent(op, token, (Account(account),), app)
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def make(client: redis.Redis, prefix: str, **kw: float) -> Store:
+    args = {"max_items": 20, "linger_ms": 0, "lease_s": 60, "status_ttl_s": 3600} | kw
+    return Store(client, prefix, **args)  # type: ignore[arg-type]
+
+
+def wait_until(predicate, timeout_s: float = 5.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_a_full_batch_is_claimed_at_once_and_a_partial_one_waits_for_the_linger(
+        client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix, linger_ms=60_000)
+    store.enqueue([(f"i{k}", intent(f"t{k}", account=f"u{k}")) for k in range(25)])
+    first = store.claim("default", 2)
+    assert first.kind == "batch" and len(first.items) == 20
+    assert first.eligible_left == 5 and 0 < first.wait_ms <= 60_000
+    second = store.claim("default", 2)
+    assert second.kind == "wait" and 0 < second.wait_ms <= 60_000
+
+
+def test_a_partial_batch_goes_once_its_oldest_item_has_lingered(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix, linger_ms=30)
+    store.enqueue([("i1", intent("t1")), ("i2", intent("t2", account="u2"))])
+    claim = wait_until(lambda: (c := store.claim("default", 2)).kind == "batch" and c)
+    assert [i.id for i in claim.items] == ["i1", "i2"]
+
+
+def test_wakes_are_about_one_per_full_batch(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix, linger_ms=60_000)
+    wakes: list[Wake] = []
+    for k in range(0, 200, 5):  # 40 calls of 5 intents, as a stream of producers would
+        wakes += store.enqueue([(f"i{j}", intent(f"t{j}", account=f"u{j}")) for j in range(k, k + 5)])[1]
+    assert wakes[0] == Wake("default", 2, "linger")
+    assert [w.kind for w in wakes].count("linger") == 1, "one linger wake per linger window"
+    assert [w.kind for w in wakes].count("now") == 1, "a second immediate wake while one is on its way"
+    store.clear_wake("default", 2)  # a flush started
+    wakes = store.enqueue([("j1", intent("x1", account="v1"))])[1]
+    assert wakes == (Wake("default", 2, "now"),)
+
+
+def test_pause_holds_every_claim_and_items_stay_queued(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix)
+    store.enqueue([("i1", intent("t1"))])
+    store.pause("default", 30, "credentials:1008003")
+    claim = store.claim("default", 2)
+    assert claim.kind == "paused" and claim.reason == "credentials:1008003" and claim.wait_ms > 0
+    assert store.status("i1").state == "queued"  # type: ignore[union-attr]
+    assert store.claim("ios", 2).kind == "empty", "a pause is per app"
+    store.resume("default")
+    assert store.claim("default", 2).kind == "batch"
+
+
+def test_a_requeued_item_keeps_its_attempt_budget(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix)
+    store.enqueue([("i1", intent("t1"))])
+    claim = store.claim("default", 2)
+    assert claim.items[0].attempts == 1
+    store.complete(claim.batch_id or "", [{"id": "i1", "state": "requeue", "error": "credentials:1008003"}],
+                   calls=1, items_sent=1)
+    again = store.claim("default", 2)
+    assert again.items[0].attempts == 1
+
+
+def test_a_retry_waits_for_its_backoff_then_goes_first(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix)
+    store.enqueue([("i1", intent("t1"))])
+    claim = store.claim("default", 2)
+    store.complete(claim.batch_id or "", [{"id": "i1", "state": "retry", "delay_s": 0.05, "error": "http_503"}],
+                   calls=1, items_sent=1)
+    status = store.status("i1")
+    assert status is not None and status.state == "retrying" and status.error == "http_503"
+    store.enqueue([("i2", intent("t2", account="u2"))])
+    first = store.claim("default", 2)
+    assert [i.id for i in first.items] == ["i2"], "a retry became eligible before its backoff"
+    again = wait_until(lambda: (c := store.claim("default", 2)).kind == "batch" and c)
+    assert [(i.id, i.attempts) for i in again.items] == [("i1", 2)]
+
+
+def test_terminal_records_expire_and_pending_ones_do_not(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix, status_ttl_s=123)
+    store.enqueue([("i1", intent("t1")), ("i2", intent("t2", account="u2"))])
+    claim = store.claim("default", 2)
+    store.complete(claim.batch_id or "", [{"id": "i1", "state": "succeeded", "result_code": "0", "ret_code": 0,
+                                           "err_msg": "NO_ERROR"},
+                                          {"id": "i2", "state": "retry", "delay_s": 100}],
+                   calls=1, items_sent=2)
+    assert 0 < client.ttl(store.key("i", "i1")) <= 123
+    assert client.ttl(store.key("i", "i2")) == -1
+    done = store.status("i1")
+    assert done is not None and done.to_dict() | {"created_at": "", "updated_at": ""} == {
+        "id": "i1", "operator_type": 2, "token": "t1", "account_list": [{"account": "u1", "account_type": 0}],
+        "state": "succeeded", "attempts": 1, "result_code": "0", "ret_code": 0, "err_msg": "NO_ERROR",
+        "error": None, "batch_id": claim.batch_id, "created_at": "", "updated_at": ""}
+    assert done.created_at.endswith("Z") and done.updated_at >= done.created_at
+    assert store.status("nope") is None
+
+
+def test_nothing_is_left_behind_when_everything_is_done(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix)
+    store.enqueue([(f"i{k}", intent(f"t{k % 3}", account=f"u{k % 2}")) for k in range(10)])
+    while True:
+        claim = store.claim("default", 2)
+        if claim.kind != "batch":
+            break
+        store.complete(claim.batch_id or "", [{"id": i.id, "state": "succeeded"} for i in claim.items],
+                       calls=1, items_sent=len(claim.items))
+    keys = {k.decode().removeprefix(prefix).split(":")[0] for k in client.scan_iter(match=f"{prefix}*")}
+    # records (with a TTL), counters, metrics and the batch id sequence: no index, queue or lease
+    assert keys == {"i", "n", "m", "seq", "wakel"} or keys == {"i", "n", "m", "seq"}
+    assert not list(client.scan_iter(match=f"{prefix}ko:*")), "the key index kept an entry"
+
+
+
+def test_requeue_failed_can_filter_by_error(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix)
+    store.enqueue([("i1", intent("t1")), ("i2", intent("t2", account="u2"))])
+    claim = store.claim("default", 2)
+    store.complete(claim.batch_id or "", [{"id": "i1", "state": "failed", "error": "exhausted"},
+                                          {"id": "i2", "state": "failed", "error": "invalid_token"}],
+                   calls=1, items_sent=2)
+    assert [s.id for s in store.recent_failures()] in (["i1", "i2"], ["i2", "i1"])
+    client.delete(store.key("wakel", "default", 2))  # the enqueue's linger wake is long gone
+    ids, wakes = store.requeue_failed("exhausted")
+    assert ids == ["i1"] and wakes
+    requeued = store.status("i1")
+    assert requeued is not None and requeued.state == "queued" and requeued.attempts == 0
+    assert client.ttl(store.key("i", "i1")) == -1, "a requeued record must not expire"
+    assert store.status("i2").state == "failed"  # type: ignore[union-attr]
+
+
+def test_the_rate_limit_spaces_calls_over_all_workers(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix)
+    waits = [store.throttle("default", 10) for _ in range(5)]
+    assert waits[0] == 0
+    assert all(0.05 <= later - earlier <= 0.15 for earlier, later in zip(waits, waits[1:], strict=False))
+    store.set_backoff("ios", 2.0)
+    assert 1.5 <= store.throttle("ios", 0) <= 2.0
+
+
+def test_bulk_enqueue_returns_codes_in_order_across_chunks(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix, linger_ms=60_000)
+    count = 1234  # more than two script calls' worth
+    pairs = [(f"id{k}", intent(f"{k:040x}", account=f"user{k}@example.com")) for k in range(count)]
+    pairs.insert(700, ("id5", intent(f"{5:040x}", account="user5@example.com")))  # same id, same payload
+    pairs.insert(900, ("id6", intent("other")))  # same id, other payload
+    codes, _ = store.enqueue(pairs)
+    assert codes[:700] == [1] * 700 and codes[700] == 0 and codes[900] == -1
+    assert codes.count(1) == count
+    assert store.stats(["default"])["states"]["queued"] == count
