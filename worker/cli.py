@@ -341,11 +341,16 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
 
 
 def _register_optional() -> None:
+    from .demo import demo_command
     from .http import serve_command
     from .sandbox import sandbox_command
 
+    main.add_command(demo_command)
     main.add_command(sandbox_command)
     main.add_command(serve_command)
 
 
 _register_optional()
+
+if __name__ == "__main__":
+    main()

@@ -27,8 +27,9 @@ WakeHook = Callable[[Sequence[Wake]], None]
 
 
 def new_id() -> str:
-    """A fresh intent id: 16 URL-safe characters (96 random bits)."""
-    return secrets.token_urlsafe(12)
+    """A fresh intent id: 20 lowercase hex digits (80 random bits); URL-safe, and never starting
+    with ``-``, so that a shell or a CLI never reads it as an option."""
+    return secrets.token_hex(10)
 
 
 @dataclass

@@ -66,6 +66,7 @@ from .sandbox_state import (
     INVALID_PARAMETER,
     NOTHING_BOUND,
     Bindings,
+    Item,
     Refusal,
     Stats,
     parse_batch,
@@ -82,6 +83,8 @@ BATCH_PATH = "/v3/device/account/batchoperate"
 QUERY_PATH = "/v3/device/account/query"
 #: a larger body is refused with HTTP 413 (20 tokens × 20 accounts is far below this)
 MAX_BODY_BYTES = 1 << 20
+#: how often the accept loop checks for stop(); also the longest stop() waits for it
+_POLL_S = 0.02
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _ERR_MSG = {0: "NO_ERROR", 1008003: "auth failure", 1008004: "invoke service error",
             1008026: "batch op, partly error", 1008027: "batch op, total error",
@@ -205,7 +208,7 @@ class SandboxServer:
             raise RuntimeError("a stopped SandboxServer cannot be started again")
         if self._thread is None:
             self._serving = True
-            self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.1,),
+            self._thread = threading.Thread(target=self._httpd.serve_forever, args=(_POLL_S,),
                                             name=f"tpns-sandbox-{self.url}", daemon=True)
             self._thread.start()
         return self
@@ -213,7 +216,7 @@ class SandboxServer:
     def serve_forever(self) -> None:
         """Serve in this thread until :meth:`stop` (from another thread) or an exception."""
         self._serving = True
-        self._httpd.serve_forever(0.1)
+        self._httpd.serve_forever(_POLL_S)
 
     def stop(self) -> None:
         """Stop accepting, close open connections, cut injected delays short; idempotent."""
@@ -267,6 +270,15 @@ class SandboxServer:
         batchoperate answers by ret_code, ``faults`` the injected faults by kind.
         """
         return self._stats.snapshot()
+
+    def call_sizes(self) -> list[tuple[int | None, int]]:
+        """``(operator_type, items)`` of each call in ``stats()["items_per_call"]``, oldest first."""
+        return self._stats.call_sizes()
+
+    def applied(self) -> list[tuple[int, Item]]:
+        """``(operator_type, item)`` of every item applied to the bindings (answered ``"0"``), in
+        the order applied (the last 100,000): what per-key order looks like from the service."""
+        return self._bindings.applied()
 
     def reset(self) -> None:
         """Forget every binding and zero the stats (the settings stay)."""

@@ -29,6 +29,8 @@ MAX_TOKEN_BYTES = 64
 MAX_ACCOUNT_CHARS = 100
 #: how many recent call sizes ``Stats.snapshot()["items_per_call"]`` keeps
 ITEMS_PER_CALL_KEPT = 10_000
+#: how many recently applied items ``Bindings.applied()`` keeps
+APPLIED_KEPT = 100_000
 #: the service's account type table (reference §2)
 ACCOUNT_TYPES = frozenset({0, *range(1, 17), 991, 992, 997, 998, 999, *range(1002, 1016)})
 PHONE_ACCOUNT_TYPE = 1002
@@ -207,6 +209,8 @@ class Bindings:
         self._lock = threading.Lock()
         self._by_token: dict[str, dict[int, str]] = {}
         self._by_account: dict[tuple[str, int], set[str]] = {}
+        #: the items that changed (or were applied to) the state, in the order applied
+        self._applied: deque[tuple[int, Item]] = deque(maxlen=APPLIED_KEPT)
 
     def apply(self, request: Request, invalid_token_prefix: str) -> list[str]:
         """Apply a validated batchoperate call atomically; the per-item result codes."""
@@ -218,6 +222,7 @@ class Bindings:
                     results.append(INVALID_TOKEN)
                     continue
                 self._apply_item(request.operator_type, item)
+                self._applied.append((request.operator_type, item))
                 results.append("0")
         return results
 
@@ -274,11 +279,18 @@ class Bindings:
         with self._lock:
             return {t: dict(self._by_token.get(t, {})) for t in tokens}
 
+    def applied(self) -> list[tuple[int, Item]]:
+        """``(operator_type, item)`` of every item applied (answered ``"0"``), oldest first (the
+        last ``APPLIED_KEPT``): the order in which the service saw each key change."""
+        with self._lock:
+            return list(self._applied)
+
     def clear(self) -> None:
         """Forget every binding."""
         with self._lock:
             self._by_token.clear()
             self._by_account.clear()
+            self._applied.clear()
 
     def __len__(self) -> int:
         """The number of (token, account_type) bindings."""
@@ -300,6 +312,8 @@ class Stats:
             self.ret_codes: Counter[str] = Counter()
             self.faults: Counter[str] = Counter()
             self.per_call: deque[int] = deque(maxlen=ITEMS_PER_CALL_KEPT)
+            #: the operator_type of each call in ``per_call`` (None when the body had none)
+            self.per_call_op: deque[int | None] = deque(maxlen=ITEMS_PER_CALL_KEPT)
 
     def call(self, payload: dict[str, Any] | Refusal) -> None:
         op = payload.get("operator_type") if isinstance(payload, dict) else None
@@ -313,6 +327,7 @@ class Stats:
                 self.items += len(entries)
                 self.max_items = max(self.max_items, len(entries))
                 self.per_call.append(len(entries))
+                self.per_call_op.append(op)
 
     def count(self, *, ret_code: int | None = None, fault: str | None = None,
               query: bool = False) -> None:
@@ -322,6 +337,11 @@ class Stats:
             if fault is not None:
                 self.faults[fault] += 1
             self.queries += query
+
+    def call_sizes(self) -> list[tuple[int | None, int]]:
+        """``(operator_type, items)`` of each call counted in ``items_per_call``, oldest first."""
+        with self._lock:
+            return list(zip(self.per_call_op, self.per_call, strict=True))
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

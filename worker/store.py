@@ -317,6 +317,9 @@ class Store:
         for op in OPERATOR_TYPES:
             row = {state: counters.get(f"{state}:{op}", 0) for state in totals}
             row["enqueued"] = counters.get(f"enqueued:{op}", 0)
+            # ever-growing terminal counts (``failed`` drops when failed intents are requeued)
+            row["done_succeeded"] = counters.get(f"done_succeeded:{op}", 0)
+            row["done_failed"] = counters.get(f"done_failed:{op}", 0)
             by_op[str(op)] = row
             for state in totals:
                 totals[state] += row[state]

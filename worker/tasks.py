@@ -28,7 +28,7 @@ def _on_shutdown(**_: Any) -> None:
 
 
 def make_store(settings: Settings, redis_url: str, prefix: str) -> Store:
-    client = redis_client(redis_url, health_check_interval=30, socket_keepalive=True)
+    client = redis_client(redis_url, health_check_interval=30)
     return Store(client, prefix, max_items=settings.max_items_per_call,
                  linger_ms=settings.linger_ms, lease_s=settings.lease_s,
                  status_ttl_s=settings.status_ttl_s)

@@ -50,10 +50,13 @@ for _, out in ipairs(outcomes) do
       rec.s = out.s
       release(out.i, rec, now, woken)
       save(out.i, rec, ttl)
+      -- 'done_*' only ever grow (requeue-failed lowers 'failed'): they feed the _total metrics
       if out.s == 'ok' then
         bump(counts, 'succeeded', op, 1)
+        bump(counts, 'done_succeeded', op, 1)
       else
         bump(counts, 'failed', op, 1)
+        bump(counts, 'done_failed', op, 1)
         redis.call('ZADD', P .. 'failed', now, out.i)
       end
     elseif out.s == 'r' then

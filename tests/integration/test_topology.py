@@ -1,0 +1,160 @@
+"""The compose topology as local processes: one worker with beat, one without, and ``serve``.
+
+The commands are read from deploy/docker-compose.yml (only the host, port and concurrency are
+adapted to one machine), so this runs what compose would run: against one Redis under the test's
+prefix and an in-process sandbox. It checks that the intents drain, that the sweeps are scheduled
+once per interval (exactly one beat), and that ``serve``'s /healthz sees both workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from worker.celery_app import SWEEP_INTERVAL_S
+from worker.sandbox import SandboxServer
+
+from .conftest import WORKER_COMMAND, MakeProducer, WorkerProcess, product_env
+from .helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+
+COMPOSE = Path(__file__).resolve().parents[2] / "deploy" / "docker-compose.yml"
+INTENTS = 500
+_PRODUCT_VARS = ("TPNS_", "REDIS_URL", "CELERY_")
+
+
+def compose_command(service: str, **options: str) -> list[str]:
+    """The service's command from the compose file, with ``--option value`` pairs replaced."""
+    argv = [str(a) for a in yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+            ["services"][service]["command"]]
+    assert argv[0] == "tpns-batcher"
+    argv[0] = WORKER_COMMAND
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in argv, f"{service}'s command has no {flag}"
+        argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def get_json(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+    except (urllib.error.URLError, ConnectionError):
+        return 0, None
+
+
+def intents(n: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for k in range(n):
+        token = f"topo-{k % 300:04d}"
+        if k % 10 == 9:
+            out.append({"operator_type": 4, "token": token})
+        elif k % 10 == 8:
+            out.append({"operator_type": 5, "account": f"user-{k % 50}"})
+        else:
+            out.append({"operator_type": 2, "token": token,
+                        "account_list": [{"account": f"user-{k % 50}"}]})
+    return out
+
+
+def test_compose_topology(redis_url: str, prefix: str, tmp_path: Path, sandbox: SandboxServer,
+                          make_producer: MakeProducer, rconn: redis.Redis) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_PRODUCT_VARS)}
+    env.update(product_env(redis_url, prefix, TPNS_BASE_URL=sandbox.url,
+                           TPNS_DATA_DIR=str(tmp_path / "data")))
+    port = free_port()
+    commands = {
+        "worker-beat": compose_command("worker-beat", concurrency="2"),
+        "worker": compose_command("worker", concurrency="2"),
+        "serve": compose_command("serve", host="127.0.0.1", port=str(port)),
+    }
+    processes: dict[str, WorkerProcess] = {}
+    try:
+        for name, argv in commands.items():
+            log_path = tmp_path / f"{name}.log"
+            log_file = log_path.open("wb")
+            proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                    stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            processes[name] = WorkerProcess(name, proc, log_path, log_file)
+        _check_topology(processes, port, prefix, make_producer, rconn, sandbox)
+    except BaseException:
+        for process in processes.values():
+            print(f"----- log of {process.name} -----\n{process.log()[-8000:]}")
+        raise
+    finally:
+        for process in processes.values():
+            process.kill()
+
+
+def _check_topology(processes: dict[str, WorkerProcess], port: int, prefix: str,
+                    make_producer: MakeProducer, rconn: redis.Redis,
+                    sandbox: SandboxServer) -> None:
+    workers = [processes["worker-beat"], processes["worker"]]
+    for worker in workers:
+        worker.wait_ready(timeout_s=30)
+    sweeps_key = f"{prefix}n"
+
+    def sweeps() -> int:
+        return int(rconn.hget(sweeps_key, "sweeps") or 0)
+
+    first = wait_until(sweeps, 10, message="a first sweep")
+    started = time.monotonic()
+
+    producer = make_producer(TPNS_BASE_URL=sandbox.url)
+    ids = [i for i in producer.submit_many(intents(INTENTS)) if i is not None]
+    assert len(ids) == INTENTS
+
+    def terminal() -> bool:
+        states = [s.state if s else None for s in producer.statuses(ids)]
+        return all(s in ("succeeded", "failed") for s in states)
+
+    wait_until(terminal, 30, interval_s=0.1, message="every intent terminal")
+    states = {s.state for s in producer.statuses(ids) if s}
+    assert states == {"succeeded"}
+    counters = producer.store.counters()
+    assert counters.get("calls", 0) < INTENTS / 5  # batched, not one call per intent
+    # both workers took wakes from the shared queue
+    for worker in workers:
+        assert "tpns.flush" in worker.log(), f"{worker.name} ran no flush"
+
+    # exactly one beat: the sweep task runs once per interval, not twice
+    wait_until(lambda: sweeps() >= first + 6, 15, message="six more sweeps")
+    elapsed = time.monotonic() - started
+    rate = (sweeps() - first) * SWEEP_INTERVAL_S / elapsed
+    assert 0.5 <= rate <= 1.4, f"{sweeps() - first} sweeps in {elapsed:.1f} s"
+
+    # serve's /healthz sees both workers, each heartbeating as hostname:pid
+    host = socket.gethostname()
+    expected = {f"{host}:{w.pid}" for w in workers}
+    assert set(producer.store.workers()) == expected
+    def healthz() -> Any:
+        status, body = get_json(f"http://127.0.0.1:{port}/healthz")
+        return body if status == 200 else None
+
+    body = wait_until(healthz, 20, message="serve's /healthz answering 200")
+    assert body["ok"] is True and body["workers"] == len(expected), body
+    assert processes["serve"].proc.poll() is None

@@ -1,0 +1,38 @@
+"""The embedded Redis: started by the first command that needs it, found by the others, durable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from worker.embedded import ensure_embedded, kombu_url, stop_embedded
+
+
+def test_the_first_caller_starts_it_the_next_finds_it_and_data_survives_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    url = ensure_embedded(data)
+    try:
+        assert url == f"unix://{data.resolve() / 'redis.sock'}"
+        assert ensure_embedded(data) == url  # found, not started twice
+        pid = (data / "redis.pid").read_text().strip()
+        client = redis.Redis.from_url(url)
+        client.set("tpns:probe", "kept")
+        client.close()
+    finally:
+        assert stop_embedded(data)
+    assert not stop_embedded(data), "it was still running after shutdown"
+    url = ensure_embedded(data)  # started again from the append-only file
+    try:
+        client = redis.Redis.from_url(url)
+        assert client.get("tpns:probe") == b"kept"
+        assert (data / "redis.pid").read_text().strip() != pid
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        client.close()
+    finally:
+        stop_embedded(data)
+
+
+def test_kombu_spells_unix_sockets_its_own_way() -> None:
+    assert kombu_url("unix:///tmp/x/redis.sock") == "redis+socket:///tmp/x/redis.sock"
+    assert kombu_url("redis://h:6379/0") == "redis://h:6379/0"
