@@ -3,6 +3,7 @@ requeue, TTLs and the rate limiter."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -168,7 +169,7 @@ def test_the_rate_limit_spaces_calls_over_all_workers(client: redis.Redis, prefi
     store = make(client, prefix)
     waits = [store.throttle("default", 10) for _ in range(5)]
     assert waits[0] == 0
-    assert all(0.05 <= later - earlier <= 0.15 for earlier, later in zip(waits, waits[1:], strict=False))
+    assert all(0.05 <= later - earlier <= 0.15 for earlier, later in itertools.pairwise(waits))
     store.set_backoff("ios", 2.0)
     assert 1.5 <= store.throttle("ios", 0) <= 2.0
 

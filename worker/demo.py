@@ -110,7 +110,7 @@ def run_demo(count: int, console: Console, timeout_s: float = 180.0) -> int:
         for var in ("TPNS_ACCESS_ID", "TPNS_SECRET_KEY", "TPNS_SECRET_KEY_FILE", "TPNS_APPS",
                     "CELERY_BROKER_URL", "TPNS_CONFIG_FILE"):
             env.pop(var, None)
-        log = open(workdir / "worker.log", "wb")  # noqa: SIM115 - closed in finally
+        log = open(workdir / "worker.log", "wb")  # closed in the finally below
         worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--concurrency", "4"],
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         settings = Settings.from_env({k: v for k, v in env.items() if k.startswith(("TPNS_", "REDIS"))})
