@@ -1,1 +1,32 @@
 """tpns-batcher: turn a stream of TPNS account bind/unbind intents into the fewest correct calls."""
+
+from .errors import (
+    ConfigError,
+    CredentialsError,
+    IdConflictError,
+    IntentError,
+    PermanentError,
+    TpnsBatcherError,
+    TpnsError,
+    TransientError,
+)
+from .model import Account, Intent, Status
+from .producer import BulkResult, Producer
+from .settings import Settings
+
+__all__ = [
+    "Account",
+    "BulkResult",
+    "ConfigError",
+    "CredentialsError",
+    "IdConflictError",
+    "Intent",
+    "IntentError",
+    "PermanentError",
+    "Producer",
+    "Settings",
+    "Status",
+    "TpnsBatcherError",
+    "TpnsError",
+    "TransientError",
+]
