@@ -8,17 +8,11 @@ a summary of what happened and the commands to look further.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +22,10 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from .embedded import start_private
 from .producer import Producer
 from .sandbox import SandboxServer
 from .settings import Settings
+from .stack import WorkerProcess, local_redis, product_settings_env, stack_env
 
 
 def demo_intents(count: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -69,20 +63,6 @@ BAD_INTENTS: list[Any] = [
 ]
 
 
-@contextlib.contextmanager
-def _redis(workdir: Path) -> Iterator[tuple[str, str]]:
-    prefix = f"tpns-demo-{uuid.uuid4().hex[:6]}:"
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"], prefix
-        return
-    proc, url = start_private(workdir / "redis")
-    try:
-        yield url, prefix
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 def _view(stats: dict[str, Any], sandbox: dict[str, Any], total: int, elapsed: float) -> Group:
     states = stats["states"]
     table = Table(title=f"tpns-batcher demo — {elapsed:5.1f} s", min_width=60)
@@ -101,19 +81,15 @@ def _view(stats: dict[str, Any], sandbox: dict[str, Any], total: int, elapsed: f
 def run_demo(count: int, console: Console, timeout_s: float = 180.0) -> int:
     """Run the tour; returns the process exit code."""
     rng = random.Random(7)
-    with tempfile.TemporaryDirectory(prefix="tpns-demo-") as tmp, _redis(Path(tmp)) as (redis_url, prefix):
+    with tempfile.TemporaryDirectory(prefix="tpns-demo-") as tmp, \
+            local_redis(Path(tmp), "demo") as store_redis:
         workdir = Path(tmp)
+        redis_url, prefix = store_redis.url, store_redis.prefix
         sandbox = SandboxServer(latency_ms=20, fault_rate=0.05, seed=11,
                                 faults=("http_503", "1008004", "1008028", "drop")).start()
-        env = {**os.environ, "REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix,
-               "TPNS_BASE_URL": sandbox.url, "TPNS_LINGER_MS": "100", "TPNS_LEASE_S": "20"}
-        for var in ("TPNS_ACCESS_ID", "TPNS_SECRET_KEY", "TPNS_SECRET_KEY_FILE", "TPNS_APPS",
-                    "CELERY_BROKER_URL", "TPNS_CONFIG_FILE"):
-            env.pop(var, None)
-        log = open(workdir / "worker.log", "wb")  # closed in the finally below
-        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--concurrency", "4"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        settings = Settings.from_env({k: v for k, v in env.items() if k.startswith(("TPNS_", "REDIS"))})
+        env = stack_env(store_redis, sandbox.url, TPNS_LINGER_MS="100", TPNS_LEASE_S="20")
+        worker = WorkerProcess.cli_worker(env, workdir / "worker.log", "--concurrency", "4").start()
+        settings = Settings.from_env(product_settings_env(env))
         producer = Producer(redis_url, prefix, settings=settings)
         try:
             console.print(f"[bold]sandbox[/] {sandbox.url} (20 ms latency, 5 % injected faults) · "
@@ -136,7 +112,7 @@ def run_demo(count: int, console: Console, timeout_s: float = 180.0) -> int:
                     states = stats["states"]
                     if states["succeeded"] + states["failed"] >= len(ids):
                         break
-                    if worker.poll() is not None or time.monotonic() - started > timeout_s:
+                    if not worker.alive() or time.monotonic() - started > timeout_s:
                         console.print(f"[red]the worker stopped or the demo timed out; see "
                                       f"{workdir / 'worker.log'}[/]")
                         return 1
@@ -147,14 +123,7 @@ def run_demo(count: int, console: Console, timeout_s: float = 180.0) -> int:
             return 0
         finally:
             producer.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
-            log.close()
+            worker.stop()
             sandbox.stop()
 
 

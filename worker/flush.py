@@ -109,7 +109,7 @@ class Flusher:
             logger.error("sending for app %s paused for %gs: TPNS refused the credentials or the "
                          "app (ret_code=%s, %s); nothing was failed, the items wait in the queue",
                          app, self.settings.pause_s, report.pause.ret_code, report.pause.code)
-            self.store.pause(app, self.settings.pause_s, f"{report.pause.code}:{report.pause.ret_code}")
+            self.store.pause(app, self.settings.pause_s, report.pause.code)
         if report.retry_after_s:
             self.store.set_backoff(app, min(report.retry_after_s, 30.0))
         # items_sent counts each item once per batch; halving shows up as extra calls
@@ -152,7 +152,7 @@ class Flusher:
 
     def wake_after(self, app: str, op: int, delay_s: float) -> None:
         """Send one wake for ``(app, op)`` after ``delay_s`` (the waker decides how)."""
-        self.wake([Wake(app, op, "now" if delay_s <= 0 else "linger")])
+        self.wake([Wake(app, op, "now") if delay_s <= 0 else Wake(app, op, "linger", delay_s)])
 
     def sweep(self) -> dict[str, int]:
         """Reap expired leases and wake every (app, op) with eligible or retrying work.

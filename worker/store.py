@@ -47,6 +47,8 @@ class Wake:
     app: str
     operator_type: int
     kind: Literal["now", "linger"]
+    #: for a linger wake: how long to wait, when known better than the whole linger
+    delay_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ class CeleryWaker:
 
     def __call__(self, wakes: Sequence[Wake], delay_s: float | None = None) -> None:
         for wake in wakes:
-            countdown = delay_s if delay_s is not None else (
+            wait_s = delay_s if delay_s is not None else wake.delay_s
+            countdown = wait_s if wait_s is not None else (
                 0.0 if wake.kind == "now" else self.settings.linger_ms / 1000)
             self.app.send_task(FLUSH_TASK, args=[wake.app, wake.operator_type],
                                countdown=countdown or None)

@@ -1,0 +1,136 @@
+"""A whole tpns-batcher stack on this machine, for ``demo`` and ``bench``: Redis, sandbox, workers.
+
+* ``local_redis``: a private Redis (``start_private``, no persistence) owned by the caller, or the
+  one ``REDIS_URL`` names under a fresh key prefix, so nothing the caller did not write is touched.
+* ``stack_env``: the environment a worker process of the stack gets (the stack's Redis, prefix and
+  sandbox; the shell's credentials and config file dropped, so a fake never meets real secrets).
+* ``WorkerProcess``: one worker command in its own process group (the Celery main process, its
+  pool children, embedded beat), stopped as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from .embedded import start_private
+
+#: variables of the shell that a stack's workers must not inherit
+_DROPPED_VARS = ("TPNS_ACCESS_ID", "TPNS_SECRET_KEY", "TPNS_SECRET_KEY_FILE", "TPNS_APPS",
+                 "CELERY_BROKER_URL", "TPNS_CONFIG_FILE")
+
+
+@dataclass(frozen=True)
+class StackRedis:
+    """Where the stack keeps its data: a URL, a key prefix of its own, and whether the server is
+    private (only then are memory figures such as ``used_memory`` the stack's alone)."""
+
+    url: str
+    prefix: str
+    private: bool
+
+
+@contextlib.contextmanager
+def local_redis(workdir: Path, name: str = "stack") -> Iterator[StackRedis]:
+    """``REDIS_URL`` under a fresh prefix when it is set, else a private Redis under ``workdir``
+    (with the default prefix: the server is the stack's alone) that is stopped on exit."""
+    if os.environ.get("REDIS_URL"):
+        prefix = f"tpns-{name}-{uuid.uuid4().hex[:6]}:"
+        yield StackRedis(os.environ["REDIS_URL"], prefix, private=False)
+        return
+    proc, url = start_private(workdir / "redis")
+    try:
+        yield StackRedis(url, "tpns:", private=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def stack_env(redis: StackRedis, base_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker process of the stack (``extra`` adds ``TPNS_*`` settings)."""
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_VARS}
+    env.update({"REDIS_URL": redis.url, "TPNS_REDIS_PREFIX": redis.prefix,
+                "TPNS_BASE_URL": base_url})
+    env.update(extra)
+    return env
+
+
+def product_settings_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``env`` that ``Settings.from_env`` reads (for the caller's own producer)."""
+    return {k: v for k, v in env.items() if k.startswith(("TPNS_", "REDIS"))}
+
+
+@dataclass
+class WorkerProcess:
+    """One worker command (``python -m worker.cli worker …`` or the naive worker) in its own
+    process group; its output goes to ``log_path``."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @classmethod
+    def cli_worker(cls, env: Mapping[str, str], log_path: Path, *celery_args: str) -> WorkerProcess:
+        """``tpns-batcher worker CELERY_ARGS`` with this interpreter."""
+        return cls([sys.executable, "-m", "worker.cli", "worker", *celery_args], env, log_path)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def start(self) -> WorkerProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(list(self.argv), env=dict(self.env), stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until Celery logs that the worker is ready; ``RuntimeError`` if it exits or is late."""
+        deadline = time.monotonic() + timeout_s
+        while " ready." not in self.log():
+            if not self.alive():
+                raise RuntimeError(f"the worker exited; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker was not ready after {timeout_s:g} s; "
+                                   f"see {self.log_path}")
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM to the group), then SIGKILL whatever is left after ``timeout_s``."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            # pool children or beat left behind by an unclean exit of the main process
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
