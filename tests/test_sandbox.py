@@ -423,7 +423,7 @@ def test_latency_delays_every_answer(sandbox: SandboxServer, http: requests.Sess
 
 @pytest.mark.parametrize("changes", [
     {"fault_rate": 1.5}, {"fault_rate": -0.1}, {"faults": ["nope"]}, {"latency_ms": -1},
-    {"latency_ms": float("nan")}, {"secret_key": ""}, {"seed": "x"}, {"port": 1},
+    {"latency_ms": float("nan")}, {"secret_key": ""}, {"seed": "x"}, {"port": 1}, {"faults": 5},
 ])
 def test_configure_refuses_bad_values_and_changes_nothing(sandbox: SandboxServer,
                                                           changes: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ from .settings import Settings
 
 #: lines read and enqueued per round of ``enqueue``
 ENQUEUE_BATCH = 5000
+#: pool processes of ``worker`` unless CELERY_ARGS set --concurrency
+DEFAULT_CONCURRENCY = 4
 
 
 def _settings() -> Settings:
@@ -90,7 +92,7 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
             raise click.ClickException(f"--metrics-port {metrics_port}: {exc.strerror}") from None
     argv = ["worker", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     if not any(a.startswith(("-c", "--concurrency")) for a in celery_args):
-        argv += ["--concurrency", "4"]
+        argv += ["--concurrency", str(DEFAULT_CONCURRENCY)]
     if not no_beat:
         argv.append("--beat")
     app.worker_main(argv=argv + list(celery_args))
@@ -341,10 +343,12 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
 
 
 def _register_optional() -> None:
+    from .bench import bench_command
     from .demo import demo_command
     from .http import serve_command
     from .sandbox import sandbox_command
 
+    main.add_command(bench_command)
     main.add_command(demo_command)
     main.add_command(sandbox_command)
     main.add_command(serve_command)

@@ -246,7 +246,7 @@ class SandboxServer:
         unknown = sorted(set(changes) - set(SandboxConfig.__dataclass_fields__))
         if unknown:
             raise ConfigError(unknown[0], "is not a sandbox setting")
-        if "faults" in changes and not isinstance(changes["faults"], str):
+        if isinstance(changes.get("faults"), list):
             changes["faults"] = tuple(changes["faults"])
         with self._lock:
             self._config = _checked(replace(self._config, **changes))
@@ -505,7 +505,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, body: bytes) -> None:
         sandbox = cast(_HTTPServer, self.server).sandbox
         headers = {name.lower(): value for name, value in self.headers.items()}
-        reply = sandbox._dispatch(self.command, self.path, headers, body)
+        try:
+            reply = sandbox._dispatch(self.command, self.path, headers, body)
+        except Exception:
+            logger.exception("sandbox: %s %s failed", self.command, self.path)
+            reply = _Reply(500, b"sandbox: internal error\n", "text/plain; charset=utf-8")
         if reply.delay_s > 0:
             sandbox._stopping.wait(reply.delay_s)
         if reply.drop or sandbox._stopping.is_set():

@@ -1,0 +1,528 @@
+"""``tpns-batcher bench``: the whole path on this machine, against the naive design (SPEC §10).
+
+One invocation runs, in order:
+
+1. **Stack.** A private Redis (``start_private``; with ``REDIS_URL`` set, that server under a fresh
+   prefix, and then the memory figure is only indicative), the sandbox in this process with the given
+   latency, and W real ``tpns-batcher worker`` processes (prefork pool, ``--concurrency C`` each,
+   beat embedded). The workers start consuming a placeholder queue only, so that nothing is drained
+   before the benchmark says so; it then adds the real queue with Celery's ``add_consumer``
+   remote-control command (the same gate for both designs).
+2. **Enqueue** N intents with ``Producer.submit_many`` (validation, the store's Lua, and the wake
+   hook live: Celery wake messages are sent) -> ``enqueue_per_s``. On the private Redis the
+   ``used_memory`` delta over the N pending intents (records, queues, key index, counters, wakes)
+   -> ``redis_bytes_per_pending_intent``.
+3. **Drain**: the gate opens and the clock runs until every intent is terminal -> ``drain_per_s``;
+   the sandbox's per-call record over the drain -> ``api_calls``, ``items_per_call``; psutil over
+   the worker process trees, sampled while draining -> ``worker_rss_mb`` (the peak).
+4. **Latency at light load**: intents submitted one at a time at ``--light-rate`` per second for
+   ``--light-seconds``; enqueue -> terminal from each status's ``created_at``/``updated_at`` (both
+   stamped by Redis' clock) -> ``latency_p50_ms``, ``latency_p99_ms``.
+5. **Baseline**: the same number of worker processes, pool and concurrency of the naive design
+   (``worker/naive.py``: one Celery task and one HTTP call per intent) on the same Redis and
+   sandbox, ``baseline_intents`` = min(N, 2000) by default (rates are comparable; a smaller
+   backlog keeps the run short) -> ``baseline_drain_per_s`` and ``speedup``.
+
+Intents: a mix of operator types like real traffic (55 % bind with override, 20 % unbind, 12 %
+uninstall, 8 % account deletion, 5 % append bind), 40-character tokens and 20-character accounts.
+``--tokens T`` sets how many distinct tokens they use (default: one each, so no two intents share a
+key); fewer tokens chain intents through per-key order, which lowers items per call by design.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from .celery_app import make_celery
+from .naive import NAIVE_TASK, done_key, make_naive_celery, task_args
+from .producer import Producer, new_id
+from .sandbox import SandboxServer
+from .settings import Settings
+from .stack import StackRedis, WorkerProcess, local_redis, product_settings_env, stack_env
+from .store import Store
+
+#: the queue a worker consumes until the benchmark opens the gate (nothing is ever sent to it)
+GATE_QUEUE = "gate"
+#: how often a drain's progress is polled (also the resolution of its end time)
+POLL_S = 0.005
+#: default cap of the baseline's backlog
+BASELINE_MAX_INTENTS = 2000
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one benchmark run does (the command's options)."""
+
+    intents: int = 20_000
+    tokens: int | None = None
+    latency_ms: float = 20.0
+    workers: int = 1
+    concurrency: int | None = None
+    light_seconds: float = 5.0
+    light_rate: float = 200.0
+    baseline_intents: int | None = None
+    linger_ms: int = 250
+
+
+def bench_intents(count: int, tokens: int | None, rng: random.Random) -> list[dict[str, Any]]:
+    """``count`` intents of a realistic mix over ``tokens`` distinct 40-character tokens
+    (default: one each); every account (20 characters) is used once."""
+    pool = [f"{rng.getrandbits(160):040x}" for _ in range(tokens or count)]
+    out: list[dict[str, Any]] = []
+    for k in range(count):
+        token = pool[k % len(pool)]
+        account = f"u{k:07d}@example.com"
+        roll = rng.random()
+        if roll < 0.55:
+            out.append({"operator_type": 2, "token": token,
+                        "account_list": [{"account": account, "account_type": 1005}]})
+        elif roll < 0.75:
+            out.append({"operator_type": 3, "token": token,
+                        "account_list": [{"account": account, "account_type": 1005}]})
+        elif roll < 0.87:
+            out.append({"operator_type": 4, "token": token})
+        elif roll < 0.95:
+            out.append({"operator_type": 5, "account": account, "account_type": 1005})
+        else:
+            out.append({"operator_type": 1, "token": token,
+                        "account_list": [{"account": account, "account_type": 0}]})
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by the nearest-rank method; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+def tree_rss_mb(pids: Sequence[int]) -> float:
+    """Resident memory of these processes and all their descendants, in MiB."""
+    total = 0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+    return total / (1 << 20)
+
+
+def tree_cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes and their live descendants."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
+
+
+def redis_cpu_s(client: Any) -> float:
+    """CPU seconds the Redis server has used (its own ``INFO cpu``, main thread and all)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class Reporter:
+    """Progress on stderr (rich): one line per phase, and a live count while draining."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.console = Console(stderr=True, quiet=quiet, log_path=False)
+
+    def phase(self, text: str) -> None:
+        self.console.log(text)
+
+    def waiting(self, what: str, total: int, done: Callable[[], int],
+                timeout_s: float, on_poll: Callable[[], None] = lambda: None) -> float:
+        """Poll ``done()`` every ``POLL_S`` until it reaches ``total``; returns the monotonic
+        time it was first seen there. ``TimeoutError`` after ``timeout_s``."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        deadline = time.monotonic() + timeout_s
+        with Progress(f"[bold]{what}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.console, transient=True) as progress:
+            task = progress.add_task(what, total=total)
+            last_ui = 0.0
+            while True:
+                count = done()
+                now = time.monotonic()
+                if count >= total:
+                    return now
+                if now > deadline:
+                    raise TimeoutError(f"{what}: {count} of {total} after {timeout_s:g} s")
+                if now - last_ui > 0.1:
+                    progress.update(task, completed=count)
+                    on_poll()
+                    last_ui = now
+                time.sleep(POLL_S)
+
+
+def _hostnames(kind: str, workers: int, prefix: str) -> list[str]:
+    tag = prefix.rstrip(":").replace(":", "-")
+    return [f"{kind}{k}-{tag}@{platform.node() or 'localhost'}" for k in range(workers)]
+
+
+def _wait_control(app: Any, hostnames: Sequence[str], timeout_s: float,
+                  procs: Sequence[WorkerProcess]) -> None:
+    """Until every named worker answers a remote-control ping (its pool is up, it consumes)."""
+    deadline = time.monotonic() + timeout_s
+    waiting = set(hostnames)
+    while waiting:
+        for proc in procs:
+            if not proc.alive():
+                raise RuntimeError(f"a worker exited during start-up; see {proc.log_path}")
+        for reply in app.control.ping(destination=sorted(waiting), timeout=0.5) or []:
+            waiting -= set(reply)
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"workers not ready after {timeout_s:g} s: {sorted(waiting)}")
+
+
+def _open_gate(app: Any, queue: str, hostnames: Sequence[str]) -> None:
+    replies = app.control.add_consumer(queue, destination=list(hostnames), reply=True,
+                                       timeout=5.0) or []
+    answered = {name for reply in replies for name in reply}
+    if answered != set(hostnames):
+        raise RuntimeError(f"add_consumer: no answer from {sorted(set(hostnames) - answered)}")
+
+
+def _redis_ms(store: Store) -> int:
+    sec, usec = store.redis.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def _done_count(store: Store) -> int:
+    fields = [f"done_{state}:{op}" for state in ("succeeded", "failed") for op in range(1, 6)]
+    return sum(int(v) for v in store.redis.hmget(store.key("n"), fields) if v is not None)
+
+
+class Bench:
+    """One benchmark run over one stack (see the module docstring for the phases)."""
+
+    def __init__(self, config: BenchConfig, workdir: Path, redis: StackRedis,
+                 sandbox: SandboxServer, report: Reporter) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.redis = redis
+        self.sandbox = sandbox
+        self.report = report
+        self.concurrency_args = ([] if config.concurrency is None
+                                 else ["--concurrency", str(config.concurrency)])
+        self.env = stack_env(redis, sandbox.url, TPNS_LINGER_MS=str(config.linger_ms))
+        self.settings = Settings.from_env(product_settings_env(self.env))
+        self.results: dict[str, Any] = {}
+
+    # -- the real design ---------------------------------------------------------------------
+
+    def run_batched(self) -> None:
+        config, report = self.config, self.report
+        hostnames = _hostnames("bench", config.workers, self.redis.prefix)
+        procs = [WorkerProcess.cli_worker(self.env, self.workdir / f"worker{k}.log",
+                                          "--hostname", name, "-Q", GATE_QUEUE,
+                                          *self.concurrency_args)
+                 for k, name in enumerate(hostnames)]
+        control = make_celery(self.settings, self.redis.url, self.redis.prefix)
+        producer = Producer(self.redis.url, self.redis.prefix, settings=self.settings)
+        try:
+            report.phase(f"starting {config.workers} worker process(es) "
+                         f"({' '.join(self.concurrency_args) or 'default concurrency'})")
+            for proc in procs:
+                proc.start()
+            _wait_control(control, hostnames, 90.0, procs)
+            intents = bench_intents(config.intents, config.tokens, random.Random(1))
+            producer.apps()
+            mem_before = int(producer.redis.info("memory")["used_memory"])
+            report.phase(f"enqueueing {config.intents} intents (submit_many, wakes live)")
+            started = time.perf_counter()
+            ids = [i for i in producer.submit_many(intents) if i is not None]
+            enqueue_s = time.perf_counter() - started
+            mem_after = int(producer.redis.info("memory")["used_memory"])
+            if len(ids) != config.intents:
+                raise RuntimeError(f"{config.intents - len(ids)} intents were refused")
+            self.results.update(
+                intents=len(ids), enqueue_per_s=round(len(ids) / enqueue_s, 1),
+                redis_bytes_per_pending_intent=round((mem_after - mem_before) / len(ids), 1),
+                redis_private=self.redis.private)
+            self._drain(control, producer.store, procs, hostnames, len(ids))
+            self._light_latency(producer)
+        finally:
+            producer.close()
+            for proc in procs:
+                proc.stop()
+
+    def _drain(self, control: Any, store: Store, procs: Sequence[WorkerProcess],
+               hostnames: Sequence[str], total: int) -> None:
+        self.sandbox.reset()
+        rss = [0.0]
+        pids = [p.pid for p in procs]
+
+        def sample() -> None:
+            rss[0] = max(rss[0], tree_rss_mb(pids))
+
+        self.report.phase("draining")
+        cpu = (tree_cpu_s(pids), redis_cpu_s(store.redis), tree_cpu_s([os.getpid()]))
+        started = time.monotonic()
+        _open_gate(control, self.redis.prefix + "flush", hostnames)
+        ended = self.report.waiting("drain", total, lambda: _done_count(store),
+                                    timeout_s=max(120.0, total / 50), on_poll=sample)
+        cpu_after = (tree_cpu_s(pids), redis_cpu_s(store.redis), tree_cpu_s([os.getpid()]))
+        sample()
+        drain_s = ended - started
+        sandbox = self.sandbox.stats()
+        sizes = sandbox["items_per_call"]
+        counters = store.counters()
+        self.results.update(
+            drain_s=round(drain_s, 3), drain_per_s=round(total / drain_s, 1),
+            api_calls=sandbox["calls"],
+            items_per_call=round(sandbox["items"] / sandbox["calls"], 2) if sandbox["calls"] else 0.0,
+            full_calls_share=round(sum(1 for s in sizes if s == 20) / len(sizes), 3) if sizes else 0.0,
+            failed=sum(counters.get(f"done_failed:{op}", 0) for op in range(1, 6)),
+            worker_rss_mb=round(rss[0], 1),
+            # where the CPU went while draining (seconds; 2 cores give 2 s per wall second)
+            drain_cpu_s={name: round(after - before, 2) for name, before, after in zip(
+                ("workers", "redis", "sandbox_and_bench"), cpu, cpu_after, strict=True)})
+
+    def _light_latency(self, producer: Producer) -> None:
+        config = self.config
+        count = max(1, int(config.light_rate * config.light_seconds))
+        intents = bench_intents(count, None, random.Random(2))
+        self.report.phase(f"light load: {count} intents one at a time at "
+                          f"{config.light_rate:g}/s")
+        ids: list[str] = []
+        interval = 1.0 / config.light_rate
+        started = time.monotonic()
+        for k, intent in enumerate(intents):
+            pause = started + k * interval - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            ids.append(producer.submit(intent))
+        producer.wait(ids, timeout_s=60.0)
+        latencies = []
+        raws = producer.redis.mget([producer.store.key("i", i) for i in ids])
+        for raw in raws:
+            rec = json.loads(raw)
+            latencies.append(int(rec.get("u", rec["c"])) - int(rec["c"]))
+        self.results.update(
+            latency_intents=count, latency_rate_per_s=config.light_rate,
+            latency_p50_ms=round(percentile(latencies, 50), 1),
+            latency_p99_ms=round(percentile(latencies, 99), 1))
+
+    # -- the naive design --------------------------------------------------------------------
+
+    def run_baseline(self) -> None:
+        config, report = self.config, self.report
+        count = config.baseline_intents or min(config.intents, BASELINE_MAX_INTENTS)
+        hostnames = _hostnames("naive", config.workers, self.redis.prefix)
+        procs = [WorkerProcess([sys.executable, "-m", "worker.naive", "worker", "--hostname", name,
+                                "-Q", GATE_QUEUE, "--loglevel", "WARNING",
+                                *(self.concurrency_args or ["--concurrency", str(_cli_concurrency())])],
+                               self.env, self.workdir / f"naive{k}.log")
+                 for k, name in enumerate(hostnames)]
+        app = make_naive_celery(self.settings, self.redis.url, self.redis.prefix)
+        store = Store(Producer(self.redis.url, self.redis.prefix, settings=self.settings).redis,
+                      self.redis.prefix)
+        try:
+            report.phase(f"baseline: starting {config.workers} naive worker process(es)")
+            for proc in procs:
+                proc.start()
+            _wait_control(app, hostnames, 90.0, procs)
+            from .intents import validate
+
+            apps = frozenset(self.settings.apps)
+            intents = [validate(obj, apps, self.settings.default_app)
+                       for obj in bench_intents(count, None, random.Random(3))]
+            report.phase(f"baseline: publishing {count} tasks (one per intent)")
+            started = time.perf_counter()
+            with app.producer_or_acquire() as publisher:
+                for intent in intents:
+                    app.send_task(NAIVE_TASK, args=task_args(new_id(), intent),
+                                  queue=f"{self.redis.prefix}naive", producer=publisher)
+            publish_s = time.perf_counter() - started
+            self.sandbox.reset()
+            report.phase("baseline: draining")
+            counter = done_key(self.redis.prefix)
+            started_m = time.monotonic()
+            _open_gate(app, f"{self.redis.prefix}naive", hostnames)
+            ended = report.waiting("baseline drain", count,
+                                   lambda: int(store.redis.get(counter) or 0),
+                                   timeout_s=max(120.0, count / 5))
+            drain_s = ended - started_m
+            self.results.update(
+                baseline_intents=count,
+                baseline_enqueue_per_s=round(count / publish_s, 1),
+                baseline_drain_per_s=round(count / drain_s, 1),
+                baseline_api_calls=self.sandbox.stats()["calls"])
+        finally:
+            store.redis.close()
+            for proc in procs:
+                proc.stop()
+
+
+def _cli_concurrency() -> int:
+    from .cli import DEFAULT_CONCURRENCY
+
+    return DEFAULT_CONCURRENCY
+
+
+def targets(config: BenchConfig) -> dict[str, float]:
+    """SPEC §10's targets for this run's linger and sandbox latency."""
+    return {"speedup_min": 10.0, "items_per_call_min": 19.5,
+            "latency_p99_ms_max": config.linger_ms + 3 * config.latency_ms + 50,
+            "redis_bytes_per_pending_intent_max": 400.0}
+
+
+def targets_met(results: dict[str, Any], goal: dict[str, float]) -> dict[str, bool]:
+    return {
+        "speedup": results["speedup"] >= goal["speedup_min"],
+        "items_per_call": results["items_per_call"] >= goal["items_per_call_min"],
+        "latency_p99_ms": results["latency_p99_ms"] <= goal["latency_p99_ms_max"],
+        "redis_bytes_per_pending_intent":
+            results["redis_bytes_per_pending_intent"] <= goal["redis_bytes_per_pending_intent_max"],
+    }
+
+
+def machine(redis_url: str) -> dict[str, Any]:
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        version = str(client.info("server").get("redis_version", "?"))
+    finally:
+        client.close()
+    return {"cores": os.cpu_count() or 0, "python": platform.python_version(),
+            "redis": version, "platform": platform.platform(terse=True),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
+    """Run every phase; returns the figures (see the module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="tpns-bench-") as tmp, \
+            local_redis(Path(tmp), "bench") as redis_target:
+        sandbox = SandboxServer(latency_ms=config.latency_ms).start()
+        try:
+            bench = Bench(config, Path(tmp), redis_target, sandbox, report)
+            report.phase(f"redis {redis_target.url} · sandbox {sandbox.url} "
+                         f"({config.latency_ms:g} ms latency)")
+            bench.run_batched()
+            bench.run_baseline()
+            results = bench.results
+            info = machine(redis_target.url)
+        finally:
+            sandbox.stop()
+    results["speedup"] = round(results["drain_per_s"] / results["baseline_drain_per_s"], 2)
+    ordered: dict[str, Any] = {
+        "intents": results["intents"], "tokens": config.tokens or config.intents,
+        "sandbox_latency_ms": config.latency_ms, "linger_ms": config.linger_ms,
+        "workers": config.workers,
+        "concurrency": config.concurrency or _cli_concurrency(),
+        **{k: results[k] for k in (
+            "enqueue_per_s", "drain_s", "drain_per_s", "api_calls", "items_per_call",
+            "full_calls_share", "failed", "latency_p50_ms", "latency_p99_ms", "latency_intents",
+            "latency_rate_per_s", "redis_bytes_per_pending_intent", "redis_private",
+            "worker_rss_mb", "drain_cpu_s", "baseline_intents", "baseline_enqueue_per_s",
+            "baseline_drain_per_s", "baseline_api_calls", "speedup")},
+    }
+    goal = targets(config)
+    ordered["targets"] = goal
+    ordered["targets_met"] = targets_met(ordered, goal)
+    ordered["machine"] = info
+    return ordered
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    table = Table(title="tpns-batcher bench", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    goal, met = results["targets"], results["targets_met"]
+    marks = {"speedup": f">= {goal['speedup_min']:g}",
+             "items_per_call": f">= {goal['items_per_call_min']:g}",
+             "latency_p99_ms": f"<= {goal['latency_p99_ms_max']:g}",
+             "redis_bytes_per_pending_intent": f"<= {goal['redis_bytes_per_pending_intent_max']:g}"}
+    for key, value in results.items():
+        if key in ("targets", "targets_met", "machine"):
+            continue
+        target = ""
+        if key in marks:
+            target = marks[key] + ("  [green]met[/]" if met[key] else "  [red]missed[/]")
+        table.add_row(key, str(value), target)
+    table.add_row("machine", ", ".join(f"{k} {v}" for k, v in results["machine"].items()), "")
+    return table
+
+
+@click.command("bench")
+@click.option("--intents", "count", type=click.IntRange(20, 1_000_000), default=20_000,
+              show_default=True, help="Intents enqueued and drained.")
+@click.option("--tokens", type=click.IntRange(1, None), default=None,
+              help="Distinct tokens the intents use [default: one per intent]; fewer make "
+                   "intents share keys, which per-key order serialises.")
+@click.option("--latency-ms", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Latency the sandbox adds to every call.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes (each a Celery prefork pool; the baseline gets the same).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=None,
+              help="Pool processes per worker, for both designs [default: the worker's own "
+                   "default].")
+@click.option("--light-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Length of the light-load latency phase.")
+@click.option("--light-rate", type=click.FloatRange(min=1), default=200.0, show_default=True,
+              help="Intents per second in the latency phase.")
+@click.option("--baseline-intents", type=click.IntRange(20, None), default=None,
+              help=f"Intents for the naive baseline [default: min(--intents, "
+                   f"{BASELINE_MAX_INTENTS})].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench_command(count: int, tokens: int | None, latency_ms: float, workers: int,
+                  concurrency: int | None, light_seconds: float, light_rate: float,
+                  baseline_intents: int | None, as_json: bool) -> None:
+    """Benchmark the whole path on this machine against the naive design (SPEC §10).
+
+    Starts a private Redis (or uses REDIS_URL under a fresh prefix), the sandbox with the given
+    latency and real worker processes; enqueues N intents, drains them, measures latency at a
+    light fixed rate, then runs the naive design (one Celery task and one HTTP call per intent)
+    with the same workers and concurrency. Progress goes to stderr.
+    """
+    settings_env = {k: v for k, v in os.environ.items() if k == "TPNS_LINGER_MS"}
+    linger_ms = Settings.from_env(settings_env).linger_ms if settings_env else 250
+    config = BenchConfig(intents=count, tokens=tokens, latency_ms=latency_ms, workers=workers,
+                         concurrency=concurrency, light_seconds=light_seconds,
+                         light_rate=light_rate, baseline_intents=baseline_intents,
+                         linger_ms=linger_ms)
+    try:
+        results = run_bench(config, Reporter())
+    except (RuntimeError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(results))
+    else:
+        Console().print(results_table(results))
