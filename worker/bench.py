@@ -52,9 +52,8 @@ from rich.table import Table
 from .celery_app import make_celery
 from .naive import NAIVE_TASK, done_key, make_naive_celery, task_args
 from .producer import Producer, new_id
-from .sandbox import SandboxServer
 from .settings import Settings
-from .stack import StackRedis, WorkerProcess, local_redis, product_settings_env, stack_env
+from .stack import SandboxProcess, StackRedis, WorkerProcess, local_redis, product_settings_env, stack_env
 from .store import Store
 
 #: the queue a worker consumes until the benchmark opens the gate (nothing is ever sent to it)
@@ -149,6 +148,12 @@ def tree_cpu_s(pids: Sequence[int]) -> float:
     return total
 
 
+def own_cpu_s() -> float:
+    """CPU seconds of this process alone (the benchmark's polling and progress view)."""
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
 def redis_cpu_s(client: Any) -> float:
     """CPU seconds the Redis server has used (its own ``INFO cpu``, main thread and all)."""
     info = client.info("cpu")
@@ -217,6 +222,17 @@ def _open_gate(app: Any, queue: str, hostnames: Sequence[str]) -> None:
         raise RuntimeError(f"add_consumer: no answer from {sorted(set(hostnames) - answered)}")
 
 
+def _close_gate(app: Any, queue: str, hostnames: Sequence[str]) -> None:
+    app.control.cancel_consumer(queue, destination=list(hostnames), reply=True, timeout=5.0)
+
+
+def _warm_count(config: BenchConfig) -> int:
+    """Intents (or naive tasks / 20) that give every pool process of every worker a few calls
+    before the measured phases, so that no figure includes a cold start (imports, connections,
+    script loading in each freshly forked process)."""
+    return 40 * config.workers * (config.concurrency or _cli_concurrency())
+
+
 def _redis_ms(store: Store) -> int:
     sec, usec = store.redis.time()
     return int(sec) * 1000 + int(usec) // 1000
@@ -231,7 +247,7 @@ class Bench:
     """One benchmark run over one stack (see the module docstring for the phases)."""
 
     def __init__(self, config: BenchConfig, workdir: Path, redis: StackRedis,
-                 sandbox: SandboxServer, report: Reporter) -> None:
+                 sandbox: SandboxProcess, report: Reporter) -> None:
         self.config = config
         self.workdir = workdir
         self.redis = redis
@@ -260,6 +276,7 @@ class Bench:
             for proc in procs:
                 proc.start()
             _wait_control(control, hostnames, 90.0, procs)
+            self._warm_up(control, producer, hostnames)
             intents = bench_intents(config.intents, config.tokens, random.Random(1))
             producer.apps()
             mem_before = int(producer.redis.info("memory")["used_memory"])
@@ -281,9 +298,22 @@ class Bench:
             for proc in procs:
                 proc.stop()
 
+    def _warm_up(self, control: Any, producer: Producer, hostnames: Sequence[str]) -> None:
+        count = _warm_count(self.config)
+        self.report.phase(f"warming the workers up ({count} intents, not measured)")
+        queue = self.redis.prefix + "flush"
+        _open_gate(control, queue, hostnames)
+        ids = [i for i in producer.submit_many(
+            [{"operator_type": 4, "token": f"warm-{k:035d}"} for k in range(count)]) if i]
+        producer.wait(ids, timeout_s=120.0)
+        _close_gate(control, queue, hostnames)
+        # delayed (linger) wakes already held by the workers fire, find nothing, and are done
+        time.sleep(self.config.linger_ms / 1000 + 0.5)
+
     def _drain(self, control: Any, store: Store, procs: Sequence[WorkerProcess],
                hostnames: Sequence[str], total: int) -> None:
         self.sandbox.reset()
+        total += _done_count(store)  # the warm-up's
         rss = [0.0]
         pids = [p.pid for p in procs]
 
@@ -291,17 +321,21 @@ class Bench:
             rss[0] = max(rss[0], tree_rss_mb(pids))
 
         self.report.phase("draining")
-        cpu = (tree_cpu_s(pids), redis_cpu_s(store.redis), tree_cpu_s([os.getpid()]))
+        sandbox_pid = [self.sandbox.proc.pid]
+        cpu = (tree_cpu_s(pids), redis_cpu_s(store.redis), tree_cpu_s(sandbox_pid), own_cpu_s())
         started = time.monotonic()
         _open_gate(control, self.redis.prefix + "flush", hostnames)
         ended = self.report.waiting("drain", total, lambda: _done_count(store),
                                     timeout_s=max(120.0, total / 50), on_poll=sample)
-        cpu_after = (tree_cpu_s(pids), redis_cpu_s(store.redis), tree_cpu_s([os.getpid()]))
+        cpu_after = (tree_cpu_s(pids), redis_cpu_s(store.redis), tree_cpu_s(sandbox_pid),
+                     own_cpu_s())
         sample()
         drain_s = ended - started
         sandbox = self.sandbox.stats()
         sizes = sandbox["items_per_call"]
         counters = store.counters()
+        metrics = store.call_metrics()
+        timed = sum(v for k, v in metrics.items() if k.startswith("lat:"))
         self.results.update(
             drain_s=round(drain_s, 3), drain_per_s=round(total / drain_s, 1),
             api_calls=sandbox["calls"],
@@ -309,9 +343,11 @@ class Bench:
             full_calls_share=round(sum(1 for s in sizes if s == 20) / len(sizes), 3) if sizes else 0.0,
             failed=sum(counters.get(f"done_failed:{op}", 0) for op in range(1, 6)),
             worker_rss_mb=round(rss[0], 1),
+            # one HTTP round trip as the workers timed it, sandbox latency included
+            call_ms_mean=round(metrics.get("lat_sum_ms", 0.0) / timed, 1) if timed else 0.0,
             # where the CPU went while draining (seconds; 2 cores give 2 s per wall second)
             drain_cpu_s={name: round(after - before, 2) for name, before, after in zip(
-                ("workers", "redis", "sandbox_and_bench"), cpu, cpu_after, strict=True)})
+                ("workers", "redis", "sandbox", "bench"), cpu, cpu_after, strict=True)})
 
     def _light_latency(self, producer: Producer) -> None:
         config = self.config
@@ -331,6 +367,8 @@ class Bench:
         latencies = []
         raws = producer.redis.mget([producer.store.key("i", i) for i in ids])
         for raw in raws:
+            if raw is None:  # cannot happen: statuses live for TPNS_STATUS_TTL_S
+                continue
             rec = json.loads(raw)
             latencies.append(int(rec.get("u", rec["c"])) - int(rec["c"]))
         self.results.update(
@@ -359,6 +397,18 @@ class Bench:
             _wait_control(app, hostnames, 90.0, procs)
             from .intents import validate
 
+            counter = done_key(self.redis.prefix)
+            queue = f"{self.redis.prefix}naive"
+            warm = _warm_count(config) // 20 * 2
+            report.phase(f"baseline: warming the workers up ({warm} tasks, not measured)")
+            _open_gate(app, queue, hostnames)
+            for k in range(warm):
+                app.send_task(NAIVE_TASK, args=[new_id(), 4, f"warm-{k:035d}", []], queue=queue)
+            report.waiting("baseline warm-up", warm, lambda: int(store.redis.get(counter) or 0),
+                           timeout_s=120.0)
+            _close_gate(app, queue, hostnames)
+            store.redis.delete(counter)
+
             apps = frozenset(self.settings.apps)
             intents = [validate(obj, apps, self.settings.default_app)
                        for obj in bench_intents(count, None, random.Random(3))]
@@ -366,14 +416,13 @@ class Bench:
             started = time.perf_counter()
             with app.producer_or_acquire() as publisher:
                 for intent in intents:
-                    app.send_task(NAIVE_TASK, args=task_args(new_id(), intent),
-                                  queue=f"{self.redis.prefix}naive", producer=publisher)
+                    app.send_task(NAIVE_TASK, args=task_args(new_id(), intent), queue=queue,
+                                  producer=publisher)
             publish_s = time.perf_counter() - started
             self.sandbox.reset()
             report.phase("baseline: draining")
-            counter = done_key(self.redis.prefix)
             started_m = time.monotonic()
-            _open_gate(app, f"{self.redis.prefix}naive", hostnames)
+            _open_gate(app, queue, hostnames)
             ended = report.waiting("baseline drain", count,
                                    lambda: int(store.redis.get(counter) or 0),
                                    timeout_s=max(120.0, count / 5))
@@ -429,7 +478,7 @@ def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
     """Run every phase; returns the figures (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="tpns-bench-") as tmp, \
             local_redis(Path(tmp), "bench") as redis_target:
-        sandbox = SandboxServer(latency_ms=config.latency_ms).start()
+        sandbox = SandboxProcess("--latency-ms", f"{config.latency_ms:g}")
         try:
             bench = Bench(config, Path(tmp), redis_target, sandbox, report)
             report.phase(f"redis {redis_target.url} · sandbox {sandbox.url} "
@@ -450,7 +499,7 @@ def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
             "enqueue_per_s", "drain_s", "drain_per_s", "api_calls", "items_per_call",
             "full_calls_share", "failed", "latency_p50_ms", "latency_p99_ms", "latency_intents",
             "latency_rate_per_s", "redis_bytes_per_pending_intent", "redis_private",
-            "worker_rss_mb", "drain_cpu_s", "baseline_intents", "baseline_enqueue_per_s",
+            "worker_rss_mb", "call_ms_mean", "drain_cpu_s", "baseline_intents", "baseline_enqueue_per_s",
             "baseline_drain_per_s", "baseline_api_calls", "speedup")},
     }
     goal = targets(config)
@@ -493,7 +542,8 @@ def results_table(results: dict[str, Any]) -> Table:
               help="Worker processes (each a Celery prefork pool; the baseline gets the same).")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=None,
               help="Pool processes per worker, for both designs [default: the worker's own "
-                   "default].")
+                   "default, 4]. Each process has one call in flight at a time, so this bounds "
+                   "calls in flight; both designs wait on the sandbox most of the time.")
 @click.option("--light-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="Length of the light-load latency phase.")
 @click.option("--light-rate", type=click.FloatRange(min=1), default=200.0, show_default=True,

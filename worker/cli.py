@@ -144,28 +144,15 @@ def enqueue(source: IO[str]) -> None:
     progress = _progress() if sys.stderr.isatty() else None
     try:
         for numbers, objs, bad in _read_batches(source):
-            result = producer.enqueue(objs, line_numbers=numbers) if objs else None
-            lines: list[tuple[int, str]] = [(e.line or 0, f"line {e.line}: {e.reason}")
-                                            for e in bad]
-            if result is not None:
-                for k, intent_id in enumerate(result.ids):
-                    if intent_id is None:
-                        err = result.errors[k]
-                        lines.append((numbers[k], f"line {numbers[k]}: {err.reason}"))
-                    else:
-                        lines.append((numbers[k], "\0" + intent_id))
-            lines.sort()
-            out = []
-            for _, text in lines:
-                if text.startswith("\0"):
-                    out.append(text[1:])
-                else:
-                    refused += 1
-                    click.echo(text, err=True)
-            if out:
-                click.echo("\n".join(out))
+            result = producer.enqueue(objs, line_numbers=numbers)
+            refusals = sorted([*bad, *result.errors.values()], key=lambda e: e.line or 0)
+            for err in refusals:
+                click.echo(f"line {err.line}: {err.reason}", err=True)
+            if result.accepted:
+                click.echo("\n".join(result.accepted))
+            refused += len(refusals)
             if progress is not None:
-                progress.advance(len(lines))
+                progress.advance(len(objs) + len(bad))
     except TpnsBatcherError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -291,9 +278,10 @@ def _watch_stats(producer: Any, as_json: bool, interval_s: float) -> None:
 def requeue_failed(error: str | None) -> None:
     """Put failed intents back into the queue (prints their ids)."""
     producer = _producer()
-    ids, wakes = producer.store.requeue_failed(error)
-    producer._send_wakes(wakes)
-    producer.close()
+    try:
+        ids = producer.requeue_failed(error)
+    finally:
+        producer.close()
     for intent_id in ids:
         click.echo(intent_id)
     click.echo(f"requeued {len(ids)} failed intents", err=True)

@@ -48,7 +48,7 @@ class BulkResult:
 class Producer:
     """Enqueue intents and read their statuses."""
 
-    def __init__(self, redis_url: str | None = None, prefix: str = "tpns:", *,
+    def __init__(self, redis_url: str | None = None, prefix: str | None = None, *,
                  settings: Settings | None = None, client: redis.Redis | None = None,
                  wake: WakeHook | None = None) -> None:
         self.settings = settings or Settings.from_env()
@@ -56,7 +56,7 @@ class Producer:
         self.redis_url = url
         self.redis = client or redis_client(url)
         s = self.settings
-        self.store = Store(self.redis, prefix if prefix != "tpns:" else s.prefix,
+        self.store = Store(self.redis, prefix or s.prefix,
                            max_items=s.max_items_per_call, linger_ms=s.linger_ms,
                            lease_s=s.lease_s, status_ttl_s=s.status_ttl_s)
         self._wake = wake
@@ -138,6 +138,13 @@ class Producer:
                     result.ids[k] = None
             self._send_wakes(wakes)
         return result
+
+    def requeue_failed(self, error: str | None = None) -> list[str]:
+        """Put failed intents (optionally only those that failed with ``error``) back into the
+        queue with a fresh retry budget; returns their ids."""
+        ids, wakes = self.store.requeue_failed(error)
+        self._send_wakes(wakes)
+        return ids
 
     # -- status ------------------------------------------------------------------------------
 

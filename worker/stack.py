@@ -4,6 +4,9 @@
   one ``REDIS_URL`` names under a fresh key prefix, so nothing the caller did not write is touched.
 * ``stack_env``: the environment a worker process of the stack gets (the stack's Redis, prefix and
   sandbox; the shell's credentials and config file dropped, so a fake never meets real secrets).
+* ``SandboxProcess``: ``tpns-batcher sandbox`` in a process of its own, for a benchmark: there its
+  handler threads never wait for the GIL behind the benchmark's own polling, so the answer comes
+  after the configured latency and not a few milliseconds later.
 * ``WorkerProcess``: one worker command in its own process group (the Celery main process, its
   pool children, embedded beat), stopped as a whole.
 """
@@ -20,7 +23,9 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import requests
 
 from .embedded import start_private
 
@@ -67,6 +72,49 @@ def stack_env(redis: StackRedis, base_url: str, **extra: str) -> dict[str, str]:
 def product_settings_env(env: Mapping[str, str]) -> dict[str, str]:
     """The part of ``env`` that ``Settings.from_env`` reads (for the caller's own producer)."""
     return {k: v for k, v in env.items() if k.startswith(("TPNS_", "REDIS"))}
+
+
+class SandboxProcess:
+    """``tpns-batcher sandbox --port 0`` in a child process; the same ``url``, ``stats()``,
+    ``reset()`` and ``stop()`` as an in-process ``SandboxServer`` (through its admin endpoints)."""
+
+    def __init__(self, *options: str, timeout_s: float = 30.0) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_VARS}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "sandbox", "--port", "0", *options], env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        assert self.proc.stdout is not None
+        # the first line is "TPNS sandbox listening on URL  access id: ..."
+        line = self.proc.stdout.readline().decode(errors="replace")
+        if "listening on " not in line:
+            self.stop()
+            raise RuntimeError("the sandbox process did not start")
+        self.url = line.split("listening on ", 1)[1].split()[0]
+        self._session = requests.Session()
+        self._timeout_s = timeout_s
+
+    def stats(self) -> dict[str, Any]:
+        reply = self._session.get(self.url + "/sandbox/stats", timeout=self._timeout_s)
+        reply.raise_for_status()
+        stats: dict[str, Any] = reply.json()
+        return stats
+
+    def reset(self) -> None:
+        self._session.post(self.url + "/sandbox/reset", timeout=self._timeout_s).raise_for_status()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if hasattr(self, "_session"):
+            self._session.close()
 
 
 @dataclass

@@ -64,6 +64,8 @@ class Claim:
     #: paused: ms left; batch: ms until what is left may go
     wait_ms: int = 0
     reason: str = ""
+    #: ms until the app's shared backoff ends (read with the claim when asked to, else 0)
+    backoff_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,15 +157,34 @@ class Store:
 
     # -- workers -----------------------------------------------------------------------------
 
-    def claim(self, app: str, operator_type: int) -> Claim:
-        """Atomically take up to ``max_items`` eligible intents of one app and op, under a lease."""
-        raw = self._scripts["claim"](args=[self.prefix, app, operator_type, self.max_items,
-                                           self.linger_ms, self.lease_ms])
+    def claim(self, app: str, operator_type: int, *, clear_wake: bool = False,
+              read_backoff: bool = False) -> Claim:
+        """Atomically take up to ``max_items`` eligible intents of one app and op, under a lease.
+
+        ``clear_wake`` first does what ``clear_wake`` does, and ``read_backoff`` then reads the
+        app's shared backoff (``throttle`` without a rate limit) into ``Claim.backoff_ms``: all
+        in the claim's own round trip, which is one of the few a batch costs.
+        """
+        args: list[Any] = [self.prefix, app, operator_type, self.max_items, self.linger_ms,
+                           self.lease_ms]
+        backoff_ms = 0
+        if not clear_wake and not read_backoff:
+            raw = self._scripts["claim"](args=args)
+        else:
+            calls: list[tuple[str, list[Any]]] = [("claim", args)]
+            if read_backoff:
+                calls.append(("throttle", [self.prefix, app, 0]))
+            before = [self.key("wake", app, operator_type)] if clear_wake else []
+            replies = self._evalsha_pipeline(calls, delete=before)
+            raw = replies[0]
+            if read_backoff:
+                backoff_ms = int(replies[1])
         kind = _text(raw[0])
         if kind == "paused":
-            return Claim("paused", wait_ms=int(raw[1]), reason=_text(raw[2]))
+            return Claim("paused", wait_ms=int(raw[1]), reason=_text(raw[2]),
+                         backoff_ms=backoff_ms)
         if kind in ("empty", "wait"):
-            return Claim(kind, wait_ms=int(raw[1]))  # type: ignore[arg-type]
+            return Claim(kind, wait_ms=int(raw[1]), backoff_ms=backoff_ms)  # type: ignore[arg-type]
         if kind != "batch":
             raise StoreError(f"claim returned {kind!r}")
         items = tuple(
@@ -172,7 +193,35 @@ class Store:
                       attempts=int(n), created_at_ms=int(c))
             for i, t, accs, n, c in json.loads(raw[2]))
         return Claim("batch", batch_id=_text(raw[1]), items=items, eligible_left=int(raw[3]),
-                     wait_ms=int(raw[4]))
+                     wait_ms=int(raw[4]), backoff_ms=backoff_ms)
+
+    def _evalsha_pipeline(self, calls: Sequence[tuple[str, list[Any]]],
+                          delete: Sequence[str] = ()) -> list[Any]:
+        """``DEL delete…`` then each ``(script name, args)`` in one round trip; their replies.
+
+        By SHA in a plain pipeline: redis-py's script-aware pipeline would add a ``SCRIPT
+        EXISTS`` round trip to every execute. A server that lost its scripts (a restart) gets
+        them loaded again and the scripts are retried; the DEL is idempotent.
+        """
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            if delete:
+                pipe.delete(*delete)
+            for name, args in calls:
+                pipe.evalsha(self._scripts[name].sha, 0, *args)
+            replies = pipe.execute(raise_on_error=False)
+            if delete:
+                replies = replies[1:]
+            missing = [r for r in replies if isinstance(r, redis.exceptions.NoScriptError)]
+            if missing and attempt == 1:
+                for name, _ in calls:
+                    self.redis.script_load(self._scripts[name].script)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return list(replies)
+        raise AssertionError("unreachable")
 
     def complete(self, batch_id: str, outcomes: Sequence[Mapping[str, Any]], *, calls: int,
                  items_sent: int, operator_type: int = 0,

@@ -1,0 +1,66 @@
+"""``tpns-batcher bench``: a tiny run as a real subprocess; only the shape of its JSON is checked.
+
+Speeds are never asserted here: they belong to a quiet machine and ``tpns-batcher bench`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.bench import percentile
+
+#: the console script next to the interpreter running the tests (the project's virtualenv)
+COMMAND = str(Path(sys.executable).with_name("tpns-batcher"))
+
+NUMBERS = ("intents", "tokens", "sandbox_latency_ms", "linger_ms", "workers", "concurrency",
+           "enqueue_per_s", "drain_s", "drain_per_s", "api_calls", "items_per_call",
+           "full_calls_share", "failed", "latency_p50_ms", "latency_p99_ms", "latency_intents",
+           "latency_rate_per_s", "redis_bytes_per_pending_intent", "worker_rss_mb",
+           "call_ms_mean", "baseline_intents", "baseline_enqueue_per_s", "baseline_drain_per_s",
+           "baseline_api_calls", "speedup")
+TARGETS = ("speedup", "items_per_call", "latency_p99_ms", "redis_bytes_per_pending_intent")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_bench_json_has_every_figure(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TPNS_", "REDIS_URL", "CELERY_"))}
+    env["TPNS_DATA_DIR"] = str(tmp_path / "data")
+    done = subprocess.run(
+        [COMMAND, "bench", "--intents", "400", "--light-seconds", "0.5", "--light-rate", "100",
+         "--baseline-intents", "100", "--concurrency", "2", "--json"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=220, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    figures = json.loads(done.stdout)
+    for key in NUMBERS:
+        value = figures[key]
+        assert isinstance(value, int | float) and not isinstance(value, bool), key
+        assert value >= 0, key
+    assert figures["intents"] == 400
+    assert figures["baseline_intents"] == 100
+    assert figures["latency_intents"] == 50
+    assert isinstance(figures["redis_private"], bool)
+    assert set(figures["drain_cpu_s"]) == {"workers", "redis", "sandbox", "bench"}
+    assert all(v >= 0 for v in figures["drain_cpu_s"].values())
+    assert set(figures["targets_met"]) == set(TARGETS)
+    assert all(isinstance(v, bool) for v in figures["targets_met"].values())
+    assert set(figures["targets"]) == {"speedup_min", "items_per_call_min",
+                                       "latency_p99_ms_max", "redis_bytes_per_pending_intent_max"}
+    assert figures["targets"]["latency_p99_ms_max"] == 250 + 3 * 20 + 50
+    machine = figures["machine"]
+    assert machine["cores"] >= 1 and machine["python"] and machine["redis"]
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) == 0.0
