@@ -203,3 +203,28 @@ def test_enqueue_cli_exits_0_when_all_lines_are_accepted(
     assert result.exit_code == 0, result.stderr
     assert len(result.stdout.split()) == 12000
     assert result.stderr == ""
+
+
+def test_enqueue_cli_refuses_every_rule_by_line_and_stores_only_the_valid(
+        redis_url: str, prefix: str, rconn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("TPNS_REDIS_PREFIX", prefix)
+    monkeypatch.setenv("TPNS_APPS", "default,ios")
+    monkeypatch.delenv("TPNS_CONFIG_FILE", raising=False)
+    monkeypatch.setattr("worker.producer.Producer._send_wakes", lambda self, wakes: None)
+    lines: list[str] = []
+    expected: dict[int, tuple[str, str]] = {}
+    for k, (obj, field, word) in enumerate(INVALID):
+        lines.append(json.dumps(VALID[k % len(VALID)][0] | {"id": f"ok-{k}"}))
+        lines.append(json.dumps(obj))
+        expected[len(lines)] = (field, word)
+    result = CliRunner().invoke(main, ["enqueue", "-"], input="\n".join(lines) + "\n", catch_exceptions=False)
+    assert result.exit_code == 1
+    refusals = result.stderr.strip().splitlines()
+    assert len(refusals) == len(INVALID)
+    for line, (number, (field, word)) in zip(refusals, sorted(expected.items()), strict=True):
+        assert line.startswith(f"line {number}: {field}: "), line
+        assert word in line
+    assert result.stdout.split() == [f"ok-{k}" for k in range(len(INVALID))]
+    records = [k for k in _keys(rconn, prefix) if k.startswith(f"{prefix}i:")]
+    assert len(records) == len(INVALID), "a refused line reached Redis"
