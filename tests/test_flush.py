@@ -1,0 +1,91 @@
+"""The flush loop (``worker/flush.py``) against a real Redis and the sandbox over a real socket."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from worker.flush import Flusher
+from worker.producer import Producer
+from worker.sandbox import SandboxServer
+from worker.settings import Settings
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    server = SandboxServer(seed=1).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _rig(redis_url: str, prefix: str, sandbox: SandboxServer,
+         **env: str) -> tuple[Producer, Flusher, list[float]]:
+    settings = Settings.from_env({"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix,
+                                  "TPNS_BASE_URL": sandbox.url, **env})
+    producer = Producer(redis_url, prefix, settings=settings, wake=lambda wakes: None)
+    sleeps: list[float] = []
+    flusher = Flusher(settings, producer.store, wake=lambda wakes: None, sleep=sleeps.append)
+    return producer, flusher, sleeps
+
+
+def _intents(n: int) -> list[dict[str, object]]:
+    return [{"operator_type": 4, "token": f"tok-{k:036d}"} for k in range(n)]
+
+
+def test_a_shared_backoff_read_with_the_claim_holds_the_call(
+        redis_url: str, prefix: str, sandbox: SandboxServer) -> None:
+    producer, flusher, sleeps = _rig(redis_url, prefix, sandbox)
+    try:
+        ids = producer.submit_many(_intents(20))
+        producer.store.set_backoff("default", 2.0)
+        result = flusher.flush("default", 4)
+        assert result.batches == 1 and result.items == 20
+        assert len(sleeps) == 1 and 1.5 < sleeps[0] <= 2.0, sleeps
+        assert sandbox.stats()["calls"] == 1
+        assert {s.state for s in producer.statuses([i for i in ids if i])} == {"succeeded"}
+    finally:
+        flusher.close()
+        producer.close()
+
+
+def test_without_a_backoff_the_call_goes_at_once(
+        redis_url: str, prefix: str, sandbox: SandboxServer) -> None:
+    producer, flusher, sleeps = _rig(redis_url, prefix, sandbox)
+    try:
+        producer.submit_many(_intents(40))
+        result = flusher.flush("default", 4)
+        assert (result.batches, result.items, result.stopped) == (2, 40, "empty")
+        assert sleeps == []
+    finally:
+        flusher.close()
+        producer.close()
+
+
+def test_with_a_rate_limit_every_call_reserves_its_slot(
+        redis_url: str, prefix: str, sandbox: SandboxServer) -> None:
+    producer, flusher, sleeps = _rig(redis_url, prefix, sandbox, TPNS_MAX_CALLS_PER_S="2")
+    try:
+        producer.submit_many(_intents(40))
+        result = flusher.flush("default", 4)
+        assert result.batches == 2
+        # the second call waits for the slot after the first (one call per 500 ms)
+        assert len(sleeps) == 1 and 0.3 < sleeps[0] <= 0.5, sleeps
+    finally:
+        flusher.close()
+        producer.close()
+
+
+def test_the_claim_survives_a_server_that_lost_its_scripts(
+        redis_url: str, prefix: str, sandbox: SandboxServer, rconn: redis.Redis) -> None:
+    producer, flusher, _ = _rig(redis_url, prefix, sandbox)
+    try:
+        producer.submit_many(_intents(20))
+        rconn.script_flush()
+        assert flusher.flush("default", 4).items == 20
+    finally:
+        flusher.close()
+        producer.close()
