@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from worker.embedded import start_private
 from worker.flush import Flusher
 from worker.producer import Producer
 from worker.sandbox import SandboxServer
@@ -80,12 +82,18 @@ def test_with_a_rate_limit_every_call_reserves_its_slot(
 
 
 def test_the_claim_survives_a_server_that_lost_its_scripts(
-        redis_url: str, prefix: str, sandbox: SandboxServer, rconn: redis.Redis) -> None:
-    producer, flusher, _ = _rig(redis_url, prefix, sandbox)
+        tmp_path: Path, prefix: str, sandbox: SandboxServer) -> None:
+    # a private server: flushing the script cache of a shared one would touch what is not ours
+    proc, url = start_private(tmp_path / "redis")
+    producer, flusher, _ = _rig(url, prefix, sandbox)
     try:
         producer.submit_many(_intents(20))
-        rconn.script_flush()
+        client = redis.Redis.from_url(url)
+        client.script_flush()
+        client.close()
         assert flusher.flush("default", 4).items == 20
     finally:
         flusher.close()
         producer.close()
+        proc.terminate()
+        proc.wait(timeout=10)
