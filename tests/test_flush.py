@@ -97,3 +97,38 @@ def test_the_claim_survives_a_server_that_lost_its_scripts(
         producer.close()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_no_call_starts_that_could_outlive_the_batch_lease(
+        redis_url: str, prefix: str, sandbox: SandboxServer) -> None:
+    # lease 8 s, timeout 1 s: an attempt may start until 8 - (2 x 1 + 0.8) = 5.2 s after the claim
+    settings = Settings.from_env({"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix, "TPNS_BASE_URL": sandbox.url,
+                                  "TPNS_LEASE_S": "8", "TPNS_HTTP_TIMEOUT_S": "1", "TPNS_LINGER_MS": "0"})
+    producer = Producer(redis_url, prefix, settings=settings, wake=lambda wakes: None)
+    now = [1000.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # a fake clock: sleeping moves it, nothing waits
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    flusher = Flusher(settings, producer.store, wake=lambda wakes: None, sleep=sleep, monotonic=lambda: now[0])
+    try:
+        ids = [i for i in producer.submit_many(_intents(3)) if i]
+        producer.store.set_backoff("default", 20.0)  # a 429's Retry-After longer than the lease
+        result = flusher.flush("default", 4)
+        assert result.batches == 1, result
+        assert sleeps and abs(sum(sleeps) - 5.2) < 0.01, sleeps  # waited only while a call could still fit
+        assert sandbox.stats()["calls"] == 0, "a call started that could still run when the lease ends"
+        statuses = producer.statuses(ids)
+        assert {(s.state, s.error) for s in statuses if s} == {("retrying", "lease_spent")}
+    finally:
+        flusher.close()
+        producer.close()
+
+
+def test_settings_keep_the_lease_longer_than_a_call() -> None:
+    from worker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"TPNS_LEASE_S: must be at least 4 x TPNS_HTTP_TIMEOUT_S \(40\)"):
+        Settings.from_env({"TPNS_LEASE_S": "30"})

@@ -25,9 +25,9 @@ def test_defaults_follow_the_spec(tmp_path: Path) -> None:
 
 def test_the_environment_overrides_the_env_file(tmp_path: Path) -> None:
     path = tmp_path / "tpns.env"
-    path.write_text("# defaults\nTPNS_LINGER_MS=100\nexport TPNS_REGION='singapore'\nTPNS_LEASE_S=30\n")
+    path.write_text("# defaults\nTPNS_LINGER_MS=100\nexport TPNS_REGION='singapore'\nTPNS_LEASE_S=45\n")
     s = Settings.from_env({"TPNS_CONFIG_FILE": str(path), "TPNS_LINGER_MS": "50"})
-    assert s.linger_ms == 50 and s.lease_s == 30.0
+    assert s.linger_ms == 50 and s.lease_s == 45.0
     assert s.app.base_url == REGION_URLS["singapore"]
 
 

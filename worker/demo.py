@@ -87,7 +87,8 @@ def run_demo(count: int, console: Console, timeout_s: float = 180.0) -> int:
         redis_url, prefix = store_redis.url, store_redis.prefix
         sandbox = SandboxServer(latency_ms=20, fault_rate=0.05, seed=11,
                                 faults=("http_503", "1008004", "1008028", "drop")).start()
-        env = stack_env(store_redis, sandbox.url, TPNS_LINGER_MS="100", TPNS_LEASE_S="20")
+        env = stack_env(store_redis, sandbox.url, TPNS_LINGER_MS="100", TPNS_LEASE_S="20",
+                        TPNS_HTTP_TIMEOUT_S="5")
         worker = WorkerProcess.cli_worker(env, workdir / "worker.log", "--concurrency", "4").start()
         settings = Settings.from_env(product_settings_env(env))
         producer = Producer(redis_url, prefix, settings=settings)

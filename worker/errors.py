@@ -6,6 +6,7 @@
     ├── IdConflictError              an ``id`` already exists with a different payload
     ├── StoreError                   Redis answered something the store did not expect
     └── TpnsError                    a call to TPNS did not succeed as a whole
+        ├── LeaseSpentError          not sent: the batch's lease has too little time left
         ├── TransientError           worth retrying: the same call may succeed later
         │   ├── HttpStatusError      HTTP 5xx (or another non-2xx that is not 429)
         │   ├── RateLimitedError     HTTP 429 or ret_code 1008028; carries ``retry_after_s``
@@ -78,6 +79,14 @@ class TpnsError(TpnsBatcherError):
         self.ret_code = ret_code
         self.http_status = http_status
         self.err_msg = err_msg
+
+
+class LeaseSpentError(TpnsError):
+    """Raised instead of starting an HTTP attempt that could still be running when the batch's
+    lease ends (its items would be sent again meanwhile, and a late call could overtake a later
+    intent on the same key). Not retried in the call; the items go back with a backoff."""
+
+    code = "lease_spent"
 
 
 class TransientError(TpnsError):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .client import CallResult, TpnsClient
-from .errors import CredentialsError, RateLimitedError, RejectedError, TpnsError
+from .errors import CredentialsError, LeaseSpentError, RateLimitedError, RejectedError, TpnsError
 from .model import BatchItem
 from .outcomes import BatchReport, run_batch
 from .settings import Settings
@@ -46,16 +46,22 @@ class Flusher:
                  clients: dict[str, TpnsClient] | None = None, *,
                  sleep: Callable[[float], None] = time.sleep,
                  rng: random.Random | None = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
+                 should_stop: Callable[[], bool] = lambda: False,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.store = store
         self.wake = wake
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.should_stop = should_stop
-        #: ``checked.app``: that app's shared backoff was read with the claim just made, so the
-        #: call's first attempt need not read it again (per thread, for a threads pool)
-        self._checked = threading.local()
+        self.monotonic = monotonic
+        #: per thread (for a threads pool), about the batch being sent: ``backoff_read``, the
+        #: app's shared backoff was read with the claim, so the first attempt need not read it
+        #: again; ``send_by``, the monotonic time after which no HTTP attempt may start
+        self._batch = threading.local()
+        #: an attempt takes at most a connect and a read timeout, plus some slack (Settings keeps
+        #: the lease at least 4 timeouts long, so a fresh batch always has time for one attempt)
+        self._attempt_s = 2 * settings.http_timeout_s + min(1.0, settings.lease_s / 10)
         self.clients = clients if clients is not None else {
             name: self._make_client(name) for name in settings.apps}
 
@@ -63,15 +69,23 @@ class Flusher:
         s = self.settings
 
         def before_call() -> None:
-            if getattr(self._checked, "app", None) == app:
-                self._checked.app = None
-                return
-            wait_s = self.store.throttle(app, s.max_calls_per_s)
-            if wait_s > 0:
-                self.sleep(min(wait_s, s.lease_s / 2))
+            batch = self._batch
+            if getattr(batch, "backoff_read", False):
+                batch.backoff_read = False
+            else:
+                wait_s = self.store.throttle(app, s.max_calls_per_s)
+                if wait_s > 0:
+                    self.sleep(min(wait_s, self._time_left()))
+            if self._time_left() <= 0:
+                raise LeaseSpentError("not sent: the batch's lease would end before the call could")
 
         return TpnsClient(s.apps[app], timeout_s=s.http_timeout_s, budget_s=s.lease_s / 2,
                           sleep=self.sleep, before_call=before_call)
+
+    def _time_left(self) -> float:
+        """Seconds until no HTTP attempt of the current batch may start (inf outside a batch)."""
+        send_by = getattr(self._batch, "send_by", None)
+        return float("inf") if send_by is None else send_by - self.monotonic()
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -94,14 +108,16 @@ class Flusher:
                 break
             if claim.eligible_left:
                 self._successor(app, operator_type, claim.eligible_left, claim.wait_ms)
+            self._batch.send_by = self.monotonic() + self.settings.lease_s - self._attempt_s
             if unlimited:
                 if claim.backoff_ms > 0:
-                    self.sleep(min(claim.backoff_ms / 1000, self.settings.lease_s / 2))
-                self._checked.app = app
+                    self.sleep(min(claim.backoff_ms / 1000, self._time_left()))
+                self._batch.backoff_read = True
             try:
                 report = self.send(app, operator_type, claim.batch_id or "", claim.items)
             finally:
-                self._checked.app = None
+                self._batch.backoff_read = False
+                self._batch.send_by = None
             result.batches += 1
             result.items += len(claim.items)
             result.calls += len(report.calls)

@@ -149,6 +149,13 @@ def _build(env: Mapping[str, str]) -> Settings:
     if redis_url is not None and not redis_url.startswith(
             ("redis://", "rediss://", "unix://", "redis+socket://", "sentinel://", "redis+sentinel://")):
         raise ConfigError("REDIS_URL", "must start with redis://, rediss://, unix:// or sentinel://")
+    http_timeout_s = _float(env, "TPNS_HTTP_TIMEOUT_S", 10.0, 0.001)
+    lease_s = _float(env, "TPNS_LEASE_S", 60.0, 0.1)
+    if lease_s < 4 * http_timeout_s:
+        # an attempt may take a connect plus a read timeout; a call must end within its lease,
+        # or its items are sent again while it runs and per-key order can no longer be kept
+        raise ConfigError("TPNS_LEASE_S", f"must be at least 4 x TPNS_HTTP_TIMEOUT_S "
+                                          f"({4 * http_timeout_s:g}), got {lease_s:g}")
     log_format = env.get("TPNS_LOG_FORMAT", "text").strip().lower() or "text"
     if log_format not in ("text", "json"):
         raise ConfigError("TPNS_LOG_FORMAT", "must be text or json")
@@ -161,8 +168,8 @@ def _build(env: Mapping[str, str]) -> Settings:
         prefix=prefix,
         max_items_per_call=_int(env, "TPNS_MAX_ITEMS_PER_CALL", 20, 1, 20),
         linger_ms=_int(env, "TPNS_LINGER_MS", 250, 0, 3_600_000),
-        http_timeout_s=_float(env, "TPNS_HTTP_TIMEOUT_S", 10.0, 0.001),
-        lease_s=_float(env, "TPNS_LEASE_S", 60.0, 0.1),
+        http_timeout_s=http_timeout_s,
+        lease_s=lease_s,
         max_calls_per_s=_float(env, "TPNS_MAX_CALLS_PER_S", 0.0, 0.0),
         max_attempts=_int(env, "TPNS_MAX_ATTEMPTS", 8, 1, 1000),
         max_age_s=_float(env, "TPNS_MAX_AGE_S", 86400.0, 1.0),

@@ -85,7 +85,8 @@ class WorkerProcess:
 def product_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
     """The settings every party of a test shares (prefix, Redis, a short linger and lease)."""
     env = {"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix, "TPNS_LINGER_MS": "50",
-           "TPNS_LEASE_S": "3"}
+           "TPNS_LEASE_S": "3",
+           "TPNS_HTTP_TIMEOUT_S": "0.75"}
     env.update(extra)
     return env
 

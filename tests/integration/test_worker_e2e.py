@@ -353,7 +353,7 @@ def test_warm_shutdown_finishes_the_calls_in_flight_and_records_them(
     producer = make_producer()
     ids = submit(producer, [{"operator_type": 2, "token": f"tok-{k}",
                              "account_list": [{"account": f"u{k}"}]} for k in range(200)])
-    worker = start_worker(sandbox, concurrency=2, TPNS_LEASE_S="30")
+    worker = start_worker(sandbox, concurrency=2, TPNS_LEASE_S="30", TPNS_HTTP_TIMEOUT_S="5")
     # both pool processes are in a call (a flush wakes a successor before its call)
     wait_until(lambda: producer.stats()["in_flight"] == 2 * FULL, 60,
                message="two calls in flight")
