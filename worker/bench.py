@@ -31,6 +31,7 @@ key); fewer tokens chain intents through per-key order, which lowers items per c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,15 @@ from .celery_app import make_celery
 from .naive import NAIVE_TASK, done_key, make_naive_celery, task_args
 from .producer import Producer, new_id
 from .settings import Settings
-from .stack import SandboxProcess, StackRedis, WorkerProcess, local_redis, product_settings_env, stack_env
+from .stack import (
+    SandboxProcess,
+    StackRedis,
+    WorkerProcess,
+    local_redis,
+    mixed_intent,
+    product_settings_env,
+    stack_env,
+)
 from .store import Store
 
 #: the queue a worker consumes until the benchmark opens the gate (nothing is ever sent to it)
@@ -83,25 +92,8 @@ def bench_intents(count: int, tokens: int | None, rng: random.Random) -> list[di
     """``count`` intents of a realistic mix over ``tokens`` distinct 40-character tokens
     (default: one each); every account (20 characters) is used once."""
     pool = [f"{rng.getrandbits(160):040x}" for _ in range(tokens or count)]
-    out: list[dict[str, Any]] = []
-    for k in range(count):
-        token = pool[k % len(pool)]
-        account = f"u{k:07d}@example.com"
-        roll = rng.random()
-        if roll < 0.55:
-            out.append({"operator_type": 2, "token": token,
-                        "account_list": [{"account": account, "account_type": 1005}]})
-        elif roll < 0.75:
-            out.append({"operator_type": 3, "token": token,
-                        "account_list": [{"account": account, "account_type": 1005}]})
-        elif roll < 0.87:
-            out.append({"operator_type": 4, "token": token})
-        elif roll < 0.95:
-            out.append({"operator_type": 5, "account": account, "account_type": 1005})
-        else:
-            out.append({"operator_type": 1, "token": token,
-                        "account_list": [{"account": account, "account_type": 0}]})
-    return out
+    return [mixed_intent(rng.random(), pool[k % len(pool)], f"u{k:07d}@example.com",
+                         append_account=(f"u{k:07d}@example.com", 0)) for k in range(count)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -113,37 +105,31 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(ordered[rank - 1])
 
 
-def tree_rss_mb(pids: Sequence[int]) -> float:
-    """Resident memory of these processes and all their descendants, in MiB."""
-    total = 0
+def _tree(pids: Sequence[int]) -> Iterator[psutil.Process]:
+    """These processes and all their live descendants."""
     for pid in pids:
         try:
             root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
+            yield from (root, *root.children(recursive=True))
         except psutil.NoSuchProcess:
             continue
-        for proc in procs:
-            try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                continue
+
+
+def tree_rss_mb(pids: Sequence[int]) -> float:
+    """Resident memory of these processes and all their descendants, in MiB."""
+    total = 0
+    for proc in _tree(pids):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
     return total / (1 << 20)
 
 
 def tree_cpu_s(pids: Sequence[int]) -> float:
     """CPU seconds (user + system) used so far by these processes and their live descendants."""
     total = 0.0
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for proc in procs:
-            try:
-                times = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
+    for proc in _tree(pids):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
             total += times.user + times.system
     return total
 

@@ -25,7 +25,7 @@ from rich.table import Table
 from .producer import Producer
 from .sandbox import SandboxServer
 from .settings import Settings
-from .stack import WorkerProcess, local_redis, product_settings_env, stack_env
+from .stack import WorkerProcess, local_redis, mixed_intent, product_settings_env, stack_env
 
 
 def demo_intents(count: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -35,23 +35,9 @@ def demo_intents(count: int, rng: random.Random) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for _ in range(count):
         token = rng.choice(tokens)
-        token = invalid.get(token, token)
         user = f"user{rng.randrange(count)}@example.com"
-        roll = rng.random()
-        if roll < 0.55:
-            out.append({"operator_type": 2, "token": token,
-                        "account_list": [{"account": user, "account_type": 1005}]})
-        elif roll < 0.75:
-            out.append({"operator_type": 3, "token": token,
-                        "account_list": [{"account": user, "account_type": 1005}]})
-        elif roll < 0.87:
-            out.append({"operator_type": 4, "token": token})
-        elif roll < 0.95:
-            out.append({"operator_type": 5, "account": user, "account_type": 1005})
-        else:
-            phone = f"+86137{rng.randrange(10**8):08d}"
-            out.append({"operator_type": 1, "token": token,
-                        "account_list": [{"account": phone, "account_type": 1002}]})
+        phone = (f"+86137{rng.randrange(10**8):08d}", 1002)
+        out.append(mixed_intent(rng.random(), invalid.get(token, token), user, append_account=phone))
     return out
 
 

@@ -29,6 +29,25 @@ import requests
 
 from .embedded import start_private
 
+
+def mixed_intent(roll: float, token: str, account: str, account_type: int = 1005,
+                 append_account: tuple[str, int] | None = None) -> dict[str, Any]:
+    """One intent of the realistic mix ``demo`` and ``bench`` use, chosen by ``roll`` in [0, 1):
+    55 % logins (op 2), 20 % logouts (op 3), 12 % uninstalls (op 4), 8 % account deletions (op 5)
+    and 5 % op-1 binds (of ``append_account`` when given)."""
+    accounts = [{"account": account, "account_type": account_type}]
+    if roll < 0.55:
+        return {"operator_type": 2, "token": token, "account_list": accounts}
+    if roll < 0.75:
+        return {"operator_type": 3, "token": token, "account_list": accounts}
+    if roll < 0.87:
+        return {"operator_type": 4, "token": token}
+    if roll < 0.95:
+        return {"operator_type": 5, "account": account, "account_type": account_type}
+    acc, kind = append_account or (account, account_type)
+    return {"operator_type": 1, "token": token, "account_list": [{"account": acc, "account_type": kind}]}
+
+
 #: variables of the shell that a stack's workers must not inherit
 _DROPPED_VARS = ("TPNS_ACCESS_ID", "TPNS_SECRET_KEY", "TPNS_SECRET_KEY_FILE", "TPNS_APPS",
                  "CELERY_BROKER_URL", "TPNS_CONFIG_FILE")
