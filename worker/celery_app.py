@@ -30,27 +30,35 @@ from .wakeup import SWEEP_TASK
 SWEEP_INTERVAL_S = 1.0
 
 
-def make_celery(settings: Settings, redis_url: str, prefix: str | None = None,
-                with_tasks: bool = False) -> Celery:
-    """A Celery app for these settings; ``with_tasks`` registers the flush and sweep tasks."""
-    prefix = prefix or settings.prefix
-    source = settings.broker_url or redis_url
-    broker, options = celery_broker(source)
-    app = Celery("tpns_batcher", broker=broker, set_as_current=False)
+def base_celery(name: str, broker_source: str, queue: str, key_prefix: str) -> Celery:
+    """A Celery app that only carries small JSON messages on ``queue``: no results, early acks,
+    the broker's keys under ``key_prefix`` when the broker is a Redis."""
+    broker, options = celery_broker(broker_source)
+    app = Celery(name, broker=broker, set_as_current=False)
     transport: dict[str, Any] = {"visibility_timeout": 3600, **options}
-    if is_redis_url(source):
-        transport["global_keyprefix"] = f"{prefix}celery:"
+    if is_redis_url(broker_source):
+        transport["global_keyprefix"] = key_prefix
     app.conf.update(
-        task_default_queue=f"{prefix}flush",
+        task_default_queue=queue,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
         result_backend=None,
         task_acks_late=False,
-        worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def make_celery(settings: Settings, redis_url: str, prefix: str | None = None,
+                with_tasks: bool = False) -> Celery:
+    """A Celery app for these settings; ``with_tasks`` registers the flush and sweep tasks."""
+    prefix = prefix or settings.prefix
+    app = base_celery("tpns_batcher", settings.broker_url or redis_url, f"{prefix}flush", f"{prefix}celery:")
+    app.conf.update(
+        worker_prefetch_multiplier=1,
         task_time_limit=int(settings.lease_s + 30),
         beat_scheduler="celery.beat:Scheduler",
         beat_schedule={

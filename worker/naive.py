@@ -23,8 +23,9 @@ from typing import Any
 
 from celery import Celery
 
+from .celery_app import base_celery
 from .client import TpnsClient
-from .connections import celery_broker, is_redis_url, redis_client
+from .connections import redis_client
 from .errors import TpnsError
 from .model import Account, BatchItem, Intent
 from .settings import Settings
@@ -34,23 +35,7 @@ NAIVE_TASK = "tpns.naive.send"
 
 def make_naive_celery(settings: Settings, redis_url: str, prefix: str) -> Celery:
     """The baseline's Celery app: its own queue and key prefix on the same Redis."""
-    broker, options = celery_broker(redis_url)
-    app = Celery("tpns_naive", broker=broker, set_as_current=False)
-    transport: dict[str, Any] = {"visibility_timeout": 3600, **options}
-    if is_redis_url(redis_url):
-        transport["global_keyprefix"] = f"{prefix}naive:"
-    app.conf.update(
-        task_default_queue=f"{prefix}naive",
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        result_backend=None,
-        task_acks_late=False,
-        broker_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-    )
-    return app
+    return base_celery("tpns_naive", redis_url, f"{prefix}naive", f"{prefix}naive:")
 
 
 def task_args(intent_id: str, intent: Intent) -> list[Any]:
