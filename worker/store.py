@@ -200,28 +200,23 @@ class Store:
         """``DEL delete…`` then each ``(script name, args)`` in one round trip; their replies.
 
         By SHA in a plain pipeline: redis-py's script-aware pipeline would add a ``SCRIPT
-        EXISTS`` round trip to every execute. A server that lost its scripts (a restart) gets
-        them loaded again and the scripts are retried; the DEL is idempotent.
+        EXISTS`` round trip to every execute. On a server that lost its scripts (a restart),
+        each call that did not run is run again through its ``Script``, which loads it.
         """
-        for attempt in (1, 2):
-            pipe = self.redis.pipeline(transaction=False)
-            if delete:
-                pipe.delete(*delete)
-            for name, args in calls:
-                pipe.evalsha(self._scripts[name].sha, 0, *args)
-            replies = pipe.execute(raise_on_error=False)
-            if delete:
-                replies = replies[1:]
-            missing = [r for r in replies if isinstance(r, redis.exceptions.NoScriptError)]
-            if missing and attempt == 1:
-                for name, _ in calls:
-                    self.redis.script_load(self._scripts[name].script)
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return list(replies)
-        raise AssertionError("unreachable")
+        pipe = self.redis.pipeline(transaction=False)
+        if delete:
+            pipe.delete(*delete)
+        for name, args in calls:
+            pipe.evalsha(self._scripts[name].sha, 0, *args)
+        replies = list(pipe.execute(raise_on_error=False))[1 if delete else 0:]
+        for k, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                # only the calls that did not run go again (Script loads itself on NOSCRIPT)
+                name, args = calls[k]
+                replies[k] = self._scripts[name](args=args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def complete(self, batch_id: str, outcomes: Sequence[Mapping[str, Any]], *, calls: int,
                  items_sent: int, operator_type: int = 0,
