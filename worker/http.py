@@ -47,7 +47,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ConfigError, IntentError
+from .errors import ConfigError, IntentError, TpnsBatcherError
 from .intents import parse_line
 from .metrics import make_registry, render
 from .overview import WORKER_TTL_S, read_overview
@@ -70,7 +70,7 @@ _HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsa
                  "form-action 'self'", "Cache-Control": "no-store"}
 
 
-class BodyError(Exception):
+class BodyError(TpnsBatcherError):
     """Raised when a request body is refused as a whole; carries the HTTP status to answer."""
 
     def __init__(self, status: int, message: str) -> None:
