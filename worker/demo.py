@@ -132,9 +132,10 @@ def _summary(console: Console, producer: Producer, sandbox: dict[str, Any], ids:
         f"{stats['states']['succeeded']} succeeded, {stats['states']['failed']} failed "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(errors.items())) or 'none'})",
         f"{calls} API calls instead of {len(ids)} — {sandbox['items'] / max(calls, 1):.1f} items per call "
-        f"(largest {sandbox['max_items_per_call']}); per-key order kept every login/logout in order",
-        f"{sum(sandbox['faults'].values())} injected faults were retried (in the call, or in a later "
-        f"one for {retried} intents); none was lost",
+        f"(largest {sandbox['max_items_per_call']}); intents sharing a token or an account went "
+        f"one after another, in enqueue order",
+        f"{sum(sandbox['faults'].values())} injected faults were retried ({retried} intents needed a "
+        f"second call); none was lost",
     ]
     if failed_example is not None:
         lines.append("a failed intent's status: " + json.dumps(failed_example.to_dict()))
