@@ -176,6 +176,10 @@ class Producer:
         return self.store.stats(self.apps())
 
     def close(self) -> None:
+        """Close the Redis connections (and the broker's, if wakes were sent)."""
+        closer = getattr(self._wake, "close", None)
+        if callable(closer):
+            closer()
         self.redis.close()
 
     def __enter__(self) -> Producer:

@@ -26,6 +26,7 @@ class CeleryWaker:
         self.redis_url = redis_url
         self.prefix = prefix or settings.prefix
         self._app = celery_app
+        self._own_app = celery_app is None
 
     @property
     def app(self) -> Any:
@@ -42,3 +43,8 @@ class CeleryWaker:
                 0.0 if wake.kind == "now" else self.settings.linger_ms / 1000)
             self.app.send_task(FLUSH_TASK, args=[wake.app, wake.operator_type],
                                countdown=countdown or None)
+
+    def close(self) -> None:
+        """Release the broker connections this waker opened (if it made its own app)."""
+        if self._app is not None and self._own_app:
+            self._app.close()
