@@ -6,7 +6,7 @@ from pathlib import Path
 
 import redis
 
-from worker.embedded import ensure_embedded, kombu_url, stop_embedded
+from worker.embedded import ensure_embedded, stop_embedded
 
 
 def test_the_first_caller_starts_it_the_next_finds_it_and_data_survives_a_restart(tmp_path: Path) -> None:
@@ -31,8 +31,3 @@ def test_the_first_caller_starts_it_the_next_finds_it_and_data_survives_a_restar
         client.close()
     finally:
         stop_embedded(data)
-
-
-def test_kombu_spells_unix_sockets_its_own_way() -> None:
-    assert kombu_url("unix:///tmp/x/redis.sock") == "redis+socket:///tmp/x/redis.sock"
-    assert kombu_url("redis://h:6379/0") == "redis://h:6379/0"

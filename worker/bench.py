@@ -219,11 +219,6 @@ def _warm_count(config: BenchConfig) -> int:
     return 40 * config.workers * (config.concurrency or _cli_concurrency())
 
 
-def _redis_ms(store: Store) -> int:
-    sec, usec = store.redis.time()
-    return int(sec) * 1000 + int(usec) // 1000
-
-
 def _done_count(store: Store) -> int:
     fields = [f"done_{state}:{op}" for state in ("succeeded", "failed") for op in range(1, 6)]
     return sum(int(v) for v in store.redis.hmget(store.key("n"), fields) if v is not None)

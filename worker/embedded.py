@@ -116,10 +116,3 @@ def start_private(directory: Path, *, port: int | None = None,
 def resolve_redis_url(redis_url: str | None, data_dir: Path) -> str:
     """``redis_url`` itself, or the embedded Redis's URL (started on first use) when it is None."""
     return redis_url if redis_url else ensure_embedded(data_dir)
-
-
-def kombu_url(redis_url: str) -> str:
-    """The Celery/kombu spelling of a redis-py URL (kombu writes unix sockets as redis+socket://)."""
-    if redis_url.startswith("unix://"):
-        return "redis+socket://" + redis_url.removeprefix("unix://")
-    return redis_url
