@@ -31,3 +31,12 @@ def test_the_first_caller_starts_it_the_next_finds_it_and_data_survives_a_restar
         client.close()
     finally:
         stop_embedded(data)
+
+
+def test_a_data_dir_too_long_for_a_socket_is_one_clear_error(tmp_path: Path) -> None:
+    import pytest
+
+    from worker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="TPNS_DATA_DIR: too long a path"):
+        ensure_embedded(tmp_path / ("d" * 120))
