@@ -54,11 +54,11 @@ def _pings(path: Path, timeout_s: float = 0.5) -> bool:
 def ensure_embedded(data_dir: Path, *, timeout_s: float = 15.0) -> str:
     """Return the ``unix://`` URL of the embedded Redis for ``data_dir``, starting it if needed."""
     data_dir = Path(data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     sock = data_dir / SOCKET_NAME
     if len(str(sock).encode()) > 100:  # sockaddr_un holds about 107 bytes, less on some systems
         raise ConfigError("TPNS_DATA_DIR", f"too long a path for the embedded Redis's socket "
                                            f"({sock}); choose a shorter directory")
+    data_dir.mkdir(parents=True, exist_ok=True)
     url = f"unix://{sock}"
     if _pings(sock):
         return url
