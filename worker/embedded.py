@@ -88,12 +88,12 @@ def stop_embedded(data_dir: Path) -> bool:
     sock = Path(data_dir).expanduser().resolve() / SOCKET_NAME
     if not _pings(sock):
         return False
-    import redis
-
-    try:
-        redis.Redis(unix_socket_path=str(sock)).shutdown(nosave=False)
-    except redis.ConnectionError:
-        pass
+    # a raw SHUTDOWN: a client library would retry the connection the server just closed
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(sock))
+        conn.sendall(b"SHUTDOWN\r\n")
+        conn.recv(64)  # the server closes the connection once it has written its files
     return True
 
 
