@@ -259,5 +259,5 @@ def test_store_keeps_its_guarantees_under_any_sequence(redis_url: str) -> None:
     machine = type("StoreMachineHere", (StoreMachine,), {"redis_url": redis_url})
     run_state_machine_as_test(
         machine,
-        settings=settings(max_examples=60, stateful_step_count=40, deadline=None,
+        settings=settings(max_examples=100, stateful_step_count=50, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow]))
