@@ -51,6 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .celery_app import make_celery
+from .connections import redis_client
 from .naive import NAIVE_TASK, done_key, make_naive_celery, task_args
 from .producer import Producer, new_id
 from .settings import Settings
@@ -443,9 +444,7 @@ def targets_met(results: dict[str, Any], goal: dict[str, float]) -> dict[str, bo
 
 
 def machine(redis_url: str) -> dict[str, Any]:
-    import redis as redis_lib
-
-    client = redis_lib.Redis.from_url(redis_url)
+    client = redis_client(redis_url)  # any REDIS_URL form (Sentinel, TLS), not only redis://
     try:
         version = str(client.info("server").get("redis_version", "?"))
     finally:
