@@ -97,3 +97,10 @@ def test_the_worker_command_stops_with_one_clear_line(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(main, ["stats"])
     assert result.exit_code != 0
     assert "TPNS_MAX_ITEMS_PER_CALL: must be from 1 to 20, got 21" in result.stderr
+
+
+def test_health_names_a_bad_setting_rather_than_blaming_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TPNS_LINGER_MS", "-4")
+    result = CliRunner().invoke(main, ["health"])
+    assert result.exit_code == 1
+    assert result.stdout.strip() == "unhealthy: configuration: TPNS_LINGER_MS: must be from 0 to 3600000, got -4"

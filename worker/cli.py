@@ -306,8 +306,13 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
 
     try:
         producer = _producer()
+    except click.ClickException as exc:
+        click.echo(f"unhealthy: {exc.message}")
+        sys.exit(1)
+    try:
         producer.redis.ping()
-    except (redis_lib.RedisError, OSError, click.ClickException) as exc:
+    except (redis_lib.RedisError, OSError) as exc:
+        producer.close()
         click.echo(f"unhealthy: redis unreachable ({type(exc).__name__})")
         sys.exit(1)
     try:
