@@ -7,6 +7,7 @@ socket. Its log goes to a file under ``tmp_path``, printed when the test fails.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -103,37 +104,57 @@ def sandbox() -> Iterator[SandboxServer]:
 StartWorker = Callable[..., WorkerProcess]
 
 
-@pytest.fixture
-def start_worker(redis_url: str, prefix: str, tmp_path: Path,
-                 request: pytest.FixtureRequest) -> Iterator[StartWorker]:
-    """``start_worker(sandbox, name="w1", concurrency=2, **env)`` runs a worker process group;
-    every group is SIGKILLed when the test ends, and the logs are printed if it failed."""
-    started: list[WorkerProcess] = []
+class Launcher:
+    """Starts ``tpns-batcher worker`` process groups for one test; when the test ends they are all
+    SIGKILLed, and their logs are printed if it failed."""
 
-    def start(sandbox: SandboxServer, name: str = "w1", concurrency: int = 2,
-              **env_extra: str) -> WorkerProcess:
+    def __init__(self, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.tmp_path = tmp_path
+        self.request = request
+        self.started: list[WorkerProcess] = []
+
+    def start(self, redis_url: str, prefix: str, sandbox: SandboxServer, name: str = "w1",
+              concurrency: int = 2, **env_extra: str) -> WorkerProcess:
+        """One worker on ``redis_url`` (store and, unless ``CELERY_BROKER_URL`` is given, broker)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRODUCT_VARS)}
         env.update(product_env(redis_url, prefix, TPNS_BASE_URL=sandbox.url,
-                               TPNS_DATA_DIR=str(tmp_path / "data"), **env_extra))
-        log_path = tmp_path / f"{name}-{len(started)}.log"
+                               TPNS_DATA_DIR=str(self.tmp_path / "data"), **env_extra))
+        log_path = self.tmp_path / f"{name}-{len(self.started)}.log"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
             [WORKER_COMMAND, "worker", "--concurrency", str(concurrency),
              "--hostname", f"{name}-{prefix.rstrip(':').replace(':', '-')}@%h"],
-            env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log_file,
+            env=env, cwd=self.tmp_path, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT, start_new_session=True)
         worker = WorkerProcess(name, proc, log_path, log_file)
-        started.append(worker)
+        self.started.append(worker)
         return worker
 
-    yield start
-    for worker in started:
-        worker.kill()
-    report = getattr(request.node, "rep_call", None)
-    if report is None or report.failed:
-        for worker in started:
-            print(f"----- log of worker {worker.name} ({worker.log_path}) -----")
-            print(worker.log()[-20_000:])
+    def close(self) -> None:
+        for worker in self.started:
+            worker.kill()
+        report = getattr(self.request.node, "rep_call", None)
+        if report is None or report.failed:
+            for worker in self.started:
+                print(f"----- log of worker {worker.name} ({worker.log_path}) -----")
+                print(worker.log()[-20_000:])
+
+
+@pytest.fixture
+def launcher(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launcher]:
+    """Worker processes for this test, on any Redis URL it names."""
+    workers = Launcher(tmp_path, request)
+    try:
+        yield workers
+    finally:
+        workers.close()
+
+
+@pytest.fixture
+def start_worker(redis_url: str, prefix: str, launcher: Launcher) -> StartWorker:
+    """``start_worker(sandbox, name="w1", concurrency=2, **env)``: a worker on the test's Redis
+    and prefix."""
+    return functools.partial(launcher.start, redis_url, prefix)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -16,7 +16,6 @@ tests use neither the ``redis_url`` fixture nor the ``prefix`` fixture built on 
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -38,7 +37,7 @@ from worker.producer import Producer
 from worker.sandbox import SandboxServer
 from worker.settings import Settings
 
-from .conftest import WORKER_COMMAND, WorkerProcess, product_env
+from .conftest import Launcher, WorkerProcess, product_env
 from .helpers import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -121,36 +120,10 @@ def own_prefix() -> str:
 
 
 @pytest.fixture
-def workers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Workers]:
+def workers(launcher: Launcher) -> Workers:
     """``workers(redis_url, prefix, sandbox, name)`` starts ``tpns-batcher worker`` with that
     ``REDIS_URL`` (and no ``CELERY_BROKER_URL``); killed at the end, logs printed on failure."""
-    started: list[WorkerProcess] = []
-
-    def start(redis_url: str, prefix: str, sandbox: SandboxServer, name: str) -> WorkerProcess:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("TPNS_", "REDIS_URL", "CELERY_"))}
-        env.update(product_env(redis_url, prefix, TPNS_BASE_URL=sandbox.url,
-                               TPNS_DATA_DIR=str(tmp_path / "data")))
-        log_path = tmp_path / f"worker-{name}.log"
-        log_file = log_path.open("wb")
-        proc = subprocess.Popen(
-            [WORKER_COMMAND, "worker", "--concurrency", "2", "--hostname", f"{name}-{prefix[9:19]}@%h"],
-            env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        worker = WorkerProcess(name, proc, log_path, log_file)
-        started.append(worker)
-        return worker
-
-    try:
-        yield start
-    finally:
-        for worker in started:
-            worker.kill()
-        report = getattr(request.node, "rep_call", None)
-        if report is None or report.failed:
-            for worker in started:
-                print(f"----- log of worker {worker.name} ({worker.log_path}) -----")
-                print(worker.log()[-20_000:])
+    return launcher.start
 
 
 def drain_through(redis_url: str, prefix: str, sandbox: SandboxServer, workers: Workers,
