@@ -164,12 +164,18 @@ def test_generated_ids_are_unique_url_safe_and_short(producer: Producer) -> None
         assert i is not None and len(i) <= 64 and all(c.isalnum() or c in "-_" for c in i)
 
 
-def test_enqueue_cli_prints_ids_in_order_and_refusals_with_line_numbers(
-        redis_url: str, prefix: str, rconn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def cli_env(redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI on the test's Redis and prefix, with the apps default and ios, sending no wakes."""
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("TPNS_REDIS_PREFIX", prefix)
     monkeypatch.setenv("TPNS_APPS", "default,ios")
     monkeypatch.delenv("TPNS_CONFIG_FILE", raising=False)
+    monkeypatch.setattr("worker.producer.Producer._send_wakes", lambda self, wakes: None)
+
+
+def test_enqueue_cli_prints_ids_in_order_and_refusals_with_line_numbers(
+        redis_url: str, prefix: str, rconn: redis.Redis, cli_env: None) -> None:
     lines = [json.dumps(VALID[0][0]), "", json.dumps(INVALID[2][0]), "{not json",
              json.dumps(VALID[3][0]), "   ", json.dumps(INVALID[16][0]), json.dumps(VALID[2][0])]
     result = CliRunner().invoke(main, ["enqueue", "-"], input="\n".join(lines) + "\n",
@@ -191,12 +197,7 @@ def test_enqueue_cli_prints_ids_in_order_and_refusals_with_line_numbers(
     assert len(records) == 3
 
 
-def test_enqueue_cli_exits_0_when_all_lines_are_accepted(
-        redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("TPNS_REDIS_PREFIX", prefix)
-    monkeypatch.delenv("TPNS_APPS", raising=False)
-    monkeypatch.setattr("worker.producer.Producer._send_wakes", lambda self, wakes: None)
+def test_enqueue_cli_exits_0_when_all_lines_are_accepted(cli_env: None, tmp_path: Any) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps({"operator_type": 4, "token": f"t{i}"}) for i in range(12000)))
     result = CliRunner().invoke(main, ["enqueue", str(path)], catch_exceptions=False)
@@ -206,12 +207,7 @@ def test_enqueue_cli_exits_0_when_all_lines_are_accepted(
 
 
 def test_enqueue_cli_refuses_every_rule_by_line_and_stores_only_the_valid(
-        redis_url: str, prefix: str, rconn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("TPNS_REDIS_PREFIX", prefix)
-    monkeypatch.setenv("TPNS_APPS", "default,ios")
-    monkeypatch.delenv("TPNS_CONFIG_FILE", raising=False)
-    monkeypatch.setattr("worker.producer.Producer._send_wakes", lambda self, wakes: None)
+        prefix: str, rconn: redis.Redis, cli_env: None) -> None:
     lines: list[str] = []
     expected: dict[int, tuple[str, str]] = {}
     for k, (obj, field, word) in enumerate(INVALID):
