@@ -8,11 +8,11 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import click
 
-from .errors import ConfigError, IntentError, TpnsBatcherError
+from .errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
 from .intents import iter_lines, parse_line
 from .settings import Settings
 
@@ -20,6 +20,14 @@ from .settings import Settings
 ENQUEUE_BATCH = 5000
 #: pool processes of ``worker`` unless CELERY_ARGS set --concurrency
 DEFAULT_CONCURRENCY = 4
+#: exit status when Redis is unreachable or refuses new intents (``queue_full``), SPEC §8
+EXIT_UNAVAILABLE = 3
+
+
+def _unavailable(exc: StoreUnavailableError) -> NoReturn:
+    """One line on stderr (the URL without its password, the cause), then exit 3."""
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(EXIT_UNAVAILABLE)
 
 
 def _settings() -> Settings:
@@ -137,20 +145,28 @@ def enqueue(source: IO[str]) -> None:
     """Enqueue JSON Lines from SOURCE (a file, or - for stdin).
 
     Prints one id per accepted line, in input order, to stdout; each refused line goes to stderr
-    as ``line N: reason``. Exits 1 if any line was refused.
+    as ``line N: reason``. Exits 1 if any line was refused. If Redis becomes unreachable (or
+    refuses new intents: queue_full), the stored ids are printed as usual, the lines in doubt
+    and those not stored are named on stderr, and the exit status is 3.
     """
     producer = _producer()
     refused = 0
     progress = _progress() if sys.stderr.isatty() else None
+    last_line = 0
     try:
         for numbers, objs, bad in _read_batches(source):
-            result = producer.enqueue(objs, line_numbers=numbers)
+            try:
+                result = producer.enqueue(objs, line_numbers=numbers)
+            except StoreUnavailableError as exc:
+                _report_unavailable(exc, numbers, bad, last_line)
+                _unavailable(exc)
             refusals = sorted([*bad, *result.errors.values()], key=lambda e: e.line or 0)
             for err in refusals:
                 click.echo(f"line {err.line}: {err.reason}", err=True)
             if result.accepted:
                 click.echo("\n".join(result.accepted))
             refused += len(refusals)
+            last_line = max([last_line, *numbers, *(e.line or 0 for e in bad)])
             if progress is not None:
                 progress.advance(len(objs) + len(bad))
     except TpnsBatcherError as exc:
@@ -161,6 +177,27 @@ def enqueue(source: IO[str]) -> None:
         producer.close()
     if refused:
         sys.exit(1)
+
+
+def _report_unavailable(exc: StoreUnavailableError, numbers: list[int], bad: list[IntentError],
+                        last_line: int) -> None:
+    """The round Redis failed in: stored ids on stdout; refusals, lines in doubt and lines not
+    stored on stderr; and where the lines never read begin."""
+    from .producer import BulkResult
+
+    result = exc.result if isinstance(exc.result, BulkResult) else BulkResult()
+    notes: list[tuple[int, str]] = [(e.line or 0, e.reason) for e in bad]
+    notes += [(e.line or 0, e.reason) for e in result.errors.values()]
+    notes += [(numbers[k], f"in doubt (id {i}): sent, not acknowledged; look it up with "
+                           f"`tpns-batcher status {i}`") for k, i in result.in_doubt.items()]
+    notes += [(numbers[k], f"not stored ({exc.code}): safe to send again")
+              for k in result.not_stored]
+    for line, note in sorted(notes):
+        click.echo(f"line {line}: {note}", err=True)
+    if result.accepted:
+        click.echo("\n".join(result.accepted))
+    last = max([last_line, *numbers, *(e.line or 0 for e in bad)])
+    click.echo(f"lines after {last}: not read, not sent", err=True)
 
 
 class _progress:
@@ -188,13 +225,18 @@ def status(ids: tuple[str, ...]) -> None:
     """Print the status of each intent as one JSON object per line; exit 1 if any id is unknown."""
     producer = _producer()
     missing = 0
-    for intent_id, st in zip(ids, producer.statuses(list(ids)), strict=True):
+    try:
+        found = producer.statuses(list(ids))
+    except StoreUnavailableError as exc:
+        _unavailable(exc)
+    finally:
+        producer.close()
+    for intent_id, st in zip(ids, found, strict=True):
         if st is None:
             missing += 1
             click.echo(f"{intent_id}: not found", err=True)
         else:
             click.echo(json.dumps(st.to_dict(), ensure_ascii=False))
-    producer.close()
     if missing:
         sys.exit(1)
 
@@ -214,6 +256,8 @@ def wait(ids: tuple[str, ...], timeout_s: float) -> None:
     except TimeoutError as exc:
         click.echo(f"timeout: {exc}", err=True)
         sys.exit(2)
+    except StoreUnavailableError as exc:
+        _unavailable(exc)
     finally:
         producer.close()
     code = 0
@@ -243,6 +287,8 @@ def stats(as_json: bool, watch: bool, interval_s: float) -> None:
             _watch_stats(producer, as_json, interval_s)
             return
         figures = producer.stats()
+    except StoreUnavailableError as exc:
+        _unavailable(exc)
     finally:
         producer.close()
     if as_json:
@@ -280,6 +326,8 @@ def requeue_failed(error: str | None) -> None:
     producer = _producer()
     try:
         ids = producer.requeue_failed(error)
+    except StoreUnavailableError as exc:
+        _unavailable(exc)
     finally:
         producer.close()
     for intent_id in ids:

@@ -5,6 +5,9 @@
     ├── IntentError                  an intent breaks a rule of SPEC §4 (refused, nothing stored)
     ├── IdConflictError              an ``id`` already exists with a different payload
     ├── StoreError                   Redis answered something the store did not expect
+    ├── StoreUnavailableError        Redis is unreachable, or a reply was lost: try again later;
+    │   │                            carries ``stored``, ``refused`` and ``in_doubt`` ids
+    │   └── QueueFullError           ``queue_full``: TPNS_MAX_PENDING reached, or Redis is out of memory
     └── TpnsError                    a call to TPNS did not succeed as a whole
         ├── LeaseSpentError          not sent: the batch's lease has too little time left
         ├── TransientError           worth retrying: the same call may succeed later
@@ -18,8 +21,9 @@
             ├── RejectedError        ret_code 1008001/1008002/1008007: the call was malformed
             └── CredentialsError     ret_code 1008003/10030002/1008030/1008031/1010001
 
-Retry policy is a type check: tenacity retries ``TransientError`` only. No message or attribute
-ever carries the secret key.
+Retry policy is a type check: tenacity retries ``TransientError`` only; a producer retries a
+``StoreUnavailableError`` later (the CLI exits 3 on it, ``serve`` answers 503 with ``Retry-After``).
+No message or attribute ever carries the secret key, nor a Redis password.
 """
 
 from __future__ import annotations
@@ -63,6 +67,59 @@ class IdConflictError(IntentError):
 
 class StoreError(TpnsBatcherError):
     """Raised when Redis holds or returns something the store's scripts did not expect."""
+
+
+class StoreUnavailableError(TpnsBatcherError):
+    """Raised by a producer when Redis could not take or answer a call: unreachable, a connection
+    dropped before the reply, a replica gone read-only after a failover, a disk error, or a
+    ``WAIT`` for replicas that timed out.
+
+    Ids are assigned before sending, so every intent of the call is in one group:
+
+    * ``stored``: Redis acknowledged them (new, or already there with the same payload);
+    * ``refused``: not stored: Redis refused them whole, or they were never sent — safe to send
+      again;
+    * ``in_doubt``: sent, but the reply was lost (the call may or may not have run), or stored on
+      the primary without the replicas' acknowledgement; look them up by id.
+
+    ``result`` is the ``BulkResult`` of the call (input order: the stored ids, and the refusals by
+    the input rules) when the call was an enqueue. The message names the Redis URL without its
+    password, and the cause.
+    """
+
+    #: short machine-readable reason (the HTTP error body's ``code``)
+    code: str = "store_unavailable"
+
+    def __init__(self, url: str, cause: str, *, stored: list[str] | None = None,
+                 refused: list[str] | None = None, in_doubt: list[str] | None = None,
+                 result: object = None, retry_after_s: int = 1) -> None:
+        self.url = url
+        self.cause = cause
+        self.stored = list(stored or ())
+        self.refused = list(refused or ())
+        self.in_doubt = list(in_doubt or ())
+        self.result = result
+        #: when a retry makes sense (the HTTP ``Retry-After``)
+        self.retry_after_s = retry_after_s
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        counts = ""
+        if self.stored or self.refused or self.in_doubt:
+            counts = (f" ({len(self.stored)} stored, {len(self.refused)} not stored, "
+                      f"{len(self.in_doubt)} in doubt)")
+        return f"Redis at {self.url} unavailable: {self.cause}{counts}"
+
+
+class QueueFullError(StoreUnavailableError):
+    """Raised when new intents are refused for back-pressure (``queue_full``): the pending intents
+    (queued, retrying, sending) reached ``TPNS_MAX_PENDING``, or Redis answered ``OOM`` (its
+    ``maxmemory``). Nothing of a refused intent was written."""
+
+    code = "queue_full"
+
+    def _message(self) -> str:
+        return f"queue_full: {super()._message()}"
 
 
 class TpnsError(TpnsBatcherError):

@@ -20,7 +20,9 @@ variable is set)::
 ``enqueue``, each item is accepted or refused on its own, so a partial refusal is not an HTTP
 error. Clients check ``refused``. 400 (empty or undecodable body), 413 (over the size or count
 limit) and 415 (content type) refuse the whole request; bad input never gets a 500. Redis being
-unreachable is a 503.
+unreachable, or back-pressure (``queue_full``), is a 503 with ``Retry-After`` and a JSON error
+whose ``stored``, ``refused`` and ``in_doubt`` list the ids of the request's intents by fate; the
+server keeps serving, and the next request succeeds once Redis is back.
 
 Every Redis call is blocking, so it runs in Starlette's threadpool (sync endpoints, or
 ``run_in_threadpool``): the event loop never waits on Redis.
@@ -47,12 +49,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ConfigError, IntentError, TpnsBatcherError
+from .errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
 from .intents import parse_line
 from .metrics import make_registry, render
 from .overview import WORKER_TTL_S, read_overview
 from .page import render_page
-from .producer import Producer
+from .producer import BulkResult, Producer
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -161,7 +163,10 @@ def _parse_json_lines(text: str, max_items: int) -> ParsedBody:
 
 
 def enqueue_parsed(producer: Producer, parsed: ParsedBody) -> dict[str, Any]:
-    """Enqueue the decoded items (blocking) and build the response body of ``POST /v1/intents``."""
+    """Enqueue the decoded items (blocking) and build the response body of ``POST /v1/intents``.
+
+    Raises ``StoreUnavailableError`` as the producer does; ``unavailable_body`` answers it.
+    """
     ids: list[str | None] = [None] * parsed.count
     errors: dict[int, IntentError] = dict(parsed.refused)
     if parsed.objs:
@@ -174,11 +179,30 @@ def enqueue_parsed(producer: Producer, parsed: ParsedBody) -> dict[str, Any]:
                 errors[index] = result.errors[k]
     return {
         "ids": ids,
-        "errors": [{"index": k, "line": err.line, "field": err.field, "reason": err.reason}
-                   for k, err in sorted(errors.items())],
+        "errors": _error_list(errors),
         "accepted": sum(1 for i in ids if i is not None),
         "refused": len(errors),
     }
+
+
+def _error_list(errors: dict[int, IntentError]) -> list[dict[str, Any]]:
+    return [{"index": k, "line": err.line, "field": err.field, "reason": err.reason}
+            for k, err in sorted(errors.items())]
+
+
+def unavailable_response(exc: StoreUnavailableError,
+                         parsed: ParsedBody | None = None) -> JSONResponse:
+    """503 with ``Retry-After`` for Redis unreachable or ``queue_full``: the error (no password
+    in it), its code, the ids of the request's intents by fate, and the items refused by the
+    input rules (as in a 200 answer)."""
+    errors: dict[int, IntentError] = dict(parsed.refused) if parsed is not None else {}
+    if parsed is not None and isinstance(exc.result, BulkResult):
+        for k, index in enumerate(parsed.positions):
+            if k in exc.result.errors:
+                errors[index] = exc.result.errors[k]
+    body = {"error": str(exc), "code": exc.code, "stored": exc.stored, "refused": exc.refused,
+            "in_doubt": exc.in_doubt, "errors": _error_list(errors)}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
 
 
 async def read_limited(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -253,7 +277,11 @@ def create_app(producer: Producer, settings: Settings) -> Starlette:
             parsed = parse_body(await read_limited(request), kind)
         except BodyError as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
-        return JSONResponse(await run_in_threadpool(enqueue_parsed, producer, parsed))
+        try:
+            return JSONResponse(await run_in_threadpool(enqueue_parsed, producer, parsed))
+        except StoreUnavailableError as exc:
+            logger.warning("POST /v1/intents: %s", exc)
+            return unavailable_response(exc, parsed)
 
     def get_intent(request: Request) -> Response:
         st = producer.status(request.path_params["intent_id"])
@@ -283,9 +311,12 @@ def create_app(producer: Producer, settings: Settings) -> Starlette:
         return HTMLResponse(html, status_code=code, headers=_HTML_HEADERS)
 
     async def redis_down(request: Request, exc: Exception) -> Response:
-        logger.warning("%s %s: Redis unavailable (%s)", request.method, request.url.path,
-                       type(exc).__name__)
-        return JSONResponse({"error": "redis unavailable"}, status_code=503)
+        if not isinstance(exc, StoreUnavailableError):  # a route that reads the store directly
+            exc = producer.unavailable(exc)
+            if not isinstance(exc, StoreUnavailableError):
+                raise exc
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        return unavailable_response(exc)
 
     routes = [
         Route("/v1/intents", post_intents, methods=["POST"]),
@@ -298,7 +329,8 @@ def create_app(producer: Producer, settings: Settings) -> Starlette:
     ]
     return Starlette(routes=routes,
                      middleware=[Middleware(BearerAuth, token=settings.api_token)],
-                     exception_handlers={redis.RedisError: redis_down})
+                     exception_handlers={redis.RedisError: redis_down,
+                                         StoreUnavailableError: redis_down})
 
 
 def _error_schema() -> dict[str, Any]:
@@ -321,16 +353,36 @@ def openapi_schema() -> dict[str, Any]:
                                      "account_type": {"type": "integer"}}}},
                   "account": {"type": "string"}, "account_type": {"type": "integer"},
                   "app": {"type": "string"}, "id": {"type": "string", "maxLength": 64}}}
+    error_items = {"type": "array", "items": {"type": "object", "properties": {
+        "index": {"type": "integer"}, "line": {"type": ["integer", "null"]},
+        "field": {"type": "string"},
+        "reason": {"type": "string", "description": "field: rule"}}}}
     result = {"type": "object", "required": ["ids", "errors", "accepted", "refused"], "properties": {
         "ids": {"type": "array", "items": {"type": ["string", "null"]},
                 "description": "One per item in input order; null where refused"},
-        "errors": {"type": "array", "items": {"type": "object", "properties": {
-            "index": {"type": "integer"}, "line": {"type": ["integer", "null"]},
-            "field": {"type": "string"},
-            "reason": {"type": "string", "description": "field: rule"}}}},
+        "errors": error_items,
         "accepted": {"type": "integer"}, "refused": {"type": "integer"}}}
     error = _error_schema()
     unauthorized = _json(error, "Bearer token missing or wrong (when TPNS_API_TOKEN is set)")
+    ids = {"type": "array", "items": {"type": "string"}}
+    unavailable = {
+        "description": "Redis unreachable (`store_unavailable`) or back-pressure (`queue_full`: "
+                       "TPNS_MAX_PENDING reached, or Redis out of memory). Retry after "
+                       "`Retry-After` seconds; the server keeps serving.",
+        "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
+                                    "schema": {"type": "integer"}}},
+        "content": {"application/json": {"schema": {
+            "type": "object", "required": ["error", "code", "stored", "refused", "in_doubt"],
+            "properties": {
+                "error": {"type": "string", "description": "The cause; the Redis URL without "
+                                                           "its password"},
+                "code": {"type": "string", "enum": ["store_unavailable", "queue_full"]},
+                "stored": {**ids, "description": "Ids Redis stored"},
+                "refused": {**ids, "description": "Ids not stored (refused whole, or never "
+                                                  "sent): safe to send again"},
+                "in_doubt": {**ids, "description": "Ids whose reply was lost, or stored without "
+                                                   "the replicas' acknowledgement: look them up"},
+                "errors": error_items}}}}}
     status = {"type": "object", "description": "An intent's status (SPEC §5)",
               "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": [
                   "queued", "sending", "retrying", "succeeded", "failed"]}}}
@@ -356,17 +408,17 @@ def openapi_schema() -> dict[str, Any]:
                               "401": unauthorized,
                               "413": _json(error, "Body or intent count over the limit"),
                               "415": _json(error, "Not JSON or JSON Lines"),
-                              "503": _json(error, "Redis unavailable")}}},
+                              "503": unavailable}}},
             "/v1/intents/{intent_id}": {"get": {
                 "summary": "The status of one intent",
                 "parameters": [{"name": "intent_id", "in": "path", "required": True,
                                 "schema": {"type": "string"}}],
                 "responses": {"200": _json(status, "The status"), "401": unauthorized,
-                              "404": _json(error, "Unknown id")}}},
+                              "404": _json(error, "Unknown id"), "503": unavailable}}},
             "/v1/stats": {"get": {
                 "summary": "Counts per state and operator_type, queue depth, calls, pauses",
                 "responses": {"200": _json(obj, "The figures of `tpns-batcher stats --json`"),
-                              "401": unauthorized}}},
+                              "401": unauthorized, "503": unavailable}}},
             "/healthz": {"get": {
                 "summary": "Health: Redis answers, a worker was seen in 30 s, nothing paused",
                 "security": [],
@@ -387,7 +439,8 @@ def openapi_schema() -> dict[str, Any]:
                 "responses": {"200": {"description": "HTML",
                                       "content": {"text/html": {"schema": {"type": "string"}}}},
                               "401": unauthorized,
-                              "404": {"description": "HTML; the looked-up id is unknown"}}}},
+                              "404": {"description": "HTML; the looked-up id is unknown"},
+                              "503": unavailable}}},
         },
     }
 

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .errors import StoreUnavailableError
 from .model import OPERATOR_TYPES, STATES
 from .store import Store
 
@@ -63,7 +64,7 @@ class ClusterCollector(Collector):
             stats = self.store.stats(apps)
             metrics = self.store.call_metrics()
             workers = self.store.workers()
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, StoreUnavailableError) as exc:
             logger.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
             up.add_metric([], 0)
             yield up

@@ -74,6 +74,13 @@ class Settings:
     max_age_s: float = 86400.0
     pause_s: float = 60.0
     status_ttl_s: int = 604800
+    #: back-pressure: new intents are refused (``queue_full``) once queued + retrying + sending
+    #: reach this many (0 = no limit)
+    max_pending: int = 10_000_000
+    #: replicas that must acknowledge an enqueue (Redis ``WAIT``) before it is acknowledged
+    enqueue_min_replicas: int = 0
+    #: how long an enqueue waits for them; past it the intents are reported in doubt
+    enqueue_wait_ms: int = 1000
     #: whether an explicit ``TPNS_BASE_URL`` was given (lets a worker run without credentials)
     base_url_explicit: bool = False
     #: bearer token for ``tpns-batcher serve`` (None: no auth)
@@ -97,7 +104,7 @@ class Settings:
     def __repr__(self) -> str:
         token = "***" if self.api_token else None
         return (f"Settings(apps={list(self.apps.values())!r}, default_app={self.default_app!r}, "
-                f"redis_url={_redact_url(self.redis_url)!r}, prefix={self.prefix!r}, "
+                f"redis_url={redact_url(self.redis_url)!r}, prefix={self.prefix!r}, "
                 f"max_items_per_call={self.max_items_per_call}, linger_ms={self.linger_ms}, "
                 f"lease_s={self.lease_s}, api_token={token!r})")
 
@@ -175,6 +182,10 @@ def _build(env: Mapping[str, str]) -> Settings:
         max_age_s=_float(env, "TPNS_MAX_AGE_S", 86400.0, 1.0),
         pause_s=_float(env, "TPNS_PAUSE_S", 60.0, 0.0),
         status_ttl_s=_int(env, "TPNS_STATUS_TTL_S", 604800, 1, 10 * 365 * 86400),
+        max_pending=_int(env, "TPNS_MAX_PENDING", 10_000_000, 0, 10**12),
+        enqueue_min_replicas=_int(env, "TPNS_ENQUEUE_MIN_REPLICAS", 0, 0, 100),
+        # WAIT 0 would block for ever: the wait is bounded
+        enqueue_wait_ms=_int(env, "TPNS_ENQUEUE_WAIT_MS", 1000, 1, 600_000),
         base_url_explicit=base_url is not None,
         api_token=_opt(env, "TPNS_API_TOKEN"),
         log_format=log_format,
@@ -266,7 +277,9 @@ def _float(env: Mapping[str, str], name: str, default: float, low: float) -> flo
     return value
 
 
-def _redact_url(url: str | None) -> str | None:
+def redact_url(url: str | None) -> str | None:
+    """``url`` with its password (and any ``*password*`` query parameter) replaced by ``***``."""
     if url is None:
         return None
-    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+    url = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+    return re.sub(r"([?&][^=&]*password[^=&]*=)[^&]*", r"\1***", url, flags=re.IGNORECASE)

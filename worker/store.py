@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
@@ -38,6 +38,24 @@ _STATE = {"q": "queued", "s": "sending", "r": "retrying", "ok": "succeeded", "f"
 _OUTCOME = {"succeeded": "ok", "failed": "f", "retry": "r", "requeue": "q"}
 #: intents per script call when enqueueing; a few hundred keeps Redis responsive between calls
 ENQUEUE_CHUNK = 500
+#: enqueue codes beyond the script's own (1, 0, -1, -2): Redis refused the script call before it
+#: wrote anything (the intent is not stored), or failed it in a way that leaves that unknown
+NOT_WRITTEN = -3
+UNKNOWN = -4
+#: errors Redis answers to a script's first write (so nothing was written): out of memory, a
+#: replica's read-only mode (after a failover), writes stopped by a disk error
+_REFUSALS = ("OOM ", "READONLY ", "MISCONF ")
+
+
+def refused_before_writing(exc: BaseException) -> bool:
+    """Whether Redis refused a script call at its first write (Redis 7 keeps the error's code;
+    6.2 wraps it in the script's ``ERR Error running script``)."""
+    if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and any(
+        text.startswith(code.strip()) or f"-{code}" in text or f": {code}" in text
+        for code in _REFUSALS)
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,34 @@ class Wake:
     kind: Literal["now", "linger"]
     #: for a linger wake: how long to wait, when known better than the whole linger
     delay_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round trip of an enqueue: intents ``start`` to ``start + size`` of the input."""
+
+    start: int
+    size: int
+    #: one code per intent (see ``Store.enqueue``, plus ``NOT_WRITTEN`` and ``UNKNOWN`` for the
+    #: calls Redis failed); empty when no reply was read
+    codes: list[int] = field(default_factory=list)
+    wakes: tuple[Wake, ...] = ()
+    #: replicas that acknowledged the round (``WAIT``), None when not asked
+    replicas: int | None = None
+    #: why the round failed (the first error); nothing after a failed round was sent
+    error: redis.RedisError | None = None
+    #: whether the round may have reached Redis (False: its connection could not be made)
+    sent: bool = False
+
+
+def merge_wakes(wakes: Iterable[Wake]) -> tuple[Wake, ...]:
+    """One wake per (app, operator_type), ``now`` winning over ``linger``."""
+    merged: dict[tuple[str, int], Wake] = {}
+    for wake in wakes:
+        key = (wake.app, wake.operator_type)
+        if key not in merged or wake.kind == "now":
+            merged[key] = wake
+    return tuple(merged.values())
 
 
 @dataclass(frozen=True)
@@ -130,30 +176,86 @@ class Store:
 
     # -- producers ---------------------------------------------------------------------------
 
-    def enqueue(self, intents: Sequence[tuple[str, Intent]]) -> tuple[list[int], tuple[Wake, ...]]:
+    def enqueue(self, intents: Sequence[tuple[str, Intent]], *,
+                max_pending: int = 0) -> tuple[list[int], tuple[Wake, ...]]:
         """Store ``(id, intent)`` pairs in order; one round trip per few thousand intents.
 
         Returns one code per intent (1 stored, 0 already stored with the same payload, -1 the id
-        exists with another payload) and the wakes to send.
+        exists with another payload, -2 refused: ``max_pending`` reached) and the wakes to send.
+        Raises the Redis error of the first round that failed (``enqueue_rounds`` tells more).
         """
         codes: list[int] = []
-        wakes: dict[tuple[str, int], Wake] = {}
-        script = self._scripts["enqueue"]
-        head: list[str | int] = [self.prefix, self.max_items, self.linger_ms]
-        pipe_chunks = ENQUEUE_CHUNK * 10
-        for start in range(0, len(intents), pipe_chunks):
-            pipe = self.redis.pipeline(transaction=False)
-            block = intents[start:start + pipe_chunks]
-            for k in range(0, len(block), ENQUEUE_CHUNK):
-                args = head + [intent_arg(i, it) for i, it in block[k:k + ENQUEUE_CHUNK]]
-                script(args=args, client=pipe)
-            for result in pipe.execute():
-                codes.extend(int(c) for c in result[0])
-                for wake in _wakes(result[1]):
-                    key = (wake.app, wake.operator_type)
-                    if key not in wakes or wake.kind == "now":
-                        wakes[key] = wake
-        return codes, tuple(wakes.values())
+        wakes: list[Wake] = []
+        for done in self.enqueue_rounds(intents, max_pending=max_pending):
+            if done.error is not None:
+                raise done.error
+            codes.extend(done.codes)
+            wakes.extend(done.wakes)
+        return codes, merge_wakes(wakes)
+
+    def enqueue_rounds(self, intents: Sequence[tuple[str, Intent]], *, max_pending: int = 0,
+                       min_replicas: int = 0, wait_ms: int = 1000) -> Iterator[Round]:
+        """Store ``(id, intent)`` pairs in order, one round trip (``Round``) at a time.
+
+        A round that fails is yielded with its ``error`` and ends the iteration, so what follows
+        it was never sent. Whether the failed round itself may have reached Redis is told apart
+        by connecting before sending: a round whose connection could not even be made was not
+        sent. With ``min_replicas``, each round ends with ``WAIT min_replicas wait_ms`` in the
+        same round trip, and ``Round.replicas`` says how many acknowledged it.
+        """
+        head: list[str | int] = [self.prefix, self.max_items, self.linger_ms, max_pending]
+        sha = self._scripts["enqueue"].sha
+        per_round = ENQUEUE_CHUNK * 10
+        for start in range(0, len(intents), per_round):
+            block = intents[start:start + per_round]
+            calls = [head + [intent_arg(i, it) for i, it in block[k:k + ENQUEUE_CHUNK]]
+                     for k in range(0, len(block), ENQUEUE_CHUNK)]
+            sent = False
+            try:
+                for _attempt in range(2):
+                    pipe = self.redis.pipeline(transaction=False)
+                    # connect first: a failure here means nothing of this round left the process
+                    pipe.connection = self.redis.connection_pool.get_connection()
+                    sent = True
+                    for args in calls:
+                        pipe.evalsha(sha, 0, *args)
+                    if min_replicas > 0:
+                        pipe.execute_command("WAIT", min_replicas, wait_ms)  # type: ignore[no-untyped-call]
+                    replies = pipe.execute(raise_on_error=False)
+                    if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                        break
+                    # a restarted server lost its scripts (then none of the calls ran): load, redo
+                    self.redis.script_load(self._scripts["enqueue"].script)
+            except redis.RedisError as exc:
+                yield Round(start, len(block), error=exc, sent=sent)
+                return
+            done = self._round(start, block, calls, replies, min_replicas)
+            yield done
+            if done.error is not None:
+                return
+
+    @staticmethod
+    def _round(start: int, block: Sequence[Any], calls: Sequence[Sequence[Any]],
+               replies: Sequence[Any], min_replicas: int) -> Round:
+        """The codes of one answered round: a script call that Redis refused before it wrote
+        anything (OOM, READONLY, MISCONF) gives ``NOT_WRITTEN``, any other error ``UNKNOWN``."""
+        codes: list[int] = []
+        wakes: list[Wake] = []
+        error: redis.RedisError | None = None
+        for args, reply in zip(calls, replies, strict=False):
+            if isinstance(reply, redis.RedisError):
+                error = error or reply
+                codes.extend([NOT_WRITTEN if refused_before_writing(reply) else UNKNOWN]
+                             * (len(args) - 4))
+                continue
+            codes.extend(int(c) for c in reply[0])
+            wakes.extend(_wakes(reply[1]))
+        replicas = None
+        if min_replicas > 0:
+            last = replies[-1]
+            replicas = 0 if isinstance(last, Exception) else int(last)
+        return Round(start, len(block), codes=codes, wakes=merge_wakes(wakes),
+                     replicas=replicas, error=error, sent=True)
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -230,10 +332,10 @@ class Store:
         packed = []
         for out in outcomes:
             entry: dict[str, Any] = {"i": out["id"], "s": _OUTCOME[out["state"]]}
-            for field, short in (("result_code", "rc"), ("ret_code", "ret"), ("err_msg", "m"),
-                                 ("error", "er")):
-                if out.get(field) is not None:
-                    entry[short] = out[field]
+            for name, short in (("result_code", "rc"), ("ret_code", "ret"), ("err_msg", "m"),
+                                ("error", "er")):
+                if out.get(name) is not None:
+                    entry[short] = out[name]
             if out["state"] == "retry":
                 entry["dl"] = int(float(out.get("delay_s") or 0) * 1000)
             packed.append(entry)

