@@ -6,8 +6,8 @@ import worker
 def test_the_package_exports_exactly_its_public_api() -> None:
     assert sorted(worker.__all__) == [
         "Account", "BulkResult", "ConfigError", "CredentialsError", "IdConflictError", "Intent",
-        "IntentError", "PermanentError", "Producer", "Settings", "Status", "TpnsBatcherError",
-        "TpnsError", "TransientError",
+        "IntentError", "PermanentError", "Producer", "QueueFullError", "Settings", "Status",
+        "StoreUnavailableError", "TpnsBatcherError", "TpnsError", "TransientError",
     ]
     for name in worker.__all__:
         assert getattr(worker, name) is not None
@@ -15,5 +15,5 @@ def test_the_package_exports_exactly_its_public_api() -> None:
 
 def test_every_error_has_one_root() -> None:
     for name in ("ConfigError", "CredentialsError", "IdConflictError", "IntentError", "PermanentError",
-                 "TpnsError", "TransientError"):
+                 "QueueFullError", "StoreUnavailableError", "TpnsError", "TransientError"):
         assert issubclass(getattr(worker, name), worker.TpnsBatcherError)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from worker.cli import main
 from worker.errors import ConfigError
-from worker.settings import REGION_URLS, SANDBOX_ACCESS_ID, Settings
+from worker.settings import REGION_URLS, SANDBOX_ACCESS_ID, Settings, redact_url
 
 SECRET = "s3cr3t-do-not-print-0f9e8d7c"
 
@@ -21,6 +21,7 @@ def test_defaults_follow_the_spec(tmp_path: Path) -> None:
     assert (s.status_ttl_s, s.prefix, s.redis_url, s.broker_url) == (604800, "tpns:", None, None)
     assert s.app.base_url == REGION_URLS["guangzhou"] and s.app.auth == "sign"
     assert not s.app.has_credentials
+    assert (s.max_pending, s.enqueue_min_replicas, s.enqueue_wait_ms) == (10_000_000, 0, 1000)
 
 
 def test_the_environment_overrides_the_env_file(tmp_path: Path) -> None:
@@ -33,6 +34,9 @@ def test_the_environment_overrides_the_env_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("env", "variable", "words"), [
     ({"TPNS_REGION": "mars"}, "TPNS_REGION", "unknown region"),
+    ({"TPNS_MAX_PENDING": "-1"}, "TPNS_MAX_PENDING", "from 0"),
+    ({"TPNS_ENQUEUE_MIN_REPLICAS": "x"}, "TPNS_ENQUEUE_MIN_REPLICAS", "whole number"),
+    ({"TPNS_ENQUEUE_WAIT_MS": "0"}, "TPNS_ENQUEUE_WAIT_MS", "from 1"),
     ({"TPNS_MAX_ITEMS_PER_CALL": "0"}, "TPNS_MAX_ITEMS_PER_CALL", "from 1 to 20"),
     ({"TPNS_MAX_ITEMS_PER_CALL": "21"}, "TPNS_MAX_ITEMS_PER_CALL", "from 1 to 20"),
     ({"TPNS_MAX_ITEMS_PER_CALL": "ten"}, "TPNS_MAX_ITEMS_PER_CALL", "whole number"),
@@ -104,3 +108,14 @@ def test_health_names_a_bad_setting_rather_than_blaming_redis(monkeypatch: pytes
     result = CliRunner().invoke(main, ["health"])
     assert result.exit_code == 1
     assert result.stdout.strip() == "unhealthy: configuration: TPNS_LINGER_MS: must be from 0 to 3600000, got -4"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://user:pw@h/0", "redis://user:***@h/0"),
+    ("sentinel://:pw@s1:26379,s2/m/0?sentinel_password=spw&ssl=true",
+     "sentinel://:***@s1:26379,s2/m/0?sentinel_password=***&ssl=true"),
+    ("unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=1"),
+])
+def test_redact_url_hides_every_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
