@@ -29,8 +29,9 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    """A ``redis-server`` of the test's own on a free port of 127.0.0.1, with its AOF
-    (``appendfsync always``: a kill loses nothing acknowledged) under ``directory``."""
+    """A ``redis-server`` of the test's own on a free port of 127.0.0.1, with its AOF under
+    ``directory`` configured as deploy/ runs Redis (``appendfsync everysec``: Redis writes the AOF
+    before it replies, so a kill of the process loses nothing acknowledged)."""
 
     def __init__(self, directory: Path, *args: str, password: str | None = None) -> None:
         self.directory = directory
@@ -55,7 +56,7 @@ class RedisProcess:
         self.proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--maxmemory-policy", "noeviction", *self.args],
+             "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", *self.args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 15
