@@ -185,7 +185,7 @@ def test_redis_out_of_memory_is_queue_full_and_nothing_is_half_written(
     admin = server.client()
     used = int(admin.info("memory")["used_memory"])  # type: ignore[index]
     admin.config_set("maxmemory", used + 400_000)
-    producer = make_producer(server.url, prefix)
+    producer = make_producer(server.url, prefix, TPNS_LINGER_MS="0")
     stored: list[str] = []
     try:
         caught = None
@@ -204,8 +204,18 @@ def test_redis_out_of_memory_is_queue_full_and_nothing_is_half_written(
         records = check_consistent(admin, prefix)
         assert set(records) == set(stored), "a refused intent left a record, or a stored one is missing"
         assert not set(caught.refused) & set(records)
-        # reads still work while full, and with room again enqueues do
+        # reads still work while full, and workers keep draining: claim and complete are not
+        # refused, so what was accepted still reaches TPNS
         assert producer.status(stored[0]) is not None
+        claim = producer.store.claim("default", 2)
+        assert claim.kind == "batch" and len(claim.items) == 20
+        done = producer.store.complete(claim.batch_id or "", [
+            {"id": item.id, "state": "succeeded"} for item in claim.items],
+            calls=1, items_sent=20, operator_type=2)
+        assert done.applied == 20
+        assert producer.store.reap() == (0, ())
+        check_consistent(admin, prefix)
+        # with room again, enqueues are taken
         admin.config_set("maxmemory", 0)
         assert producer.submit(op4(1)) is not None
         check_consistent(admin, prefix)

@@ -50,8 +50,10 @@ if wait > 0 then
   return {'wait', wait}
 end
 
-local batch_id = 'b' .. redis.call('INCR', P .. 'seq')
+-- LPOP first: under Redis's maxmemory only a script's first write may be refused (OOM), and
+-- LPOP is never, so workers keep draining while producers get queue_full
 local ids = redis.call('LPOP', qk, max_items)
+local batch_id = 'b' .. redis.call('INCR', P .. 'seq')
 local items, taken, seen, back = {}, {}, {}, {}
 for _, id in ipairs(ids) do
   local rec = load(id)
