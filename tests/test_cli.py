@@ -38,18 +38,30 @@ def run(args: list[str], url: str, tmp_path: Path, stdin: str = "",
                           env=clean, cwd=tmp_path, timeout=60)
 
 
-@pytest.mark.parametrize("args", [["status", "line-0"], ["wait", "line-0", "--timeout", "1"],
-                                  ["stats"], ["stats", "--json"], ["requeue-failed"]])
-def test_every_reading_command_exits_3_with_one_line(dead_redis: RedisProcess, tmp_path: Path,
-                                                     args: list[str]) -> None:
-    done = run(args, dead_redis.url, tmp_path)
-    assert done.returncode == 3, done.stderr
-    assert done.stdout == ""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
+def check_one_line(code: int, stdout: str, stderr: str) -> None:
+    assert code == 3, stderr
+    assert stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("error: Redis at redis://:***@127.0.0.1:")
     assert "unavailable: ConnectionError" in lines[0]
-    assert PASSWORD not in done.stderr
+    assert PASSWORD not in stderr
+
+
+def test_status_exits_3_with_one_line_and_no_traceback(dead_redis: RedisProcess,
+                                                       tmp_path: Path) -> None:
+    done = run(["status", "line-0"], dead_redis.url, tmp_path)  # a real process
+    check_one_line(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("args", [["wait", "line-0", "--timeout", "1"], ["stats"],
+                                  ["stats", "--json"], ["requeue-failed"]])
+def test_every_other_reading_command_exits_3_with_one_line(
+        dead_redis: RedisProcess, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.setenv("REDIS_URL", dead_redis.url)
+    monkeypatch.delenv("TPNS_CONFIG_FILE", raising=False)
+    done = CliRunner().invoke(main, args, catch_exceptions=False)
+    check_one_line(done.exit_code, done.stdout, done.stderr)
 
 
 def test_enqueue_exits_3_and_names_every_line_not_stored(dead_redis: RedisProcess,

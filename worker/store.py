@@ -82,7 +82,7 @@ class Round:
     #: replicas that acknowledged the round (``WAIT``), None when not asked
     replicas: int | None = None
     #: why the round failed (the first error); nothing after a failed round was sent
-    error: redis.RedisError | None = None
+    error: Exception | None = None
     #: whether the round may have reached Redis (False: its connection could not be made)
     sent: bool = False
 
@@ -226,7 +226,7 @@ class Store:
                         break
                     # a restarted server lost its scripts (then none of the calls ran): load, redo
                     self.redis.script_load(self._scripts["enqueue"].script)
-            except redis.RedisError as exc:
+            except (redis.RedisError, OSError) as exc:
                 yield Round(start, len(block), error=exc, sent=sent)
                 return
             done = self._round(start, block, calls, replies, min_replicas)
@@ -241,7 +241,7 @@ class Store:
         anything (OOM, READONLY, MISCONF) gives ``NOT_WRITTEN``, any other error ``UNKNOWN``."""
         codes: list[int] = []
         wakes: list[Wake] = []
-        error: redis.RedisError | None = None
+        error: Exception | None = None
         for args, reply in zip(calls, replies, strict=False):
             if isinstance(reply, redis.RedisError):
                 error = error or reply
