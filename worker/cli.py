@@ -76,7 +76,7 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
     Needs TPNS credentials, or an explicit TPNS_BASE_URL such as a sandbox's URL.
     """
     from .celery_app import make_celery
-    from .embedded import resolve_redis_url
+    from .embedded import guard_embedded, resolve_redis_url
     from .logs import setup_logging
     from .tasks import make_store
 
@@ -87,6 +87,7 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
     except ConfigError as exc:
         raise click.ClickException(f"configuration: {exc}") from None
     setup_logging(settings.log_format)
+    guard_embedded(settings.redis_url, settings.data_dir)  # restarts the embedded Redis if it dies
     app = make_celery(settings, redis_url, with_tasks=True)
     store = make_store(settings, redis_url, settings.prefix)
     store.register_apps(settings.apps)

@@ -465,6 +465,7 @@ def serve_command(host: str, port: int) -> None:
     """
     import uvicorn
 
+    from .embedded import guard_embedded
     from .logs import setup_logging
 
     try:
@@ -473,6 +474,7 @@ def serve_command(host: str, port: int) -> None:
     except ConfigError as exc:
         raise click.ClickException(f"configuration: {exc}") from None
     setup_logging(settings.log_format)
+    guard_embedded(settings.redis_url, settings.data_dir)  # restarts the embedded Redis if it dies
     if settings.api_token is None and not _is_loopback(host):
         logger.warning("serving on %s without TPNS_API_TOKEN: anyone who can reach it may "
                        "enqueue intents", host)
