@@ -83,11 +83,13 @@ class WorkerProcess:
             self._log_file = None
 
 
-def product_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
-    """The settings every party of a test shares (prefix, Redis, a short linger and lease)."""
-    env = {"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix, "TPNS_LINGER_MS": "50",
-           "TPNS_LEASE_S": "3",
+def product_env(redis_url: str | None, prefix: str, **extra: str) -> dict[str, str]:
+    """The settings every party of a test shares (prefix, Redis, a short linger and lease).
+    ``redis_url`` None: no ``REDIS_URL``, the embedded Redis of ``TPNS_DATA_DIR``."""
+    env = {"TPNS_REDIS_PREFIX": prefix, "TPNS_LINGER_MS": "50", "TPNS_LEASE_S": "3",
            "TPNS_HTTP_TIMEOUT_S": "0.75"}
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
     env.update(extra)
     return env
 
@@ -113,12 +115,13 @@ class Launcher:
         self.request = request
         self.started: list[WorkerProcess] = []
 
-    def start(self, redis_url: str, prefix: str, sandbox: SandboxServer, name: str = "w1",
+    def start(self, redis_url: str | None, prefix: str, sandbox: SandboxServer, name: str = "w1",
               concurrency: int = 2, **env_extra: str) -> WorkerProcess:
-        """One worker on ``redis_url`` (store and, unless ``CELERY_BROKER_URL`` is given, broker)."""
+        """One worker on ``redis_url`` (store and, unless ``CELERY_BROKER_URL`` is given, broker);
+        None: the embedded Redis of ``TPNS_DATA_DIR`` (give a short one: it holds a socket)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRODUCT_VARS)}
-        env.update(product_env(redis_url, prefix, TPNS_BASE_URL=sandbox.url,
-                               TPNS_DATA_DIR=str(self.tmp_path / "data"), **env_extra))
+        env_extra = {"TPNS_DATA_DIR": str(self.tmp_path / "data"), **env_extra}
+        env.update(product_env(redis_url, prefix, TPNS_BASE_URL=sandbox.url, **env_extra))
         log_path = self.tmp_path / f"{name}-{len(self.started)}.log"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
