@@ -307,8 +307,10 @@ def test_the_guard_starts_a_killed_server_again_by_itself_with_its_data(
     client.close()
     the_server(data_dir)
     assert starts(data_dir) == 3
+    # one line per restart; a server killed again before its starter saw it answer is started
+    # again within the same call, under one line
     restarts = [r for r in caplog.records if "started it again" in r.getMessage()]
-    assert len(restarts) == 2 and all(r.levelno == logging.WARNING for r in restarts)
+    assert 1 <= len(restarts) <= 2 and all(r.levelno == logging.WARNING for r in restarts)
 
 
 def _free_port() -> int:
