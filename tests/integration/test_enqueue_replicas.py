@@ -29,7 +29,8 @@ PREFIX = "tpnstest:replicas:"
 @pytest.fixture
 def primary_and_replica(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess, str]]:
     """(primary, replica, sentinel URL)."""
-    primary = RedisProcess(tmp_path / "primary").start()
+    # no 5 s wait for more replicas before a full sync (the default of Redis 7)
+    primary = RedisProcess(tmp_path / "primary", "--repl-diskless-sync-delay", "0").start()
     replica = RedisProcess(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
     sentinel_dir = tmp_path / "sentinel"
     sentinel_dir.mkdir()
@@ -83,3 +84,22 @@ def test_an_enqueue_waits_for_a_replica_and_is_in_doubt_without_one(
         producer.close()
     client: redis.Redis = primary.client()
     assert client.exists(f"{PREFIX}i:{exc.in_doubt[0]}") == 1
+
+
+def test_a_read_only_replica_refuses_the_whole_call(
+        primary_and_replica: tuple[RedisProcess, RedisProcess, str]) -> None:
+    """What a producer meets after a failover when it still talks to the demoted primary: Redis
+    answers READONLY at the script's first write, so nothing was written and nothing is in doubt."""
+    _, replica, _ = primary_and_replica
+    settings = Settings.from_env({"REDIS_URL": replica.url, "TPNS_REDIS_PREFIX": PREFIX})
+    producer = Producer(replica.url, PREFIX, settings=settings, wake=lambda wakes: None)
+    try:
+        with pytest.raises(StoreUnavailableError) as caught:
+            producer.submit_many([{"operator_type": 4, "token": f"r{k}"} for k in range(3)])
+    finally:
+        producer.close()
+    exc = caught.value
+    assert type(exc) is StoreUnavailableError
+    assert "read only replica" in str(exc)
+    assert exc.stored == [] and exc.in_doubt == [] and len(exc.refused) == 3
+    assert list(replica.client().scan_iter(match=f"{PREFIX}*")) == []
