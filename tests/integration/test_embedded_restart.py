@@ -353,6 +353,7 @@ def _progress(producer: Producer) -> tuple[int, int]:
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(400)  # ~30 s when it passes; the waits below name what never happened
 def test_a_running_worker_starts_its_killed_embedded_redis_again_and_the_drain_completes(
         data_dir: Path, sandbox: SandboxServer, launcher: Launcher) -> None:
     sandbox.configure(latency_ms=150)
@@ -368,17 +369,19 @@ def test_a_running_worker_starts_its_killed_embedded_redis_again_and_the_drain_c
         for done_before_kill in (100, 300):
             def under_way(n: int = done_before_kill) -> bool:
                 done, in_flight = _progress(producer)
-                return done >= n and in_flight > 0
+                return (done >= n and in_flight > 0) or worker.proc.poll() is not None
             wait_until(under_way, 120, message=lambda: f"progress: {_progress(producer)}")
+            assert worker.proc.poll() is None, f"the worker exited ({worker.proc.returncode})"
             old = kill_server(data_dir)
             # no command runs meanwhile: only the worker's guard can start it
             wait_until(functools.partial(restarted_after, data_dir, old), 60,
                        message=lambda: f"the worker started the server again; log:\n"
                                        f"{worker.log()[-3000:]}")
-        wait_until(lambda: _progress(producer) == (len(intents), 0), 180,
+        wait_until(lambda: _progress(producer) == (len(intents), 0)
+                   or worker.proc.poll() is not None, 180,
                    message=lambda: f"all {len(intents)} terminal: {_progress(producer)}")
 
-        assert worker.proc.poll() is None, "the worker process exited"
+        assert worker.proc.poll() is None, f"the worker exited ({worker.proc.returncode})"
         assert worker.log().count("started it again") == 2
         assert starts(data_dir) == 3
         the_server(data_dir)
