@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import redis
 from redis.sentinel import SentinelConnectionPool
@@ -13,6 +15,7 @@ from worker.connections import (
     parse_sentinel_url,
     redis_client,
 )
+from worker.embedded import start_private
 from worker.errors import ConfigError
 
 
@@ -127,3 +130,20 @@ def test_redis_client_plain(redis_url: str) -> None:
         assert client.ping()
     finally:
         client.close()
+
+
+def test_redis_client_unix_socket_takes_the_tcp_options_it_cannot_use(tmp_path: Path) -> None:
+    # a worker's store asks for TCP keepalive; on the embedded Redis's unix socket redis-py's
+    # connection class would refuse the option at the first command
+    proc, url = start_private(tmp_path / "r")
+    try:
+        client = redis_client(url, socket_keepalive=True, socket_keepalive_options={},
+                              socket_timeout=5)
+        try:
+            assert url.startswith("unix://")
+            assert client.ping()
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

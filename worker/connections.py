@@ -37,6 +37,8 @@ _CERT_REQS = {"required": "required", "cert_required": "required",
               "optional": "optional", "cert_optional": "optional",
               "none": "none", "cert_none": "none"}
 _TRUE = ("1", "true", "yes", "on")
+#: connection options of TCP alone, dropped for a unix socket (the embedded Redis)
+_TCP_ONLY = ("socket_keepalive", "socket_keepalive_options")
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,9 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
         return master
     if scheme == "rediss":
         url = _with_cert_reqs(url)
-    elif scheme not in ("redis", "unix"):
+    elif scheme == "unix":  # redis-py's unix socket connection refuses the TCP-only options
+        kwargs = {k: v for k, v in kwargs.items() if k not in _TCP_ONLY}
+    elif scheme != "redis":
         raise ConfigError("REDIS_URL", "must start with redis://, rediss://, unix:// or sentinel://")
     return redis.Redis.from_url(url, **kwargs)
 
