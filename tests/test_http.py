@@ -124,12 +124,13 @@ RULES: list[tuple[str, Any, str]] = [
     ("phone not E.164", {"operator_type": 2, "token": "t",
                          "account_list": [{"account": "13711112222", "account_type": 1002}]},
      "account_list[0].account"),
-    ("account repeated", {"operator_type": 2, "token": "t",
-                          "account_list": [{"account": "u"}, {"account": "u"}]},
-     "account_list[1]"),
+    ("account_type a float", {"operator_type": 2, "token": "t",
+                              "account_list": [{"account": "u"}, {"account": "v", "account_type": 1.0}]},
+     "account_list[1].account_type"),
+    ("token a lone surrogate", {"operator_type": 4, "token": "\ud800"}, "token"),
     ("op 5 without account", {"operator_type": 5}, "account"),
     ("op 5 with a token", {"operator_type": 5, "account": "u", "token": "t"}, "token"),
-    ("op 5 bad account_type", {"operator_type": 5, "account": "u", "account_type": 1001},
+    ("op 5 bad account_type", {"operator_type": 5, "account": "u", "account_type": 1016},
      "account_type"),
     ("unknown app", {**OP4, "app": "nope"}, "app"),
     ("bad id", {**OP4, "id": "has space"}, "id"),
@@ -150,7 +151,8 @@ def test_each_rule_of_spec_4_is_refused_naming_the_field(
         assert refused.value.field == field, name
         expected.append({"index": k, "line": None, "field": field,
                          "reason": refused.value.reason})
-    r = client.post("/v1/intents", json=[intent for _, intent, _ in RULES] + [OP4])
+    # ASCII JSON: a lone surrogate travels as the escape \ud800, as any JSON encoder writes it
+    r = post_jsonl(client, json.dumps([intent for _, intent, _ in RULES] + [OP4]), "application/json")
     assert r.status_code == 200
     body = r.json()
     assert body["ids"][:-1] == [None] * len(RULES) and body["ids"][-1] is not None
@@ -201,7 +203,6 @@ BAD_BODIES: list[tuple[str, bytes, str, int]] = [
     ("JSON Lines sent as JSON", b'{"operator_type": 4}\n{"operator_type": 4}',
      "application/json", 400),
     ("not UTF-8", b'{"operator_type": 4, "token": "\xff"}', "application/json", 400),
-    ("not UTF-8 lines", b'{"operator_type": 4, "token": "\xff"}', "application/x-ndjson", 400),
     ("a JSON string", b'"intent"', "application/json", 400),
     ("an empty array", b"[]", "application/json", 400),
     ("nested too deeply", b"[" * 200_000 + b"]" * 200_000, "application/json", 400),
@@ -214,6 +215,19 @@ BAD_BODIES: list[tuple[str, bytes, str, int]] = [
     ("too many lines", (json.dumps(OP4) + "\n").encode() * (MAX_INTENTS + 1),
      "application/x-ndjson", 413),
 ]
+
+
+def test_a_json_lines_line_that_is_not_utf8_is_refused_alone(http: tuple[httpx.Client, Producer]) -> None:
+    client, producer = http
+    body = b'\xef\xbb\xbf{"operator_type": 4, "token": "a"}\r\n{"operator_type": 4, "token": "\xff"}\r\n' \
+           b'{"operator_type": 4, "token": "c"}\r\n'
+    r = post_jsonl(client, body)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["refused"] == 1 and out["ids"][1] is None
+    assert out["errors"] == [{"index": 1, "line": 2, "field": "json", "reason": out["errors"][0]["reason"]}]
+    assert "UTF-8" in out["errors"][0]["reason"]
+    assert [s.token for s in producer.statuses([out["ids"][0], out["ids"][2]])] == ["a", "c"]  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("body", "content_type", "status"),

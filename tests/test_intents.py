@@ -40,8 +40,8 @@ INVALID: list[tuple[Any, str, str]] = [
      "account_list[0].account", "required"),
     ({"operator_type": 2, "token": T, "account_list": [{"account": "u", "x": 1}]},
      "account_list[0].x", "not an allowed field"),
-    ({"operator_type": 2, "token": T, "account_list": [{"account": "u"}, {"account": "u"}]},
-     "account_list[1]", "repeats"),
+    ({"operator_type": 2, "token": T, "account_list": [{"account": "u"}, {"account": "u", "account_type": 1.0}]},
+     "account_list[1].account_type", "must be an integer, not a float"),
     ({"operator_type": 4, "token": ""}, "token", "empty"),
     ({"operator_type": 4, "token": 42}, "token", "string"),
     ({"operator_type": 4, "token": "x" * 65}, "token", "64 bytes"),
@@ -59,7 +59,9 @@ INVALID: list[tuple[Any, str, str]] = [
     ({"operator_type": 5, "account": "a\nb"}, "account", "control"),
     ({"operator_type": 5, "account": 7}, "account", "string"),
     ({"operator_type": 5, "account": "u", "account_type": 17}, "account_type", "not a TPNS account type"),
-    ({"operator_type": 5, "account": "u", "account_type": 1001}, "account_type", "not a TPNS account type"),
+    ({"operator_type": 5, "account": "u", "account_type": 988}, "account_type", "not a TPNS account type"),
+    ({"operator_type": 5, "account": "u", "account_type": 1016}, "account_type", "not a TPNS account type"),
+    ({"operator_type": 5, "account": "u", "account_type": float("nan")}, "account_type", "integer"),
     ({"operator_type": 5, "account": "u", "account_type": "0"}, "account_type", "integer"),
     ({"operator_type": 5, "account": "u", "account_type": False}, "account_type", "integer"),
     ({"operator_type": 5, "account": "13711112222", "account_type": 1002}, "account", "E.164"),
@@ -67,11 +69,31 @@ INVALID: list[tuple[Any, str, str]] = [
     ({"operator_type": 5, "account": "+1234567890123456", "account_type": 1002}, "account", "E.164"),
     ({"operator_type": 2, "token": T, "account_list": [{"account": "+86 137", "account_type": 1002}]},
      "account_list[0].account", "E.164"),
+    ({"operator_type": 1.0, "token": T}, "operator_type", "must be an integer from 1 to 5, not a float"),
+    ({"operator_type": 4, "token": "\ud800"}, "token", "valid Unicode"),
+    ({"operator_type": 4, "token": "a\x00"}, "token", "control"),
+    ({"operator_type": 5, "account": "x\udfff"}, "account", "valid Unicode"),
+    ({"operator_type": 4, "token": T, "app": "\ud800"}, "app", "valid Unicode"),
+    ({"operator_type": 4, "token": T, "id": "a\n"}, "id", "characters"),
+    ({"operator_type": 4, "token": T, "\ud800": "x"}, "\\ud800", "not a known field"),
+    ({"operator_type": 2, "token": T, "account_list": [{"account": f"u{i % 21}"} for i in range(42)]},
+     "account_list", "at most 20"),
     ({"operator_type": 4, "token": T, "app": "windows"}, "app", "not a configured app"),
     ({"operator_type": 4, "token": T, "app": ""}, "app", "non-empty"),
     ({"operator_type": 4, "token": T, "id": ""}, "id", "non-empty"),
     ({"operator_type": 4, "token": T, "id": "a/b"}, "id", "characters"),
     ({"operator_type": 4, "token": T, "id": "x" * 65}, "id", "64"),
+]
+
+#: refusals only a Python caller can meet (JSON has no such values)
+PY_INVALID: list[tuple[Any, str, str]] = [
+    ({"operator_type": 5, "account": "u", "account_type": 10**5000}, "account_type", "not a TPNS account type"),
+    ({"operator_type": 10**5000, "token": T}, "operator_type", "1 to 5"),
+    ({"operator_type": 4, "token": T, 7: "x"}, "intent", "field names must be strings"),
+    ({"operator_type": 2, "token": T, "account_list": [{"account": "u", ("k",): 1}]}, "account_list[0]",
+     "field names must be strings"),
+    (b'{"operator_type": 4}', "intent", "JSON object"),
+    ({"operator_type": 4, "token": b"t"}, "token", "string"),
 ]
 
 VALID: list[tuple[dict[str, Any], Intent]] = [
@@ -88,10 +110,23 @@ VALID: list[tuple[dict[str, Any], Intent]] = [
     ({"operator_type": 2, "token": "x" * 64, "account_list": [{"account": "ü" * 100, "account_type": 16}],
       "app": "ios"}, Intent(2, "x" * 64, (Account("ü" * 100, 16),), app="ios")),
     ({"operator_type": 5, "account": "12345", "account_type": 991}, Intent(5, None, (Account("12345", 991),))),
+    ({"operator_type": 5, "account": "u", "account_type": 989}, Intent(5, None, (Account("u", 989),))),
+    ({"operator_type": 5, "account": "u", "account_type": 1001}, Intent(5, None, (Account("u", 1001),))),
+]
+
+#: exact repeats of an (account, account_type) are collapsed, first kept; other repeats are not repeats
+COLLAPSED: list[tuple[list[dict[str, Any]], tuple[Account, ...]]] = [
+    ([{"account": "u"}, {"account": "u"}], (Account("u"),)),
+    ([{"account": "u"}, {"account": "u", "account_type": 0}], (Account("u"),)),
+    ([{"account": "u", "account_type": 1}, {"account": "v"}, {"account": "u", "account_type": 1}],
+     (Account("u", 1), Account("v"))),
+    ([{"account": "u", "account_type": 1}, {"account": "u", "account_type": 2}], (Account("u", 1), Account("u", 2))),
+    ([{"account": f"u{i % 20}"} for i in range(60)], tuple(Account(f"u{i}") for i in range(20))),
 ]
 
 
-@pytest.mark.parametrize(("obj", "field", "word"), INVALID, ids=[f"{f}:{w}" for _, f, w in INVALID])
+@pytest.mark.parametrize(("obj", "field", "word"), INVALID + PY_INVALID,
+                         ids=[f"{f}:{w}" for _, f, w in INVALID + PY_INVALID])
 def test_each_rule_refuses_with_the_field_and_the_rule(obj: Any, field: str, word: str) -> None:
     with pytest.raises(IntentError) as caught:
         validate(obj, apps={"default", "ios"})
@@ -105,6 +140,29 @@ def test_valid_intents_are_accepted_as_given(obj: dict[str, Any], expected: Inte
     intent = validate(obj, apps={"default", "ios"})
     assert intent == expected
     assert validate(intent.to_json(), apps={"default", "ios"}) == intent
+
+
+@pytest.mark.parametrize(("accounts", "expected"), COLLAPSED)
+def test_exact_repeats_in_an_account_list_are_collapsed_first_kept(
+        accounts: list[dict[str, Any]], expected: tuple[Account, ...]) -> None:
+    intent = validate({"operator_type": 2, "token": T, "account_list": accounts})
+    assert intent.accounts == expected
+
+
+def test_any_python_object_is_refused_with_an_intent_error_only() -> None:
+    class Hostile(dict):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            raise RuntimeError("boom")
+
+    class Sneaky(str):
+        def __str__(self) -> str:
+            return "not what was checked"
+
+    for obj in (None, 1, 1.5, float("inf"), "x", b"x", {1, 2}, [{}], object(), Hostile(operator_type=4)):
+        with pytest.raises(IntentError):
+            validate(obj)
+    intent = validate({"operator_type": 4, "token": Sneaky("tok")})
+    assert intent.token == "tok" and type(intent.token) is str
 
 
 def _settings(redis_url: str, prefix: str, **extra: str) -> Settings:
@@ -125,7 +183,7 @@ def _keys(rconn: redis.Redis, prefix: str) -> list[str]:
     return sorted(set(rconn.scan_iter(match=f"{prefix}*")))  # SCAN may return a key twice
 
 
-@pytest.mark.parametrize(("obj", "field", "word"), INVALID[:12] + INVALID[-8:])
+@pytest.mark.parametrize(("obj", "field", "word"), INVALID[:12] + INVALID[-8:] + PY_INVALID)
 def test_the_python_api_stores_nothing_for_a_refused_intent(
         producer: Producer, rconn: redis.Redis, prefix: str, obj: Any, field: str, word: str) -> None:
     with pytest.raises(IntentError) as caught:

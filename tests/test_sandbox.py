@@ -270,7 +270,8 @@ INVALID = [
      1008007),
     ({"operator_type": 2, "token_accounts": [{"token": "t1", "account_list": ["u1"]}]}, 1008007),
     ({"operator_type": 2, "token_accounts": [ta("t1", ("u1", 17))]}, 1008007),
-    ({"operator_type": 2, "token_accounts": [ta("t1", ("u1", 1001))]}, 1008007),
+    ({"operator_type": 2, "token_accounts": [ta("t1", ("u1", 988))]}, 1008007),
+    ({"operator_type": 2, "token_accounts": [ta("t1", ("u1", 1016))]}, 1008007),
     ({"operator_type": 2, "token_accounts": [ta("t1", ("u1", -1))]}, 1008007),
     ({"operator_type": 2, "token_accounts": [ta("t1", ("u1", True))]}, 1008007),
     ({"operator_type": 2, "token_accounts": [
@@ -301,7 +302,7 @@ def test_invalid_calls_get_the_service_code(sandbox: SandboxServer, http: reques
                                                ("12345", 991), ("u1", 1015))]},
     {"operator_type": 2, "token_accounts": _tas(20)},
     {"operator_type": 2, "token_accounts": [ta("t1", *[(f"u{i}", i) for i in range(17)],
-                                               ("u", 991), ("u", 992), ("u", 997))]},
+                                               ("u", 989), ("u", 1001), ("u", 997))]},
     {"operator_type": 5, "account_list": [{"account": f"u{i}"} for i in range(20)]},
 ])
 def test_valid_edge_cases_are_accepted(sandbox: SandboxServer, http: requests.Session,

@@ -13,7 +13,7 @@ from typing import IO, Any, NoReturn
 import click
 
 from .errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
-from .intents import iter_lines, parse_line
+from .jsonin import decode_line, iter_lines
 from .settings import Settings
 
 #: lines read and enqueued per round of ``enqueue``
@@ -123,13 +123,14 @@ def _start_heartbeat(store: Any, settings: Settings) -> None:
     threading.Thread(target=beat, name="tpns-heartbeat", daemon=True).start()
 
 
-def _read_batches(stream: IO[str]) -> Iterator[tuple[list[int], list[Any], list[IntentError]]]:
+def _read_batches(stream: IO[bytes]) -> Iterator[tuple[list[int], list[Any], list[IntentError]]]:
+    """Lines read as bytes, one at a time (any size, stdin too), each decoded on its own."""
     numbers: list[int] = []
     objs: list[Any] = []
     bad: list[IntentError] = []
     for number, line in iter_lines(stream):
         try:
-            objs.append(parse_line(line, number))
+            objs.append(decode_line(line, number))
             numbers.append(number)
         except IntentError as exc:
             bad.append(exc)
@@ -141,14 +142,15 @@ def _read_batches(stream: IO[str]) -> Iterator[tuple[list[int], list[Any], list[
 
 
 @main.command()
-@click.argument("source", type=click.File("r", encoding="utf-8"))
-def enqueue(source: IO[str]) -> None:
+@click.argument("source", type=click.File("rb"))
+def enqueue(source: IO[bytes]) -> None:
     """Enqueue JSON Lines from SOURCE (a file, or - for stdin).
 
     Prints one id per accepted line, in input order, to stdout; each refused line goes to stderr
     as ``line N: reason``. Exits 1 if any line was refused. If Redis becomes unreachable (or
     refuses new intents: queue_full), the stored ids are printed as usual, the lines in doubt
-    and those not stored are named on stderr, and the exit status is 3.
+    and those not stored are named on stderr, and the exit status is 3. A UTF-8 BOM and CRLF
+    line ends are accepted; a line that is not valid UTF-8 or JSON is refused on its own.
     """
     producer = _producer()
     refused = 0

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +49,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
-from .intents import parse_line
+from .intents import is_id
+from .jsonin import BOM, MAX_DEPTH, decode_line, iter_lines, loads, split_lines
 from .metrics import make_registry, render
 from .overview import WORKER_TTL_S, read_overview
 from .page import render_page
@@ -105,29 +105,27 @@ def parse_body(body: bytes, kind: str, max_items: int = MAX_INTENTS) -> ParsedBo
     """Decode a request body of media type ``kind`` into items; raises ``BodyError``.
 
     A JSON document must be an object (one intent) or a non-empty array (one intent per element).
-    JSON Lines skips blank lines and counts physical lines from 1; a line that is not JSON is
-    refused on its own, like a line of ``tpns-batcher enqueue``.
+    JSON Lines skips blank lines and counts physical lines from 1; a line that is not UTF-8 or
+    not JSON is refused on its own, like a line of ``tpns-batcher enqueue`` (same decoder).
     """
+    if kind in JSON_TYPES:
+        return _parse_json(body, max_items)
+    return _parse_json_lines(body, max_items)
+
+
+def _parse_json(body: bytes, max_items: int) -> ParsedBody:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BodyError(400, f"the body is not UTF-8 (byte {exc.start})") from None
-    text = text.removeprefix("\ufeff")
+        raise BodyError(400, f"the body is not UTF-8 (byte {exc.start + 1})") from None
+    text = text.removeprefix(BOM)
     if not text.strip():
         raise BodyError(400, "the body is empty")
-    if kind in JSON_TYPES:
-        return _parse_json(text, max_items)
-    return _parse_json_lines(text, max_items)
-
-
-def _parse_json(text: str, max_items: int) -> ParsedBody:
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BodyError(400, f"the body is not valid JSON ({exc.msg} at line {exc.lineno} "
-                             f"column {exc.colno})") from None
-    except RecursionError:
-        raise BodyError(400, "the body is nested too deeply") from None
+        # one level more than a line: the array around the intents
+        doc = loads(text, max_depth=MAX_DEPTH + 1)
+    except IntentError as exc:
+        raise BodyError(400, f"the body is {exc.rule}") from None
     if isinstance(doc, dict):
         doc = [doc]
     if not isinstance(doc, list):
@@ -139,26 +137,23 @@ def _parse_json(text: str, max_items: int) -> ParsedBody:
     return ParsedBody(count=len(doc), objs=doc, positions=list(range(len(doc))))
 
 
-def _parse_json_lines(text: str, max_items: int) -> ParsedBody:
+def _parse_json_lines(body: bytes, max_items: int) -> ParsedBody:
     parsed = ParsedBody(lines=[])
     assert parsed.lines is not None
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for number, line in iter_lines(split_lines(body)):
         index = parsed.count
         parsed.count += 1
         if parsed.count > max_items:
             raise BodyError(413, f"at most {max_items} intents per request")
         parsed.lines.append(number)
         try:
-            parsed.objs.append(parse_line(line, number))
+            parsed.objs.append(decode_line(line, number))
             parsed.positions.append(index)
         except IntentError as exc:
             parsed.refused[index] = exc
-        except RecursionError:
-            parsed.refused[index] = IntentError("json", "nested too deeply", number)
     if not parsed.count:
-        raise BodyError(400, "the body holds no intents (only blank lines)")
+        raise BodyError(400, "the body is empty" if not body.strip() else
+                             "the body holds no intents (only blank lines)")
     return parsed
 
 
@@ -208,7 +203,7 @@ def unavailable_response(exc: StoreUnavailableError,
 async def read_limited(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The request body, or ``BodyError(413)`` as soon as it is known to exceed ``limit``."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise BodyError(413, f"the body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -284,7 +279,8 @@ def create_app(producer: Producer, settings: Settings) -> Starlette:
             return unavailable_response(exc, parsed)
 
     def get_intent(request: Request) -> Response:
-        st = producer.status(request.path_params["intent_id"])
+        intent_id = request.path_params["intent_id"]
+        st = producer.status(intent_id) if is_id(intent_id) else None
         if st is None:
             return JSONResponse({"error": "not found"}, status_code=404)
         return JSONResponse(st.to_dict())
@@ -304,7 +300,7 @@ def create_app(producer: Producer, settings: Settings) -> Starlette:
 
     def status_page(request: Request) -> Response:
         intent_id = request.query_params.get("id", "").strip() or None
-        status = producer.status(intent_id) if intent_id else None
+        status = producer.status(intent_id) if intent_id and is_id(intent_id) else None
         figures = read_overview(producer.store, producer.apps())
         html = render_page(figures, intent_id, status.to_dict() if status else None)
         code = 404 if intent_id and status is None else 200

@@ -193,7 +193,10 @@ class Producer:
 
         With ``strict=True`` the first invalid intent raises ``IntentError`` and nothing is stored.
         """
-        items = list(intents)
+        try:
+            items = list(intents)
+        except TypeError:
+            raise IntentError("intents", "must be an iterable of intents") from None
         if strict:
             for obj in items:
                 self.validate(obj)
@@ -206,7 +209,10 @@ class Producer:
         Raises ``StoreUnavailableError`` (``QueueFullError`` for back-pressure) when Redis did
         not take all of them; its ``result`` is this call's ``BulkResult`` so far.
         """
-        items = list(intents)
+        try:
+            items = list(intents)
+        except TypeError:
+            raise IntentError("intents", "must be an iterable of intents") from None
         result = BulkResult()
         try:
             apps = self.apps()
@@ -361,7 +367,7 @@ class Producer:
 
 def _given_id(obj: Any) -> str | None:
     """The ``id`` an unread intent carries, if it is a plain string (for error reports only)."""
-    intent_id = obj.get("id") if isinstance(obj, dict) else None
+    intent_id = dict.get(obj, "id") if isinstance(obj, dict) else None
     return intent_id if isinstance(intent_id, str) else None
 
 
