@@ -13,8 +13,22 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from worker.embedded import start_private
+
+
+#: ``TPNS_TEST_PROFILE=extended`` runs the long fuzz profile; the default one is short and fixed:
+#: the same examples every run (derandomized, no example database), so a verdict never depends
+#: on luck. A test that costs more per example scales its own count with ``fuzz.examples``.
+PROFILE = "extended" if os.environ.get("TPNS_TEST_PROFILE") == "extended" else "default"
+settings.register_profile("default", derandomize=True, database=None, deadline=None,
+                          max_examples=100, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("extended", derandomize=False, database=None, deadline=None,
+                          max_examples=2000, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(PROFILE)
 
 
 def _reachable(url: str) -> bool:

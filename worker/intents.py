@@ -43,6 +43,8 @@ _FIELDS = {
     5: {"operator_type", "account", "account_type", "app", "id"},
 }
 _KNOWN = frozenset().union(*_FIELDS.values())
+#: a field that is not there (a JSON null is there, and is refused like any other wrong type)
+_ABSENT: Any = object()
 
 
 def _is_int(value: Any) -> bool:
@@ -130,7 +132,7 @@ def check_account_type(value: Any, field: str) -> int:
 
 def _account(account: Any, account_type: Any, field: str, type_field: str) -> Account:
     name = check_account(account, field)
-    kind = 0 if account_type is None else check_account_type(account_type, type_field)
+    kind = 0 if account_type is _ABSENT else check_account_type(account_type, type_field)
     if kind == PHONE_TYPE and not _E164.fullmatch(name):
         raise IntentError(field, "a phone number (account_type 1002) must be in E.164 form: "
                                  "+ then 6-15 digits")
@@ -152,7 +154,7 @@ def _account_list(value: Any) -> tuple[Account, ...]:
             raise IntentError(f"{where}.{shown(extra[0])}", "is not an allowed field of an account")
         if "account" not in fields:
             raise IntentError(f"{where}.account", "is required")
-        acc = _account(fields["account"], fields.get("account_type"), f"{where}.account",
+        acc = _account(fields["account"], fields.get("account_type", _ABSENT), f"{where}.account",
                        f"{where}.account_type")
         if acc in accounts:
             continue
@@ -168,7 +170,7 @@ def is_id(text: str) -> bool:
 
 
 def _check_id(intent_id: Any) -> str | None:
-    if intent_id is None:
+    if intent_id is _ABSENT:
         return None
     if not isinstance(intent_id, str) or not intent_id:
         raise IntentError("id", "must be a non-empty string")
@@ -203,12 +205,13 @@ def _validate(obj: Any, apps: Collection[str] | None, default_app: str) -> Inten
                     else "is not a known field")
             raise IntentError(shown(name), rule)
     app = _check_app(fields.get("app", default_app), apps)
-    intent_id = _check_id(fields.get("id"))
+    intent_id = _check_id(fields.get("id", _ABSENT))
     if op == 5:
         if "account" not in fields:
             raise IntentError("account", "is required with operator_type 5")
         accounts: tuple[Account, ...] = (
-            _account(fields["account"], fields.get("account_type"), "account", "account_type"),)
+            _account(fields["account"], fields.get("account_type", _ABSENT), "account",
+                     "account_type"),)
         token = None
     else:
         if "token" not in fields:
