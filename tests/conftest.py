@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, settings
 
 from worker.embedded import start_private
 
-
 #: ``TPNS_TEST_PROFILE=extended`` runs the long fuzz profile; the default one is short and fixed:
 #: the same examples every run (derandomized, no example database), so a verdict never depends
 #: on luck. A test that costs more per example scales its own count with ``fuzz.examples``.

@@ -69,18 +69,23 @@ def _string_field(intent: dict[str, Any]) -> str:
     return "account" if intent["operator_type"] == 5 else "token"
 
 
-#: one-rule breakages of a valid intent: name -> (intent, draw) -> raw line
-def _mutate(kind: str, intent: dict[str, Any], draw: st.DrawFn) -> bytes:
+def _mutate_op(kind: str, intent: dict[str, Any], draw: st.DrawFn) -> bytes:
     op = intent["operator_type"]
-    field = _string_field(intent)
     if kind == "op as string":
         return _with_op(intent, f'"{op}"')
     if kind == "huge int":
         return _with_op(intent, str(op) * draw(st.integers(19, 6000)))
     if kind == "float":
         return _with_op(intent, draw(st.sampled_from([f"{op}.0", f"{op}e0", f"{op}.5", f"{op}E+0"])))
-    if kind == "non-finite":
-        return _with_op(intent, draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])))
+    return _with_op(intent, draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])))
+
+
+#: one-rule breakages of a valid intent: name -> (intent, draw) -> raw line
+def _mutate(kind: str, intent: dict[str, Any], draw: st.DrawFn) -> bytes:
+    op = intent["operator_type"]
+    field = _string_field(intent)
+    if kind in ("op as string", "huge int", "float", "non-finite"):
+        return _mutate_op(kind, intent, draw)
     if kind == "lone surrogate":
         escape = draw(st.sampled_from(["\\ud800", "\\udfff", "\\udbff"]))
         return json.dumps({**intent, field: "x"}).replace('"x"', f'"x{escape}"', 1).encode()

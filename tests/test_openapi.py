@@ -1,0 +1,78 @@
+"""Schema-driven fuzzing of ``tpns-batcher serve`` from its own ``/openapi.json`` (schemathesis).
+
+Every route that answers and closes is called over a real socket with generated requests, with no
+token configured, and with ``TPNS_API_TOKEN`` set (both with the right bearer and with none).
+Checks: never a 5xx, the status code is one the document lists, and the body conforms to the
+response schema and its content type. The example count follows the hypothesis profile
+(``TPNS_TEST_PROFILE=extended`` runs many more).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from fuzz import examples
+from hypothesis import HealthCheck, settings
+from live_server import serving
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from worker.http import create_app, openapi_schema
+from worker.producer import Producer
+from worker.settings import Settings
+
+TOKEN = "s3cret-token-for-the-fuzz"
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
+
+
+
+@schemathesis.serializer("application/x-ndjson", "application/jsonl")
+def _json_lines(ctx: schemathesis.SerializationContext, value: Any) -> bytes:
+    """A JSON Lines body as its schema says: a string, sent as UTF-8 (surrogates kept as bytes)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.encode("utf-8", "surrogatepass")
+
+
+schema = schemathesis.openapi.from_dict(openapi_schema())
+
+
+@pytest.fixture(params=["open", "token", "no token sent"])
+def server(request: pytest.FixtureRequest, redis_url: str, prefix: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real server on the test's Redis and prefix; yields its URL and the headers to send."""
+    env = {"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix, "TPNS_LINGER_MS": "0"}
+    if request.param != "open":
+        env["TPNS_API_TOKEN"] = TOKEN
+    settings = Settings.from_env(env)
+    headers = {"Authorization": f"Bearer {TOKEN}"} if request.param == "token" else {}
+    with Producer(redis_url, prefix, settings=settings, wake=lambda wakes: None) as producer, \
+            serving(create_app(producer, settings)) as base:
+        producer.store.heartbeat("fuzz:1")  # a worker was seen: /healthz answers 200, not 503
+        yield base, headers
+
+
+def test_the_served_document_is_the_one_fuzzed(server: tuple[str, dict[str, str]]) -> None:
+    base, headers = server
+    r = httpx.get(f"{base}/openapi.json", headers=headers, timeout=10)
+    if r.status_code != 401:
+        assert r.status_code == 200 and r.json() == openapi_schema()
+
+
+@schema.parametrize()
+@settings(max_examples=examples(10, 300), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.filter_too_much])
+def test_every_route_answers_within_its_schema(case: schemathesis.Case,
+                                               server: tuple[str, dict[str, str]]) -> None:
+    base, headers = server
+    case.call_and_validate(base_url=base, headers={**(case.headers or {}), **headers}, checks=CHECKS,
+                           timeout=30)
