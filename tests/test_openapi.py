@@ -71,6 +71,7 @@ def test_the_served_document_is_the_one_fuzzed(server: tuple[str, dict[str, str]
 @settings(max_examples=examples(10, 300), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.filter_too_much])
+@pytest.mark.timeout(examples(180, 1800))
 def test_every_route_answers_within_its_schema(case: schemathesis.Case,
                                                server: tuple[str, dict[str, str]]) -> None:
     base, headers = server
