@@ -18,11 +18,12 @@ variable is set)::
 ``POST /v1/intents`` answers **200 whenever the body could be read**, with one result per item
 (``ids[k]`` is null where item ``k`` was refused, and ``errors`` says why): like the CLI's
 ``enqueue``, each item is accepted or refused on its own, so a partial refusal is not an HTTP
-error. Clients check ``refused``. 400 (empty or undecodable body), 413 (over the size or count
-limit) and 415 (content type) refuse the whole request; bad input never gets a 500. Redis being
-unreachable, or back-pressure (``queue_full``), is a 503 with ``Retry-After`` and a JSON error
-whose ``stored``, ``refused`` and ``in_doubt`` list the ids of the request's intents by fate; the
-server keeps serving, and the next request succeeds once Redis is back.
+error. Clients check ``refused``. In JSON Lines a line that is not UTF-8 or not JSON is one
+refused item; 400 (empty body, or a JSON document that cannot be read), 413 (over the size or
+count limit) and 415 (content type) refuse the whole request; bad input never gets a 500. Redis
+being unreachable, or back-pressure (``queue_full``), is a 503 with ``Retry-After`` and a JSON
+error whose ``stored``, ``refused`` and ``in_doubt`` list the ids of the request's intents by fate;
+the server keeps serving, and the next request succeeds once Redis is back.
 
 Every Redis call is blocking, so it runs in Starlette's threadpool (sync endpoints, or
 ``run_in_threadpool``): the event loop never waits on Redis.

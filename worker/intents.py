@@ -64,8 +64,8 @@ def shown(text: str) -> str:
     otherwise, so a message can always be printed or sent as UTF-8)."""
     cut = text[:_SHOWN_CHARS]
     if cut.isprintable() and not _has_surrogate(cut):
-        return cut + ("…" if len(text) > _SHOWN_CHARS else "")
-    return repr(cut)[1:-1] + ("…" if len(text) > _SHOWN_CHARS else "")
+        return cut + ("..." if len(text) > _SHOWN_CHARS else "")
+    return repr(cut)[1:-1] + ("..." if len(text) > _SHOWN_CHARS else "")
 
 
 def _not_int(value: Any) -> str:
