@@ -14,6 +14,10 @@ Why these settings (the intents live in Redis; a Celery message only says "flush
   two workers with beat only make the sweep's Redis lock skip the extra run.
 * The queue name and (on Redis) every broker key carry the product's prefix, so two deployments
   (or two tests) can share one Redis without seeing each other's wakes.
+* Outages (SPEC §3.7): the worker's consumer is ``worker.consumer.ResilientConsumer`` (reconnects
+  forever, at most 0.5 s apart, and survives kombu's cleanup bugs) and beat's scheduler logs a
+  broker outage once (``QuietScheduler``); publishing retries without a limit too. A Redis broker
+  gets a connect timeout, so a network cut (no RST) is noticed instead of waited on.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from .wakeup import SWEEP_TASK
 
 #: how often the sweep (lease reaper, retry and linger catch-up) runs
 SWEEP_INTERVAL_S = 1.0
+#: connect timeout of a Redis broker's sockets
+BROKER_CONNECT_TIMEOUT_S = 5.0
 
 
 def base_celery(name: str, broker_source: str, queue: str, key_prefix: str) -> Celery:
@@ -38,6 +44,7 @@ def base_celery(name: str, broker_source: str, queue: str, key_prefix: str) -> C
     transport: dict[str, Any] = {"visibility_timeout": 3600, **options}
     if is_redis_url(broker_source):
         transport["global_keyprefix"] = key_prefix
+        transport.setdefault("socket_connect_timeout", BROKER_CONNECT_TIMEOUT_S)
     app.conf.update(
         task_default_queue=queue,
         task_serializer="json",
@@ -60,7 +67,9 @@ def make_celery(settings: Settings, redis_url: str, prefix: str | None = None,
     app.conf.update(
         worker_prefetch_multiplier=1,
         task_time_limit=int(settings.lease_s + 30),
-        beat_scheduler="celery.beat:Scheduler",
+        beat_scheduler="worker.consumer:QuietScheduler",
+        worker_consumer="worker.consumer:ResilientConsumer",
+        broker_connection_max_retries=None,
         beat_schedule={
             "tpns-sweep": {"task": SWEEP_TASK, "schedule": SWEEP_INTERVAL_S},
         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -15,6 +16,9 @@ import click
 from .errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
 from .jsonin import decode_line, iter_lines
 from .settings import Settings
+from .store import UNREACHABLE
+
+logger = logging.getLogger(__name__)
 
 #: lines read and enqueued per round of ``enqueue``
 ENQUEUE_BATCH = 5000
@@ -90,8 +94,12 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
     guard_embedded(settings.redis_url, settings.data_dir)  # restarts the embedded Redis if it dies
     app = make_celery(settings, redis_url, with_tasks=True)
     store = make_store(settings, redis_url, settings.prefix)
-    store.register_apps(settings.apps)
+    try:
+        store.register_apps(settings.apps)
+    except UNREACHABLE as exc:  # the worker waits for Redis like after any outage
+        logger.warning("Redis unreachable at start (%s); waiting for it", type(exc).__name__)
     _start_heartbeat(store, settings)
+    watchdog = _start_watchdog(app, settings, redis_url, store)
     if metrics_port is not None:
         from .metrics import start_metrics_server
 
@@ -104,7 +112,13 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
         argv += ["--concurrency", str(DEFAULT_CONCURRENCY)]
     if not no_beat:
         argv.append("--beat")
-    app.worker_main(argv=argv + list(celery_args))
+    try:
+        code: int | None = app.start(argv=argv + list(celery_args))
+    finally:
+        watchdog.stop()
+    # app.worker_main() drops Celery's exit status: an "Unrecoverable error" then exited 0, and
+    # a supervisor with Restart=on-failure left the worker dead. 0 only after SIGTERM/SIGINT.
+    sys.exit(code or 0)
 
 
 def _start_heartbeat(store: Any, settings: Settings) -> None:
@@ -112,15 +126,49 @@ def _start_heartbeat(store: Any, settings: Settings) -> None:
 
     def beat() -> None:
         stop = threading.Event()
-        while not stop.wait(5.0):
+        while True:
             try:
                 store.heartbeat(name)
                 store.register_apps(settings.apps)
             except Exception:  # Redis away for a moment: the next beat tries again
-                continue
+                pass
+            if stop.wait(5.0):
+                return
 
-    store.heartbeat(name)
     threading.Thread(target=beat, name="tpns-heartbeat", daemon=True).start()
+
+
+def _start_watchdog(app: Any, settings: Settings, redis_url: str, store: Any) -> Any:
+    """The watchdog thread (``worker/watchdog.py``) and systemd's READY/STOPPING notices."""
+    from celery import signals
+
+    from .liveness import heartbeat_dir, sd_notify
+    from .watchdog import Watchdog, attached, broker_probe, redis_probe
+
+    pair = attached(app)
+    assert pair is not None, "make_celery(with_tasks=True) attaches the progress"
+    progress, rebuild = pair
+    broker_url = settings.broker_url or redis_url
+
+    def work_waiting() -> bool:
+        return bool(store.ready_counts(set(settings.apps) | store.known_apps()))
+
+    watchdog = Watchdog(name=f"{socket.gethostname()}:{os.getpid()}", store_url=redis_url,
+                        broker_url=broker_url, store_probe=redis_probe(redis_url),
+                        broker_probe=broker_probe(broker_url), work_waiting=work_waiting,
+                        heartbeat_dir=heartbeat_dir(settings.data_dir),
+                        stuck_s=settings.worker_stuck_s, progress=progress, rebuild=rebuild)
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        sd_notify("READY=1\nSTATUS=running")
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _stopping(**_: Any) -> None:
+        sd_notify("STOPPING=1")
+
+    watchdog.start()
+    return watchdog
 
 
 def _read_batches(stream: IO[bytes]) -> Iterator[tuple[list[int], list[Any], list[IntentError]]]:

@@ -10,6 +10,7 @@
     │   └── QueueFullError           ``queue_full``: TPNS_MAX_PENDING reached, or Redis is out of memory
     └── TpnsError                    a call to TPNS did not succeed as a whole
         ├── LeaseSpentError          not sent: the batch's lease has too little time left
+        ├── LeaseUnconfirmedError    not sent: Redis did not confirm the batch's lease is held
         ├── TransientError           worth retrying: the same call may succeed later
         │   ├── HttpStatusError      HTTP 5xx (or another non-2xx that is not 429)
         │   ├── RateLimitedError     HTTP 429 or ret_code 1008028; carries ``retry_after_s``
@@ -144,6 +145,15 @@ class LeaseSpentError(TpnsError):
     intent on the same key). Not retried in the call; the items go back with a backoff."""
 
     code = "lease_spent"
+
+
+class LeaseUnconfirmedError(TpnsError):
+    """Raised instead of starting an HTTP attempt when Redis does not confirm, just before it,
+    that the batch's lease is still this worker's: Redis is unreachable, or its lease is gone (a
+    restart or failover lost the claim, or it expired and another worker may hold the items).
+    Not retried in the call; an item whose lease is gone gets its outcome from its new holder."""
+
+    code = "lease_unconfirmed"
 
 
 class TransientError(TpnsError):

@@ -14,17 +14,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .client import CallResult, TpnsClient
-from .errors import CredentialsError, LeaseSpentError, RateLimitedError, RejectedError, TpnsError
+from .errors import (
+    CredentialsError,
+    LeaseSpentError,
+    LeaseUnconfirmedError,
+    RateLimitedError,
+    RejectedError,
+    TpnsError,
+)
 from .model import BatchItem
 from .outcomes import BatchReport, run_batch
 from .settings import Settings
-from .store import Store, Wake
+from .store import UNREACHABLE, Completion, Store, Wake
 
 logger = logging.getLogger(__name__)
 
 #: batches one flush task may send before handing over to a fresh wake (keeps tasks short, so a
 #: warm shutdown is quick and (app, op) pairs take turns)
 BATCHES_PER_TASK = 8
+#: while Redis is unreachable after a call, how often recording its outcome is tried again
+RECORD_RETRY_S = 0.25
 
 WakeSender = Callable[[Sequence[Wake]], None]
 
@@ -47,7 +56,8 @@ class Flusher:
                  sleep: Callable[[float], None] = time.sleep,
                  rng: random.Random | None = None,
                  should_stop: Callable[[], bool] = lambda: False,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 on_claim: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self.store = store
         self.wake = wake
@@ -55,9 +65,12 @@ class Flusher:
         self.rng = rng or random.Random()
         self.should_stop = should_stop
         self.monotonic = monotonic
+        #: called after every claim (the watchdog's proof of progress)
+        self.on_claim = on_claim
         #: per thread (for a threads pool), about the batch being sent: ``backoff_read``, the
         #: app's shared backoff was read with the claim, so the first attempt need not read it
-        #: again; ``send_by``, the monotonic time after which no HTTP attempt may start
+        #: again; ``send_by``, the monotonic time after which no HTTP attempt may start;
+        #: ``batch_id``, whose lease every attempt confirms first
         self._batch = threading.local()
         #: an attempt takes at most a connect and a read timeout, plus some slack (Settings keeps
         #: the lease at least 4 timeouts long, so a fresh batch always has time for one attempt)
@@ -69,18 +82,38 @@ class Flusher:
         s = self.settings
 
         def before_call() -> None:
+            # No HTTP attempt without a live lease (SPEC §3.7): the claim itself confirmed it
+            # for the first attempt (one round trip ago, with the backoff read); every other
+            # attempt (tenacity's retries, the halves of a rejected call) asks Redis again, in
+            # the throttle's round trip, and once more after any wait.
             batch = self._batch
             if getattr(batch, "backoff_read", False):
                 batch.backoff_read = False
             else:
-                wait_s = self.store.throttle(app, s.max_calls_per_s)
-                if wait_s > 0:
+                batch_id = getattr(batch, "batch_id", None)
+                wait_s = self._confirm(lambda: self.store.before_attempt(
+                    app, s.max_calls_per_s, batch_id))
+                if wait_s is not None and wait_s > 0:
                     self.sleep(min(wait_s, self._time_left()))
+                    if batch_id:
+                        self._confirm(lambda: 0.0 if self.store.lease_held(batch_id) else None)
             if self._time_left() <= 0:
                 raise LeaseSpentError("not sent: the batch's lease would end before the call could")
 
         return TpnsClient(s.apps[app], timeout_s=s.http_timeout_s, budget_s=s.lease_s / 2,
                           sleep=self.sleep, before_call=before_call)
+
+    def _confirm(self, ask: Callable[[], float | None]) -> float:
+        """``ask()`` Redis about the current batch's lease; no attempt unless it answers yes."""
+        try:
+            answer = ask()
+        except UNREACHABLE:
+            raise LeaseUnconfirmedError("not sent: Redis is unreachable, so the batch's lease "
+                                        "cannot be confirmed") from None
+        if answer is None:
+            raise LeaseUnconfirmedError("not sent: the batch's lease is no longer held (lost in "
+                                        "a Redis restart or failover, or expired)")
+        return answer
 
     def _time_left(self) -> float:
         """Seconds until no HTTP attempt of the current batch may start (inf outside a batch)."""
@@ -101,6 +134,7 @@ class Flusher:
         for k in range(BATCHES_PER_TASK):
             claim = self.store.claim(app, operator_type, clear_wake=k == 0,
                                      read_backoff=unlimited)
+            self.on_claim()
             if claim.kind != "batch":
                 result.stopped = claim.kind
                 if claim.kind == "wait":
@@ -109,15 +143,18 @@ class Flusher:
             if claim.eligible_left:
                 self._successor(app, operator_type, claim.eligible_left, claim.wait_ms)
             self._batch.send_by = self.monotonic() + self.settings.lease_s - self._attempt_s
+            self._batch.batch_id = claim.batch_id
             if unlimited:
-                if claim.backoff_ms > 0:
+                if claim.backoff_ms > 0:  # then the first attempt confirms the lease again
                     self.sleep(min(claim.backoff_ms / 1000, self._time_left()))
-                self._batch.backoff_read = True
+                else:
+                    self._batch.backoff_read = True
             try:
                 report = self.send(app, operator_type, claim.batch_id or "", claim.items)
             finally:
                 self._batch.backoff_read = False
                 self._batch.send_by = None
+                self._batch.batch_id = None
             result.batches += 1
             result.items += len(claim.items)
             result.calls += len(report.calls)
@@ -148,10 +185,10 @@ class Flusher:
         sent = len(items) if report.calls else 0
         # vars(), not dataclasses.asdict(): the fields are flat, and asdict's deep copy of every
         # field of every outcome was a visible share of a batch's CPU
-        completion = self.store.complete(
+        completion = self._record(lambda: self.store.complete(
             batch_id, [vars(o) for o in report.outcomes],
             calls=len(report.calls), items_sent=sent, operator_type=operator_type,
-            call_metrics=[call_class(c) for c in report.calls])
+            call_metrics=[call_class(c) for c in report.calls]))
         if completion.stale:
             logger.warning("batch %s: %d outcomes arrived after the lease was lost and were "
                            "dropped (the items were or will be sent again)", batch_id,
@@ -171,6 +208,23 @@ class Flusher:
         if completion.wakes:
             self.wake(completion.wakes)
         return report
+
+    def _record(self, complete: Callable[[], Completion]) -> Completion:
+        """Record a batch's outcomes, waiting for Redis if it went away after the call.
+
+        Tried every ``RECORD_RETRY_S`` while the lease could still be held (a short outage then
+        costs no resend); past that, the error goes up and the items come back when the lease
+        is reaped. A retry after a lost reply finds the batch done and counts nothing twice
+        but the call counters.
+        """
+        give_up = self.monotonic() + self.settings.lease_s
+        while True:
+            try:
+                return complete()
+            except UNREACHABLE:
+                if self.monotonic() + RECORD_RETRY_S >= give_up or self.should_stop():
+                    raise
+                self.sleep(RECORD_RETRY_S)
 
     def _successor(self, app: str, op: int, left: int, wait_ms: int) -> None:
         if left >= self.settings.max_items_per_call or wait_ms <= 0:

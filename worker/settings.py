@@ -87,6 +87,8 @@ class Settings:
     api_token: str | None = field(default=None, repr=False)
     #: ``text`` or ``json``
     log_format: str = "text"
+    #: a worker is stuck after this long without progress while Redis answers and work waits
+    worker_stuck_s: float = 120.0
 
     @property
     def app(self) -> AppConfig:
@@ -189,6 +191,7 @@ def _build(env: Mapping[str, str]) -> Settings:
         base_url_explicit=base_url is not None,
         api_token=_opt(env, "TPNS_API_TOKEN"),
         log_format=log_format,
+        worker_stuck_s=_float(env, "TPNS_WORKER_STUCK_S", 120.0, 5.0),
     )
 
 

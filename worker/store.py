@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -56,6 +57,11 @@ def refused_before_writing(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and any(
         text.startswith(code.strip()) or f"-{code}" in text or f": {code}" in text
         for code in _REFUSALS)
+#: what an unreachable Redis raises through redis-py: a refused, reset or timed-out connection,
+#: a server still loading its AOF (BusyLoadingError), Sentinel finding no master
+#: (MasterNotFoundError), an old master turned replica after a failover (ReadOnlyError)
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError, OSError)
 
 
 @dataclass(frozen=True)
@@ -267,8 +273,11 @@ class Store:
         app's shared backoff (``throttle`` without a rate limit) into ``Claim.backoff_ms``: all
         in the claim's own round trip, which is one of the few a batch costs.
         """
+        # the batch id ends in a random part: a claim lost with the last second of the AOF (or
+        # with an unreplicated write at a failover) can hand out the same sequence number again,
+        # and the lease checks must not take the other claim's lease for their own
         args: list[Any] = [self.prefix, app, operator_type, self.max_items, self.linger_ms,
-                           self.lease_ms]
+                           self.lease_ms, secrets.token_hex(4)]
         backoff_ms = 0
         if not clear_wake and not read_backoff:
             raw = self._scripts["claim"](args=args)
@@ -360,8 +369,24 @@ class Store:
 
     def throttle(self, app: str, max_calls_per_s: float) -> float:
         """Reserve a call slot of the global rate limit; seconds to wait before sending."""
+        wait_s = self.before_attempt(app, max_calls_per_s, None)
+        assert wait_s is not None  # without a batch there is no lease to lose
+        return wait_s
+
+    def before_attempt(self, app: str, max_calls_per_s: float,
+                       batch_id: str | None) -> float | None:
+        """Before an HTTP attempt for ``batch_id``: None if its lease is no longer held (lost
+        in an outage, or expired), else ``throttle``'s wait. One round trip for both."""
         interval_ms = 0 if max_calls_per_s <= 0 else max(1, round(1000 / max_calls_per_s))
-        return int(self._scripts["throttle"](args=[self.prefix, app, interval_ms])) / 1000
+        args: list[Any] = [self.prefix, app, interval_ms]
+        if batch_id:
+            args.append(batch_id)
+        wait_ms = int(self._scripts["throttle"](args=args))
+        return None if wait_ms < 0 else wait_ms / 1000
+
+    def lease_held(self, batch_id: str) -> bool:
+        """Whether ``batch_id``'s lease is still in Redis and not expired."""
+        return self.before_attempt("", 0, batch_id) is not None
 
     def set_backoff(self, app: str, seconds: float) -> None:
         """Make every worker hold calls for ``app`` for ``seconds`` (after a 429 / 1008028)."""

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from typing import Any
 
 from celery import Celery, signals
+from kombu.exceptions import OperationalError
 
 from .connections import redis_client
 from .flush import Flusher, FlushResult
 from .settings import Settings
 from .store import Store
 from .wakeup import FLUSH_TASK, SWEEP_TASK, CeleryWaker
+from .watchdog import REDIS_DOWN, attach
+
+#: a task that meets one of these ends quietly: Redis (store or broker) is away
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN, OperationalError)
+
+logger = logging.getLogger(__name__)
 
 #: set in the main process when a warm shutdown starts (SIGTERM); a multiprocessing Event, not a
 #: threading one, so that prefork pool children (forked before the signal, which only the main
@@ -27,15 +35,32 @@ def _on_shutdown(**_: Any) -> None:
     _shutting_down.set()
 
 
+#: socket timeouts of the worker's store connection: a network cut (no RST) must end in an error
+#: within seconds, not after the kernel's retransmission timeout of many minutes
+STORE_SOCKET_TIMEOUT_S = 15.0
+STORE_CONNECT_TIMEOUT_S = 5.0
+
+
 def make_store(settings: Settings, redis_url: str, prefix: str) -> Store:
-    client = redis_client(redis_url, health_check_interval=30)
+    client = redis_client(redis_url, health_check_interval=30,
+                          socket_timeout=STORE_SOCKET_TIMEOUT_S,
+                          socket_connect_timeout=STORE_CONNECT_TIMEOUT_S, socket_keepalive=True)
     return Store(client, prefix, max_items=settings.max_items_per_call,
                  linger_ms=settings.linger_ms, lease_s=settings.lease_s,
                  status_ttl_s=settings.status_ttl_s)
 
 
 def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> None:
-    """Register ``tpns.flush`` and ``tpns.sweep`` on ``app``."""
+    """Register ``tpns.flush`` and ``tpns.sweep`` on ``app``.
+
+    While Redis is unreachable a task ends quietly (a debug line; the watchdog logs the outage
+    once) instead of with a traceback: nothing is lost, the sweep wakes the work again.
+    """
+    progress, _rebuild = attach(app)
+
+    @signals.task_received.connect(weak=False)
+    def _received(**_: Any) -> None:  # the consumer got a message: it is not stuck
+        progress.progressed()
 
     def flusher() -> Flusher:
         # one per process: a prefork child builds its own Redis client and HTTP session
@@ -44,14 +69,24 @@ def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> No
             _local.clear()
             store = make_store(settings, redis_url, prefix)
             waker = CeleryWaker(settings, redis_url, prefix, celery_app=app)
-            _local[pid] = Flusher(settings, store, waker, should_stop=_shutting_down.is_set)
+            _local[pid] = Flusher(settings, store, waker, should_stop=_shutting_down.is_set,
+                                  on_claim=progress.progressed)
         return _local[pid]
 
     @app.task(name=FLUSH_TASK, ignore_result=True)
     def flush(app_name: str, operator_type: int) -> dict[str, Any]:
-        result: FlushResult = flusher().flush(app_name, int(operator_type))
+        try:
+            result: FlushResult = flusher().flush(app_name, int(operator_type))
+        except OUTAGE_ERRORS as exc:
+            logger.debug("flush %s/%s stopped: Redis unreachable (%r)", app_name, operator_type,
+                         exc)
+            return {"batches": 0, "items": 0, "stopped": "redis_unreachable"}
         return {"batches": result.batches, "items": result.items, "stopped": result.stopped}
 
     @app.task(name=SWEEP_TASK, ignore_result=True)
     def sweep() -> dict[str, int]:
-        return flusher().sweep()
+        try:
+            return flusher().sweep()
+        except OUTAGE_ERRORS as exc:
+            logger.debug("sweep skipped: Redis unreachable (%r)", exc)
+            return {"skipped": 1}

@@ -1,4 +1,6 @@
--- ARGV: prefix, app, op, max_items, linger_ms, lease_ms
+-- ARGV: prefix, app, op, max_items, linger_ms, lease_ms[, nonce]
+-- The batch id is 'b' .. a sequence number [.. '.' .. nonce]: the nonce keeps an id unique even
+-- when a restart from the AOF (or a failover) forgot the last increments of the sequence.
 -- Returns one of:
 --   {'paused', ms_left, reason}       sending for the app is paused
 --   {'empty', ms_to_next_due | -1}    nothing eligible
@@ -54,6 +56,7 @@ end
 -- LPOP is never, so workers keep draining while producers get queue_full
 local ids = redis.call('LPOP', qk, max_items)
 local batch_id = 'b' .. redis.call('INCR', P .. 'seq')
+if ARGV[7] and ARGV[7] ~= '' then batch_id = batch_id .. '.' .. ARGV[7] end
 local items, taken, seen, back = {}, {}, {}, {}
 for _, id in ipairs(ids) do
   local rec = load(id)
