@@ -222,10 +222,17 @@ def test_k8s_workers_probe_with_health_and_outlast_the_lease() -> None:
         argv = container["command"]
         if runs_beat(argv):
             beats.append(name)
-        for probe in ("livenessProbe", "readinessProbe"):
-            command = container[probe]["exec"]["command"]
-            assert command[:3] == ["tpns-batcher", "health", "--worker"] and "--local" in command
-        assert "--allow-paused" in container["livenessProbe"]["exec"]["command"]
+        # liveness from the local heartbeat only (a Redis outage restarts no pod); readiness
+        # asks Redis (an outage or a pause shows as not ready, without restarts)
+        liveness = container["livenessProbe"]["exec"]["command"]
+        assert liveness[:3] == ["tpns-batcher", "health", "--worker"] and "--local" in liveness
+        assert container["readinessProbe"]["exec"]["command"][:2] == ["tpns-batcher", "health"]
+        assert "--local" not in container["readinessProbe"]["exec"]["command"]
+        # the heartbeat file must be writable: TPNS_DATA_DIR on a writable volume
+        data_dir = {e["name"]: e.get("value") for e in container.get("env", [])}["TPNS_DATA_DIR"]
+        mounts = [m["mountPath"] for m in container["volumeMounts"]]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert any(Path(data_dir).is_relative_to(m) for m in mounts if m != "/etc/tpns-batcher/secret")
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert {"cpu", "memory"} <= set(limits) and {"cpu", "memory"} <= set(requests)
     assert beats == ["tpns-batcher-worker-beat"]
@@ -279,7 +286,8 @@ def test_systemd_unit(name: str) -> None:
     parsed = unit(name)
     assert {"Unit", "Service", "Install"} <= set(parsed.sections())
     service = parsed["Service"]
-    assert service["Restart"] == "on-failure"
+    # none of these is ever meant to exit: whatever the status, it comes back
+    assert service["Restart"] == "always"
     assert service["EnvironmentFile"] == "/etc/tpns-batcher/tpns-batcher.env"
     assert service["User"] not in ("root", "0") and service["User"] == "tpns-batcher"
     assert service["KillSignal"] == "SIGTERM"
@@ -287,6 +295,10 @@ def test_systemd_unit(name: str) -> None:
     assert float(service["TimeoutStopSec"]) > lease
     if "worker" in name:
         assert float(service["TimeoutStopSec"]) > lease + 30
+        # systemd's watchdog, fed by the worker's own (a stuck or frozen worker is restarted)
+        assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+        assert 0 < float(service["WatchdogSec"]) <= 60
+        assert "health --worker --local" in service["ExecStartPost"]
     assert "tpns-batcher health" in service["ExecStartPost"]
 
 

@@ -159,10 +159,6 @@ def _start_watchdog(app: Any, settings: Settings, redis_url: str, store: Any) ->
                         heartbeat_dir=heartbeat_dir(settings.data_dir),
                         stuck_s=settings.worker_stuck_s, progress=progress, rebuild=rebuild)
 
-    @signals.worker_ready.connect(weak=False)
-    def _ready(**_: Any) -> None:
-        sd_notify("READY=1\nSTATUS=running")
-
     @signals.worker_shutting_down.connect(weak=False)
     def _stopping(**_: Any) -> None:
         sd_notify("STOPPING=1")
@@ -390,8 +386,9 @@ def requeue_failed(error: str | None) -> None:
 @click.option("--worker", "need_worker", is_flag=True,
               help="Also require a worker seen in the last 30 s.")
 @click.option("--local", "local", is_flag=True,
-              help="Require a worker on this host (its heartbeat is hostname:pid); implies "
-                   "--worker. For a worker's own liveness probe.")
+              help="Judge the worker processes of this host from their heartbeat files under "
+                   "TPNS_DATA_DIR: alive and not stuck. Never asks Redis, so an outage does not "
+                   "fail it: the worker's liveness probe. Implies --worker.")
 @click.option("--allow-paused", is_flag=True,
               help="Report a sending pause (credentials/billing) without failing: a restart "
                    "would not fix it.")
@@ -399,8 +396,13 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
     """Exit 0 when healthy, 1 otherwise, with a one-line reason.
 
     Healthy: Redis answers, no app's sending is paused, and (with --worker) a worker has
-    heartbeated in the last 30 s, on this host with --local.
+    heartbeated in the last 30 s. With --local: a worker process runs on this host, its
+    heartbeat file is fresh and its watchdog does not judge it stuck (Redis unreachable is
+    reported, not a failure).
     """
+    if local:
+        _health_local()
+        return
     import redis as redis_lib
 
     try:
@@ -419,12 +421,8 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
         pauses = producer.store.pauses(producer.apps())
     finally:
         producer.close()
-    if local:
-        here = f"{socket.gethostname()}:"
-        workers = {name: age for name, age in workers.items() if name.startswith(here)}
-    if (need_worker or local) and not workers:
-        where = f" on {socket.gethostname()}" if local else ""
-        click.echo(f"unhealthy: no worker seen{where} in the last 30 s")
+    if need_worker and not workers:
+        click.echo("unhealthy: no worker seen in the last 30 s")
         sys.exit(1)
     if pauses and not allow_paused:
         app, (left, reason) = next(iter(pauses.items()))
@@ -432,6 +430,20 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
         sys.exit(1)
     paused = f"; sending paused for {', '.join(sorted(pauses))}" if pauses else ""
     click.echo(f"ok: redis reachable, {len(workers)} worker(s) seen{paused}")
+
+
+def _health_local() -> None:
+    from .liveness import heartbeat_dir, judge_local, now, read_heartbeats
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        click.echo(f"unhealthy: configuration: {exc}")
+        sys.exit(1)
+    healthy, reason = judge_local(read_heartbeats(heartbeat_dir(settings.data_dir)), now())
+    click.echo(f"{'ok' if healthy else 'unhealthy'}: {reason}")
+    if not healthy:
+        sys.exit(1)
 
 
 def _register_optional() -> None:

@@ -140,9 +140,10 @@ class QuietScheduler(Scheduler):
                                RECONNECT_MAX_S)
             self._broker_down = True
 
-        return self.connection.ensure_connection(errback, None, interval_start=0,
-                                                 interval_step=RECONNECT_MAX_S / 2,
-                                                 interval_max=RECONNECT_MAX_S)
+        connection: Any = self.connection  # kombu's stubs want ints; floats are fine
+        return connection.ensure_connection(errback, None, interval_start=0,
+                                            interval_step=RECONNECT_MAX_S / 2,
+                                            interval_max=RECONNECT_MAX_S)
 
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
         try:

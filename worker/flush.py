@@ -89,6 +89,9 @@ class Flusher:
             batch = self._batch
             if getattr(batch, "backoff_read", False):
                 batch.backoff_read = False
+                if getattr(batch, "waited", False):  # held for the backoff: ask again
+                    batch.waited = False
+                    self._confirm(lambda: 0.0 if self.store.lease_held(batch.batch_id) else None)
             else:
                 batch_id = getattr(batch, "batch_id", None)
                 wait_s = self._confirm(lambda: self.store.before_attempt(
@@ -147,12 +150,12 @@ class Flusher:
             if unlimited:
                 if claim.backoff_ms > 0:  # then the first attempt confirms the lease again
                     self.sleep(min(claim.backoff_ms / 1000, self._time_left()))
-                else:
-                    self._batch.backoff_read = True
+                    self._batch.waited = True
+                self._batch.backoff_read = True
             try:
                 report = self.send(app, operator_type, claim.batch_id or "", claim.items)
             finally:
-                self._batch.backoff_read = False
+                self._batch.backoff_read = self._batch.waited = False
                 self._batch.send_by = None
                 self._batch.batch_id = None
             result.batches += 1

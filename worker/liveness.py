@@ -12,7 +12,8 @@ has neither received a task nor claimed a batch. An outage is never "stuck": whi
 worker is supposed to sit still.
 
 systemd's ``Type=notify`` + ``WatchdogSec`` is fed by the same judgement: ``READY=1`` once the
-consumer is up, ``WATCHDOG=1`` on every healthy heartbeat (see :func:`sd_notify`).
+watchdog runs (a start during a Redis outage is a good start: the worker waits for Redis), then
+``WATCHDOG=1`` on every heartbeat that is not stuck (see :func:`sd_notify`).
 """
 
 from __future__ import annotations

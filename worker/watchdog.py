@@ -141,6 +141,7 @@ class Watchdog:
         self._work_at = 0.0
         self._rebuild_at: float | None = None
         self._write_failed = False
+        self._ready = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -174,6 +175,9 @@ class Watchdog:
             progress_at=self.progress.progress_at, store_up=self.up["store"],
             broker_up=self.up["broker"], work_waiting=self._work, stuck=reason)
         self._write(beat)
+        if not self._ready:  # the process is up and watching: under systemd, start is done
+            self._ready = True
+            self.notify("READY=1\nSTATUS=running")
         if not reason:
             self.notify("WATCHDOG=1")
         return beat
