@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from . import liveness
 from .connections import is_redis_url, redis_client
 from .settings import _redact_url
@@ -78,8 +81,9 @@ Probe = Callable[[], None]
 
 def redis_probe(url: str) -> Probe:
     """A PING on a connection of its own (for a store URL or a Redis broker URL)."""
+    # no client-side retries: a probe that retried across a short outage would not see it
     client = redis_client(url, socket_timeout=PROBE_TIMEOUT_S,
-                          socket_connect_timeout=PROBE_TIMEOUT_S)
+                          socket_connect_timeout=PROBE_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
 
     def probe() -> None:
         client.ping()
