@@ -132,3 +132,69 @@ def test_settings_keep_the_lease_longer_than_a_call() -> None:
 
     with pytest.raises(ConfigError, match=r"TPNS_LEASE_S: must be at least 4 x TPNS_HTTP_TIMEOUT_S \(40\)"):
         Settings.from_env({"TPNS_LEASE_S": "30"})
+
+
+def _failing_rig(redis_url: str, prefix: str, sandbox: SandboxServer,
+                 between: object) -> tuple[Producer, Flusher, list[float]]:
+    """Every call fails with HTTP 503 (tenacity retries it); ``between()`` runs in the wait
+    before each retry, i.e. between two HTTP attempts of one batch."""
+    sandbox.configure(fault_rate=1.0, faults=["http_503"])
+    settings = Settings.from_env({"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix,
+                                  "TPNS_BASE_URL": sandbox.url, "TPNS_LEASE_S": "8",
+                                  "TPNS_HTTP_TIMEOUT_S": "1", "TPNS_LINGER_MS": "0"})
+    producer = Producer(redis_url, prefix, settings=settings, wake=lambda wakes: None)
+    now = [1000.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # a fake clock: sleeping moves it, nothing waits
+        sleeps.append(seconds)
+        now[0] += seconds
+        between()  # type: ignore[operator]
+
+    flusher = Flusher(settings, producer.store, wake=lambda wakes: None, sleep=sleep,
+                      monotonic=lambda: now[0])
+    return producer, flusher, sleeps
+
+
+def test_no_retry_goes_out_once_the_lease_is_gone(
+        redis_url: str, prefix: str, sandbox: SandboxServer) -> None:
+    client = redis.Redis.from_url(redis_url)
+
+    def lose_the_lease() -> None:  # as a restart from an AOF without the claim would
+        client.delete(f"{prefix}leases")
+
+    producer, flusher, _ = _failing_rig(redis_url, prefix, sandbox, lose_the_lease)
+    try:
+        ids = [i for i in producer.submit_many(_intents(3)) if i]
+        assert flusher.flush("default", 4).batches == 1
+        assert sandbox.stats()["calls"] == 1, "an attempt went out without a live lease"
+        statuses = producer.statuses(ids)
+        assert {(s.state, s.error) for s in statuses if s} == {("retrying", "lease_unconfirmed")}
+    finally:
+        client.close()
+        flusher.close()
+        producer.close()
+
+
+def test_no_retry_goes_out_while_redis_is_unreachable(
+        tmp_path: Path, prefix: str, sandbox: SandboxServer) -> None:
+    proc, url = start_private(tmp_path / "redis")  # a server of our own, to kill
+
+    def kill_redis() -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    producer, flusher, sleeps = _failing_rig(url, prefix, sandbox, kill_redis)
+    try:
+        producer.submit_many(_intents(3))
+        with pytest.raises(redis.ConnectionError):
+            flusher.flush("default", 4)
+        assert sandbox.stats()["calls"] == 1, "an attempt went out while Redis was unreachable"
+        # the outcome was then tried again for the lease's length, every 0.25 s, before the
+        # error went up (the items come back with the lease when Redis does)
+        assert sleeps[1:] and set(sleeps[1:]) == {0.25} and 7 < sum(sleeps[1:]) <= 8
+    finally:
+        flusher.close()
+        producer.close()
+        kill_redis()

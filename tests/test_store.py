@@ -184,3 +184,33 @@ def test_bulk_enqueue_returns_codes_in_order_across_chunks(client: redis.Redis, 
     assert codes[:700] == [1] * 700 and codes[700] == 0 and codes[900] == -1
     assert codes.count(1) == count
     assert store.stats(["default"])["states"]["queued"] == count
+
+
+def test_batch_ids_carry_a_random_part_so_a_forgotten_sequence_cannot_reissue_one(
+        client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix, max_items=1)
+    store.enqueue([("i1", intent("t1")), ("i2", intent("t2", account="u2"))])
+    first = store.claim("default", 2)
+    client.decr(f"{prefix}seq")  # what a restart that lost the last second of the AOF can do
+    second = store.claim("default", 2)
+    assert first.batch_id and second.batch_id
+    assert first.batch_id.split(".")[0] == second.batch_id.split(".")[0] == "b1"
+    assert first.batch_id != second.batch_id
+
+
+def test_the_lease_check_before_an_attempt(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix)
+    store.enqueue([("i1", intent("t1"))])
+    claim = store.claim("default", 2)
+    assert claim.batch_id
+    assert store.before_attempt("default", 0, claim.batch_id) == 0.0
+    assert store.lease_held(claim.batch_id)
+    assert store.before_attempt("default", 0, claim.batch_id + "x") is None  # not this claim
+    client.zadd(f"{prefix}leases", {claim.batch_id: 1})  # a deadline long past
+    assert store.before_attempt("default", 0, claim.batch_id) is None
+    assert not store.lease_held(claim.batch_id)
+    # refused before reserving a slot of the rate limit
+    assert store.before_attempt("default", 10, claim.batch_id) is None
+    assert client.get(f"{prefix}rate:default") is None
+    store.complete(claim.batch_id, [{"id": "i1", "state": "succeeded"}], calls=1, items_sent=1)
+    assert store.before_attempt("default", 0, claim.batch_id) is None

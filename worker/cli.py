@@ -80,6 +80,7 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
     Needs TPNS credentials, or an explicit TPNS_BASE_URL such as a sandbox's URL.
     """
     from .celery_app import make_celery
+    from .consumer import quiet_outage_logs
     from .embedded import guard_embedded, resolve_redis_url
     from .logs import setup_logging
     from .tasks import make_store
@@ -91,6 +92,7 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
     except ConfigError as exc:
         raise click.ClickException(f"configuration: {exc}") from None
     setup_logging(settings.log_format)
+    quiet_outage_logs()
     guard_embedded(settings.redis_url, settings.data_dir)  # restarts the embedded Redis if it dies
     app = make_celery(settings, redis_url, with_tasks=True)
     store = make_store(settings, redis_url, settings.prefix)
@@ -112,13 +114,44 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
         argv += ["--concurrency", str(DEFAULT_CONCURRENCY)]
     if not no_beat:
         argv.append("--beat")
+    status = _ExitStatus()
     try:
-        code: int | None = app.start(argv=argv + list(celery_args))
+        app.start(argv=argv + list(celery_args))
     finally:
         watchdog.stop()
-    # app.worker_main() drops Celery's exit status: an "Unrecoverable error" then exited 0, and
-    # a supervisor with Restart=on-failure left the worker dead. 0 only after SIGTERM/SIGINT.
-    sys.exit(code or 0)
+    sys.exit(status.code())
+
+
+class _ExitStatus:
+    """The worker's exit status: 0 only when asked to stop (SIGTERM, SIGINT), else non-zero.
+
+    Celery's own status cannot be used as is: ``app.start()``/``worker_main()`` return nothing
+    (an "Unrecoverable error" exited 0, and a supervisor with ``Restart=on-failure`` left the
+    worker dead); a cold shutdown drops its code; Ctrl+C is a warm shutdown with status 1.
+    """
+
+    def __init__(self) -> None:
+        from celery import signals
+
+        self.worker: Any = None
+        self.asked: int | None = None
+
+        @signals.worker_init.connect(weak=False)
+        def _init(sender: Any = None, **_: Any) -> None:
+            self.worker = sender
+
+        @signals.worker_shutting_down.connect(weak=False)
+        def _asked(sig: str = "", exitcode: int | None = None, **_: Any) -> None:
+            if self.asked is None:
+                self.asked = 0 if sig in ("SIGTERM", "SIGINT") else int(exitcode or 1)
+
+    def code(self) -> int:
+        failed = getattr(self.worker, "exitcode", None)
+        if failed:  # Celery stopped it on an error of its own
+            return int(failed)
+        if self.asked is not None:
+            return self.asked
+        return 1  # stopped without being asked (or never started)
 
 
 def _start_heartbeat(store: Any, settings: Settings) -> None:

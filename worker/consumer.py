@@ -37,6 +37,7 @@ from celery.exceptions import WorkerShutdown, WorkerTerminate
 from celery.worker.consumer import Consumer
 from celery.worker.state import maybe_shutdown
 
+from .store import UNREACHABLE
 from .watchdog import attached, consumer_tick
 
 logger = logging.getLogger(__name__)
@@ -157,3 +158,23 @@ class QuietScheduler(Scheduler):
             if self._broker_down:
                 logger.info("beat: the broker takes scheduled tasks again")
             self._broker_down = False
+
+
+class LostAckFilter(logging.Filter):
+    """kombu logs an ack lost to a broker outage at CRITICAL with a traceback, once per task
+    received just before the outage. Here that is harmless (the message is restored when the
+    broker is back and the wake runs again: flushing is idempotent), so it becomes one warning
+    line; the outage itself is logged by the watchdog."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (isinstance(record.msg, str) and record.msg.startswith("Couldn't ack")
+                and record.exc_info and isinstance(record.exc_info[1], (*UNREACHABLE,))):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+            record.msg += " (broker away: the wake is restored and runs again)"
+        return True
+
+
+def quiet_outage_logs() -> None:
+    """Install ``LostAckFilter`` where Celery logs acks (the worker's request logger)."""
+    logging.getLogger("celery.worker.request").addFilter(LostAckFilter())

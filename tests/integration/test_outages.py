@@ -23,6 +23,7 @@ checks. ``TPNS_TEST_PROFILE=extended`` adds cycles and a 60 s outage.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ import redis
 
 from worker.drill import AofRedis, claim_seq, free_port, terminal
 from worker.embedded import redis_server_binary
+from worker.liveness import heartbeat_dir, read_heartbeats
 from worker.producer import Producer
 from worker.sandbox import SandboxServer
 from worker.settings import Settings
@@ -52,7 +54,7 @@ pytestmark = pytest.mark.e2e
 EXTENDED = os.environ.get("TPNS_TEST_PROFILE") == "extended"
 #: outage lengths in seconds, one SIGKILL of Redis each
 OUTAGES = (1, 3, 15, 1, 60, 3, 15) if EXTENDED else (1, 3, 15)
-N_INTENTS = 6000 if EXTENDED else 3000
+N_INTENTS = 6000 if EXTENDED else 2000
 #: progress after a restart is expected within seconds; this only catches a worker that never
 #: comes back (the figure itself is the drill's)
 RESUME_DEADLINE_S = 60.0
@@ -166,6 +168,10 @@ def test_worker_rides_out_redis_kills_mid_drain(
         stats = producer.stats()
         assert stats["queue_depth"] == 0 and stats["in_flight"] == 0
         assert_clean_log(worker, len(OUTAGES))
+        # the local heartbeat saw the consumer loop tick and the claims (prefork children too)
+        (beat,) = read_heartbeats(heartbeat_dir(launcher.tmp_path / "data"))
+        assert beat.pid == worker.pid and beat.store_up and beat.broker_up and not beat.stuck
+        assert beat.loop_at > 0 and beat.progress_at > 0
         worker.terminate()
         assert worker.wait_exit(120) == 0  # 0 only when asked
     finally:
@@ -176,6 +182,20 @@ def _reopen(producer: Producer, url: str, prefix: str) -> Producer:
     """A fresh producer: the old one's pooled connections died with the server."""
     close_producer(producer)
     return make_producer(url, prefix)
+
+
+def test_only_a_requested_stop_exits_zero(
+        aof_redis: AofRedis, sandbox: SandboxServer, launcher: Launcher, own_prefix: str) -> None:
+    # Celery's cold shutdown (SIGQUIT) stops the worker with status 1; app.worker_main() used to
+    # drop it, and every unplanned stop (an "Unrecoverable error" too) exited 0
+    worker = launcher.start(aof_redis.url, own_prefix, sandbox, name="quit")
+    worker.wait_ready()
+    worker.proc.send_signal(signal.SIGQUIT)
+    assert worker.wait_exit(60) != 0
+    polite = launcher.start(aof_redis.url, own_prefix, sandbox, name="term")
+    polite.wait_ready()
+    polite.terminate()
+    assert polite.wait_exit(60) == 0
 
 
 # -- Sentinel failover -------------------------------------------------------------------------------
