@@ -167,3 +167,22 @@ def test_probes_against_a_real_redis_and_a_closed_port(redis_url: str) -> None:
         redis_probe(f"redis://127.0.0.1:{closed}/0")()
     with pytest.raises(OSError):
         broker_probe(f"amqp://guest:guest@127.0.0.1:{closed}//")()
+
+
+def test_the_store_probe_writes_so_a_redis_that_cannot_write_counts_as_down(
+        tmp_path: Path) -> None:
+    from worker.embedded import start_private
+    from worker.store import unavailable
+
+    proc, url = start_private(tmp_path / "redis")  # a server of our own, to demote
+    try:
+        client = redis.Redis.from_url(url)
+        client.replicaof("127.0.0.1", str(free_port()))  # a replica of nobody: read-only
+        client.close()
+        redis_probe(url)()  # it still answers a PING
+        with pytest.raises(redis.ResponseError) as caught:
+            redis_probe(url, "tpnstest:probe")()
+        assert unavailable(caught.value)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

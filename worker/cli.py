@@ -187,7 +187,9 @@ def _start_watchdog(app: Any, settings: Settings, redis_url: str, store: Any) ->
         return bool(store.ready_counts(set(settings.apps) | store.known_apps()))
 
     watchdog = Watchdog(name=f"{socket.gethostname()}:{os.getpid()}", store_url=redis_url,
-                        broker_url=broker_url, store_probe=redis_probe(redis_url),
+                        broker_url=broker_url,
+                        store_probe=redis_probe(redis_url, store.key("probe", socket.gethostname(),
+                                                                     os.getpid())),
                         broker_probe=broker_probe(broker_url), work_waiting=work_waiting,
                         heartbeat_dir=heartbeat_dir(settings.data_dir),
                         stuck_s=settings.worker_stuck_s, progress=progress, rebuild=rebuild)

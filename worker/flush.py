@@ -25,7 +25,7 @@ from .errors import (
 from .model import BatchItem
 from .outcomes import BatchReport, run_batch
 from .settings import Settings
-from .store import UNREACHABLE, Completion, Store, Wake
+from .store import Completion, Store, Wake, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ class Flusher:
         """``ask()`` Redis about the current batch's lease; no attempt unless it answers yes."""
         try:
             answer = ask()
-        except UNREACHABLE:
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
             raise LeaseUnconfirmedError("not sent: Redis is unreachable, so the batch's lease "
                                         "cannot be confirmed") from None
         if answer is None:
@@ -224,8 +226,9 @@ class Flusher:
         while True:
             try:
                 return complete()
-            except UNREACHABLE:
-                if self.monotonic() + RECORD_RETRY_S >= give_up or self.should_stop():
+            except Exception as exc:
+                if not unavailable(exc) or self.monotonic() + RECORD_RETRY_S >= give_up \
+                        or self.should_stop():
                     raise
                 self.sleep(RECORD_RETRY_S)
 

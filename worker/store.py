@@ -14,6 +14,7 @@ the configurable prefix ``P`` (default ``tpns:``):
     P failed             zset of failed ids (trimmed to the status TTL)
     P pause:{app}        set while sending for an app is paused (PX = the pause)
     P wake:/wakel:{app}:{op}, P rate:{app}, P backoff:{app}, P seq, P apps, P workers
+    P probe:{host}:{pid} a worker watchdog's write probe (10 s TTL)
 
 Per-key order: an intent waits for the latest pending intent that holds any of its keys (a chain
 along ``P ko:*``), and only intents with nothing to wait for enter ``P q:...``. A claim therefore never
@@ -62,6 +63,16 @@ def refused_before_writing(exc: BaseException) -> bool:
 #: (MasterNotFoundError), an old master turned replica after a failover (ReadOnlyError)
 UNREACHABLE: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError, OSError)
+#: error replies of a Redis that answers but cannot serve writes for now: a failed AOF write or
+#: snapshot (a full disk), a replica cut from its master, a server still loading
+_UNAVAILABLE_REPLIES = ("MISCONF", "MASTERDOWN", "LOADING", "READONLY")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means Redis is out of service for now (an outage), not a bug or bad data."""
+    if isinstance(exc, UNREACHABLE):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
 
 @dataclass(frozen=True)

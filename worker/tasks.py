@@ -13,12 +13,14 @@ from kombu.exceptions import OperationalError
 from .connections import redis_client
 from .flush import Flusher, FlushResult
 from .settings import Settings
-from .store import Store
+from .store import Store, unavailable
 from .wakeup import FLUSH_TASK, SWEEP_TASK, CeleryWaker
-from .watchdog import REDIS_DOWN, attach
+from .watchdog import attach
 
-#: a task that meets one of these ends quietly: Redis (store or broker) is away
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN, OperationalError)
+
+def outage(exc: BaseException) -> bool:
+    """A task that meets this ends quietly: Redis (store or broker) is away or cannot write."""
+    return unavailable(exc) or isinstance(exc, OperationalError)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,9 @@ def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> No
     def flush(app_name: str, operator_type: int) -> dict[str, Any]:
         try:
             result: FlushResult = flusher().flush(app_name, int(operator_type))
-        except OUTAGE_ERRORS as exc:
+        except Exception as exc:
+            if not outage(exc):
+                raise
             logger.debug("flush %s/%s stopped: Redis unreachable (%r)", app_name, operator_type,
                          exc)
             return {"batches": 0, "items": 0, "stopped": "redis_unreachable"}
@@ -87,6 +91,8 @@ def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> No
     def sweep() -> dict[str, int]:
         try:
             return flusher().sweep()
-        except OUTAGE_ERRORS as exc:
+        except Exception as exc:
+            if not outage(exc):
+                raise
             logger.debug("sweep skipped: Redis unreachable (%r)", exc)
             return {"skipped": 1}

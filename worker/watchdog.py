@@ -34,7 +34,6 @@ from redis.retry import Retry
 from . import liveness
 from .connections import is_redis_url, redis_client
 from .settings import _redact_url
-from .store import UNREACHABLE
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +43,10 @@ PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 2.0
 #: seconds between two looks at the store's eligible work (for the stuck rule)
 WORK_LOOK_S = 2.0
+#: life of the store probe's key
+PROBE_KEY_TTL_MS = 10_000
 #: exit status of a worker that stayed stuck after an in-process rebuild (EX_SOFTWARE)
 EXIT_STUCK = 70
-
-#: what a Redis outage looks like from redis-py
-REDIS_DOWN = UNREACHABLE
 
 
 class Progress:
@@ -79,14 +77,19 @@ class Progress:
 Probe = Callable[[], None]
 
 
-def redis_probe(url: str) -> Probe:
-    """A PING on a connection of its own (for a store URL or a Redis broker URL)."""
+def redis_probe(url: str, write_key: str | None = None) -> Probe:
+    """A PING on a connection of its own (for a store URL or a Redis broker URL); with
+    ``write_key``, a small write instead (a short-lived key), so that a Redis that answers but
+    cannot write (a full disk: ``MISCONF``; a demoted master: ``READONLY``) counts as down."""
     # no client-side retries: a probe that retried across a short outage would not see it
     client = redis_client(url, socket_timeout=PROBE_TIMEOUT_S,
                           socket_connect_timeout=PROBE_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
 
     def probe() -> None:
-        client.ping()
+        if write_key is None:
+            client.ping()
+        else:
+            client.set(write_key, "1", px=PROBE_KEY_TTL_MS)
 
     return probe
 
