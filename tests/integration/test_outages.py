@@ -236,7 +236,10 @@ def test_worker_rides_out_a_sentinel_failover_mid_drain(
     binary = redis_server_binary()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
+        ports: set[int] = set()
+        while len(ports) < 3:  # three distinct ones (a port freed a moment ago may come back)
+            ports.add(free_port())
+        master_port, replica_port, sentinel_port = sorted(ports)
         common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                   "--appendfsync", "everysec", "--maxmemory-policy", "noeviction"]
         for name, port, extra in (("master", master_port, []),
@@ -257,9 +260,12 @@ def test_worker_rides_out_a_sentinel_failover_mid_drain(
                         f"dir {sentinel_dir}\nsentinel monitor {MASTER} 127.0.0.1 {master_port} 1\n"
                         f"sentinel down-after-milliseconds {MASTER} 1000\n"
                         f"sentinel failover-timeout {MASTER} 5000\n")
-        procs.append(_start([binary, str(conf), "--sentinel"], sentinel_dir / "sentinel.log"))
-        wait_until(lambda: _answers(sentinel_port, lambda c: c.sentinel_get_master_addr_by_name(
-            MASTER)), 20, message="the Sentinel names the master")
+        sentinel = _start([binary, str(conf), "--sentinel"], sentinel_dir / "sentinel.log")
+        procs.append(sentinel)
+        wait_until(lambda: sentinel.poll() is not None or _answers(
+            sentinel_port, lambda c: c.sentinel_get_master_addr_by_name(MASTER)), 30,
+            message="the Sentinel names the master")
+        assert sentinel.poll() is None, (sentinel_dir / "sentinel.log").read_text(errors="replace")
         wait_until(lambda: _answers(sentinel_port, lambda c: c.sentinel_slaves(MASTER)), 20,
                    message="the Sentinel knows the replica")
 
