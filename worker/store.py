@@ -70,7 +70,7 @@ _UNAVAILABLE_REPLIES = ("MISCONF", "MASTERDOWN", "LOADING", "READONLY")
 
 def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means Redis is out of service for now (an outage), not a bug or bad data."""
-    if isinstance(exc, UNREACHABLE):
+    if isinstance(exc, UNREACHABLE) or refused_before_writing(exc):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 

@@ -33,7 +33,7 @@ from redis.retry import Retry
 
 from . import liveness
 from .connections import is_redis_url, redis_client
-from .settings import _redact_url
+from .settings import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def broker_probe(url: str) -> Probe:
 
 def shown_url(url: str) -> str:
     """``url`` fit for a log line: no password, no query (which may carry ``sentinel_password``)."""
-    return str(_redact_url(url.partition("?")[0]))
+    return str(redact_url(url.partition("?")[0]))
 
 
 def _cause(exc: BaseException) -> str:
