@@ -46,7 +46,7 @@ STORE_CONNECT_TIMEOUT_S = 5.0
 def make_store(settings: Settings, redis_url: str, prefix: str) -> Store:
     client = redis_client(redis_url, health_check_interval=30,
                           socket_timeout=STORE_SOCKET_TIMEOUT_S,
-                          socket_connect_timeout=STORE_CONNECT_TIMEOUT_S, socket_keepalive=True)
+                          socket_connect_timeout=STORE_CONNECT_TIMEOUT_S)
     return Store(client, prefix, max_items=settings.max_items_per_call,
                  linger_ms=settings.linger_ms, lease_s=settings.lease_s,
                  status_ttl_s=settings.status_ttl_s)
