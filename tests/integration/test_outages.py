@@ -16,12 +16,16 @@ it again on the same port and files. Then:
   plain ``health`` fails;
 * SIGTERM still ends the worker with status 0.
 
+A worker whose consumer stops consuming while Redis answers and work waits is reported stuck in
+its heartbeat file, rebuilt in the process, and (when that cannot help) exits with status 70.
+
 A Sentinel failover mid-drain (the replica promoted, the old master gone) is held to the same
 checks. ``TPNS_TEST_PROFILE=extended`` adds cycles and a 60 s outage.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -196,6 +200,41 @@ def test_only_a_requested_stop_exits_zero(
     polite.wait_ready()
     polite.terminate()
     assert polite.wait_exit(60) == 0
+
+
+def test_a_stuck_worker_is_reported_then_exits_non_zero_as_a_last_resort(
+        aof_redis: AofRedis, sandbox: SandboxServer, launcher: Launcher, own_prefix: str) -> None:
+    from worker.celery_app import make_celery
+
+    worker = launcher.start(aof_redis.url, own_prefix, sandbox, name="stuck",
+                            TPNS_WORKER_STUCK_S="5")
+    worker.wait_ready()
+    settings = Settings.from_env(product_env(aof_redis.url, own_prefix))
+    control = make_celery(settings, aof_redis.url)
+    producer = make_producer(aof_redis.url, own_prefix)
+    try:
+        # a live event loop that no longer consumes: Redis answers, work waits, nothing moves
+        replies = control.control.cancel_consumer(f"{own_prefix}flush", reply=True, timeout=10)
+        assert replies, "the worker did not answer the remote control"
+        ids = producer.submit_many([{"operator_type": 4, "token": f"tok-{k}"} for k in range(30)])
+        assert None not in ids
+        beat_file = heartbeat_dir(launcher.tmp_path / "data") / f"{worker.pid}.json"
+
+        def stuck() -> str:
+            try:
+                return str(json.loads(beat_file.read_text())["stuck"])
+            except (OSError, ValueError):
+                return ""
+
+        reason = wait_until(stuck, 60, message="the heartbeat file says stuck")
+        assert "no task received and no batch claimed" in reason
+        # the rebuild cannot help here (the queue was cancelled), so the last resort follows
+        assert worker.wait_exit(60) == 70
+        log = worker.log()
+        assert "rebuilding its consumer" in log and "exiting with status 70" in log
+    finally:
+        control.close()
+        close_producer(producer)
 
 
 # -- Sentinel failover -------------------------------------------------------------------------------
