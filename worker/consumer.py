@@ -62,6 +62,8 @@ class ResilientConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rebuilds: deque[float] = deque(maxlen=MAX_REBUILDS)
+        #: when the event loop stopped for a lost connection (None: it runs)
+        self._stalled_at: float | None = None
 
     def start(self) -> None:
         while True:
@@ -103,11 +105,31 @@ class ResilientConsumer(Consumer):
                                       interval_max=RECONNECT_MAX_S, callback=maybe_shutdown)
         self.first_connection_attempt = False
         self.broker_connection_retry_attempt = 0
+        if self._stalled_at is not None:
+            self._postpone_timers(time.monotonic() - self._stalled_at)
+            self._stalled_at = None
         return conn
+
+    def _postpone_timers(self, seconds: float) -> None:
+        """Shift the event loop's timers by the time it stood still while reconnecting.
+
+        Reconnecting blocks the main thread, so the pool's children's results are not read
+        meanwhile; the hard time limit of a task that finished early in a long outage would
+        otherwise fire on the first turn of the loop (timers run before reading results) and
+        kill a pool process that is only waiting to be heard. Time stood still for the loop,
+        so its timers move by as much (adding a constant keeps the heap ordered).
+        """
+        timer = getattr(getattr(self, "hub", None), "timer", None)
+        queue = getattr(timer, "_queue", None)
+        if seconds <= 0 or not isinstance(queue, list):
+            return
+        queue[:] = [entry._replace(eta=entry.eta + seconds) for entry in queue]
 
     def on_connection_error_after_connected(self, exc: BaseException) -> None:
         """Drop the dead connection without letting its cleanup end the worker."""
         logger.debug("broker connection lost: %r", exc)
+        if self._stalled_at is None:
+            self._stalled_at = time.monotonic()
         connection, self.connection = self.connection, None
         if connection is None:
             return
