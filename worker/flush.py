@@ -25,7 +25,7 @@ from .errors import (
 from .model import BatchItem
 from .outcomes import BatchReport, run_batch
 from .settings import Settings
-from .store import Completion, Store, Wake, unavailable
+from .store import Claim, Completion, Store, Wake, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ class Flusher:
                     self._batch.waited = True
                 self._batch.backoff_read = True
             try:
-                report = self.send(app, operator_type, claim.batch_id or "", claim.items)
+                report = self.send(app, operator_type, claim.batch_id or "", claim.items,
+                                   claim=claim)
             finally:
                 self._batch.backoff_read = self._batch.waited = False
                 self._batch.send_by = None
@@ -172,8 +173,13 @@ class Flusher:
         return result
 
     def send(self, app: str, operator_type: int, batch_id: str,
-             items: Sequence[BatchItem]) -> BatchReport:
-        """Call TPNS for one claimed batch and record the outcome of every item."""
+             items: Sequence[BatchItem], *, claim: Claim | None = None) -> BatchReport:
+        """Call TPNS for one claimed batch and record the outcome of every item.
+
+        ``claim``, when given, is what the claim saw; the batch's log line carries it (why the
+        batch went: ``full`` or ``linger``, how many items were eligible, the oldest one's age),
+        so the flush rule of SPEC §3.2 can be checked batch by batch from the log.
+        """
         client = self.clients[app]
         now_ms = int(time.time() * 1000)
         report = run_batch(client.batchoperate, operator_type, items, now_ms=now_ms,
@@ -202,10 +208,17 @@ class Flusher:
         for o in report.outcomes:
             states[o.state] = states.get(o.state, 0) + 1
         last = report.calls[-1] if report.calls else None
-        logger.info("batch %s op=%s app=%s items=%d calls=%d outcomes=%s", batch_id,
-                    operator_type, app, len(items), len(report.calls), states,
+        # why the batch went, as the claim saw it (SPEC §3.2): operators see why a call was
+        # partial, and tests check the rule batch by batch from the log
+        why = "" if claim is None else (f" ({claim.reason}: {claim.eligible} eligible, "
+                                        f"oldest {claim.oldest_eligible_ms} ms)")
+        logger.info("batch %s op=%s app=%s items=%d calls=%d outcomes=%s%s", batch_id,
+                    operator_type, app, len(items), len(report.calls), states, why,
                     extra={"batch_id": batch_id, "operator_type": operator_type, "app": app,
                            "items": len(items), "calls": len(report.calls), "outcomes": states,
+                           "reason": claim and claim.reason,
+                           "eligible": claim and claim.eligible,
+                           "oldest_eligible_ms": claim and claim.oldest_eligible_ms,
                            "ret_code": getattr(last, "ret_code", None),
                            "latency_ms": round(getattr(last, "latency_ms", 0.0), 1) or None,
                            "attempt": max((getattr(c, "attempts", 1) for c in report.calls),

@@ -126,9 +126,16 @@ class Claim:
     #: wait: ms until the partial batch may go; empty: ms until a retry is due (-1 none);
     #: paused: ms left; batch: ms until what is left may go
     wait_ms: int = 0
+    #: paused: why; batch: ``full`` (``max_items`` were eligible) or ``linger`` (fewer were,
+    #: and the oldest of them had been eligible for the linger)
     reason: str = ""
     #: ms until the app's shared backoff ends (read with the claim when asked to, else 0)
     backoff_ms: int = 0
+    #: batch: items eligible for (app, op) at the claim, before it took any (SPEC §3.2)
+    eligible: int = 0
+    #: batch: how long the oldest item taken had been eligible, in ms (for a partial batch,
+    #: which takes every eligible item, the oldest eligible one)
+    oldest_eligible_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -314,8 +321,11 @@ class Store:
                       accounts=tuple(Account(a, int(k)) for a, k in (accs or [])),
                       attempts=int(n), created_at_ms=int(c))
             for i, t, accs, n, c in json.loads(raw[2]))
+        eligible = int(raw[5])
         return Claim("batch", batch_id=_text(raw[1]), items=items, eligible_left=int(raw[3]),
-                     wait_ms=int(raw[4]), backoff_ms=backoff_ms)
+                     wait_ms=int(raw[4]), backoff_ms=backoff_ms, eligible=eligible,
+                     oldest_eligible_ms=int(raw[6]),
+                     reason="full" if eligible >= self.max_items else "linger")
 
     def _evalsha_pipeline(self, calls: Sequence[tuple[str, list[Any]]],
                           delete: Sequence[str] = ()) -> list[Any]:

@@ -27,13 +27,14 @@ from worker.sandbox import SandboxServer
 from worker.sandbox_state import Item
 from worker.settings import SANDBOX_SECRET_KEY
 
-from .conftest import MakeProducer, StartWorker
-from .helpers import wait_until
+from .conftest import MakeProducer, StartWorker, WorkerProcess, product_env
+from .helpers import ClaimSeen, claims_in_log, flush_rule_breaches, wait_until
 
 pytestmark = pytest.mark.e2e
 
 ACCOUNT_TYPES = (0, 1005)
 FULL = 20
+LINGER_MS = int(product_env("", "")["TPNS_LINGER_MS"])
 
 Binding = dict[str, dict[int, str]]
 Signature = tuple[int, str | None, tuple[tuple[str, int], ...]]
@@ -201,19 +202,13 @@ def assert_all_succeeded(producer: Producer, ids: Sequence[str]) -> None:
     assert dict(states) == {"succeeded": len(ids)}
 
 
-def full_calls_under_backlog(call_sizes: Sequence[tuple[int | None, int]]) -> tuple[int, int]:
-    """(full calls, calls) of ops 1-3 made while at least 20 items of their op were still to be
-    sent. The drain's tail, when fewer than 20 remain, cannot fill a call and is not a backlog."""
-    full = total = 0
-    for op in (1, 2, 3):
-        sizes = [n for o, n in call_sizes if o == op]
-        left = sum(sizes)
-        for n in sizes:
-            if left >= FULL:
-                total += 1
-                full += n == FULL
-            left -= n
-    return full, total
+def assert_claims_follow_the_flush_rule(*workers: WorkerProcess) -> list[ClaimSeen]:
+    """SPEC §3.2 claim by claim, from the workers' JSON logs; returns the claims."""
+    claims = [c for w in workers for c in claims_in_log(w.log())]
+    assert claims, "no batch line in the workers' logs"
+    bad = flush_rule_breaches(claims, FULL, LINGER_MS)
+    assert not bad, f"{len(bad)} of {len(claims)} claims broke the flush rule: {bad[:5]}"
+    return claims
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -224,15 +219,19 @@ def test_backlog_of_mixed_intents_drains_in_full_calls_to_the_sequential_state(
     producer = make_producer()
     ids = submit(producer, intents)  # with no worker running: a backlog
 
-    start_worker(sandbox)
+    worker = start_worker(sandbox, TPNS_LOG_FORMAT="json")
     wait_all_terminal(producer, len(intents), 90)
 
     assert_all_succeeded(producer, ids)
     stats = sandbox.stats()
     assert stats["max_items_per_call"] <= FULL
     assert stats["ret_codes"] == {"0": stats["calls"]}
-    full, total = full_calls_under_backlog(sandbox.call_sizes())
-    assert full >= 0.95 * total, f"only {full} of {total} op 1-3 calls under backlog were full"
+    # every claim took all it could, and a partial one waited for the linger (SPEC §3.2);
+    # with no rejection and no retry, each claim is one call, as the sandbox counted them
+    claims = assert_claims_follow_the_flush_rule(worker)
+    assert sorted((c.operator_type, c.items) for c in claims) == \
+        sorted(sandbox.call_sizes())
+    assert any(c.reason == "full" for c in claims) and any(c.reason == "linger" for c in claims)
     assert stats["items"] == len(intents)  # each intent sent once
     assert_sandbox_matches_model(sandbox, intents)
     assert_per_key_order(sandbox.applied(), intents)
@@ -248,12 +247,14 @@ def test_transient_faults_lose_nothing_and_converge(
                       faults=["http_500", "http_503", "1008004", "1008028", "drop", "timeout"])
     intents = mixed_intents(1000, tokens=300, accounts=300, seed=2)
     producer = make_producer()
-    start_worker(sandbox, TPNS_HTTP_TIMEOUT_S="0.5", TPNS_LEASE_S="10")
+    worker = start_worker(sandbox, TPNS_HTTP_TIMEOUT_S="0.5", TPNS_LEASE_S="10",
+                          TPNS_LOG_FORMAT="json")
     ids = submit(producer, intents)
 
     wait_all_terminal(producer, len(intents), 90)
 
     assert_all_succeeded(producer, ids)
+    assert_claims_follow_the_flush_rule(worker)
     faults = sandbox.stats()["faults"]
     assert set(faults) == {"http_500", "http_503", "1008004", "1008028", "drop", "timeout"}
     assert sandbox.stats()["max_items_per_call"] <= FULL
@@ -271,8 +272,12 @@ def test_invalid_tokens_fail_alone_and_a_rejected_call_is_halved_to_the_bad_item
     producer = make_producer()
     bind_ids = submit(producer, binds)
     unbind_ids = submit(producer, unbinds)
-    start_worker(sandbox)
+    worker = start_worker(sandbox, TPNS_LOG_FORMAT="json")
     wait_all_terminal(producer, 40, 60)
+    # two full claims; halving the rejected one made smaller calls, not smaller claims
+    claims = assert_claims_follow_the_flush_rule(worker)
+    assert sorted((c.operator_type, c.items, c.reason) for c in claims) == \
+        [(2, FULL, "full"), (4, FULL, "full")]
 
     for k, status in enumerate(producer.statuses(bind_ids)):
         assert status is not None
@@ -305,7 +310,7 @@ def test_credentials_failure_pauses_without_failing_anything_and_resumes_when_fi
     producer = make_producer()
     ids = submit(producer, [{"operator_type": 2, "token": f"tok-{k}",
                              "account_list": [{"account": f"u{k}"}]} for k in range(30)])
-    start_worker(sandbox, TPNS_PAUSE_S="2")
+    worker = start_worker(sandbox, TPNS_PAUSE_S="2", TPNS_LOG_FORMAT="json")
 
     def paused_and_all_queued() -> bool:
         stats = producer.stats()
@@ -324,6 +329,7 @@ def test_credentials_failure_pauses_without_failing_anything_and_resumes_when_fi
     # a refused call does not spend an attempt: each intent was in one accepted call
     assert {s.attempts for s in producer.statuses(ids) if s is not None} == {1}
     assert all(sandbox.bindings_of(f"tok-{k}") == {0: f"u{k}"} for k in range(30))
+    assert_claims_follow_the_flush_rule(worker)
 
 
 def test_sigkill_mid_run_loses_nothing_after_a_restart(
@@ -332,17 +338,19 @@ def test_sigkill_mid_run_loses_nothing_after_a_restart(
     intents = mixed_intents(1000, tokens=300, accounts=300, seed=3)
     producer = make_producer()
     ids = submit(producer, intents)
-    first = start_worker(sandbox, name="w1")
+    first = start_worker(sandbox, name="w1", TPNS_LOG_FORMAT="json")
     wait_until(lambda: terminal_count(producer) >= 100 and producer.stats()["in_flight"] > 0, 60,
                message="some intents done and a call in flight")
     first.kill()
     assert producer.stats()["in_flight"] > 0  # the killed worker's batches are left 'sending'
 
-    start_worker(sandbox, name="w2")
+    second = start_worker(sandbox, name="w2", TPNS_LOG_FORMAT="json")
     wait_all_terminal(producer, len(intents), 90)
 
     assert_all_succeeded(producer, ids)
     assert producer.stats()["leases_reclaimed"] > 0
+    # the killed worker's claims, and the survivor's (which include the reclaimed items)
+    assert_claims_follow_the_flush_rule(first, second)
     assert_sandbox_matches_model(sandbox, intents)
     assert_per_key_order(sandbox.applied(), intents)
 
@@ -378,13 +386,13 @@ def test_two_workers_keep_per_key_order_under_heavy_contention(
     intents = contended_intents(2000, tokens=20, accounts=10, seed=5)
     producer = make_producer()
     ids = submit(producer, intents[:1000])
-    start_worker(sandbox, name="w1")
-    start_worker(sandbox, name="w2")
+    workers = [start_worker(sandbox, name=name, TPNS_LOG_FORMAT="json") for name in ("w1", "w2")]
     ids += submit(producer, intents[1000:])  # while both drain
 
     wait_all_terminal(producer, len(intents), 90)
 
     assert_all_succeeded(producer, ids)
+    assert_claims_follow_the_flush_rule(*workers)
     assert_sandbox_matches_model(sandbox, intents)
     assert assert_per_key_order(sandbox.applied(), intents) == 30
     # terminal times follow enqueue order along every key

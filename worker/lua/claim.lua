@@ -5,7 +5,11 @@
 --   {'paused', ms_left, reason}       sending for the app is paused
 --   {'empty', ms_to_next_due | -1}    nothing eligible
 --   {'wait', ms}                      a partial batch whose oldest item has not lingered enough
---   {'batch', batch_id, items_json, eligible_left, head_wait_ms}
+--   {'batch', batch_id, items_json, eligible_left, head_wait_ms, eligible, oldest_ms}
+-- where eligible is how many items were eligible at the claim (before it took any) and
+-- oldest_ms how long the oldest item it took had been eligible: for a partial batch (fewer
+-- than max_items eligible, all of them taken) the oldest eligible item. They let the flush
+-- rule of SPEC 3.2 be checked claim by claim, and ride along in the reply at no extra cost.
 local app, op = ARGV[2], tonumber(ARGV[3])
 local max_items, linger_ms, lease_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = now_ms()
@@ -58,6 +62,7 @@ local ids = redis.call('LPOP', qk, max_items)
 local batch_id = 'b' .. redis.call('INCR', P .. 'seq')
 if ARGV[7] and ARGV[7] ~= '' then batch_id = batch_id .. '.' .. ARGV[7] end
 local items, taken, seen, back = {}, {}, {}, {}
+local oldest_ms = 0
 for _, id in ipairs(ids) do
   local rec = load(id)
   if rec and rec.s == 'q' and not rec.d then
@@ -68,6 +73,7 @@ for _, id in ipairs(ids) do
       back[#back + 1] = id
     else
       seen[ident] = true
+      oldest_ms = math.max(oldest_ms, now - (rec.u or rec.c))
       rec.s = 's'
       rec.n = (rec.n or 0) + 1
       rec.b = batch_id
@@ -86,4 +92,4 @@ if #taken == 0 then return {'empty', -1} end
 redis.call('HSET', P .. 'batches', batch_id, cjson.encode({a = app, o = op, i = taken}))
 redis.call('ZADD', P .. 'leases', now + lease_ms, batch_id)
 local left = redis.call('LLEN', qk)
-return {'batch', batch_id, cjson.encode(items), left, head_wait(left)}
+return {'batch', batch_id, cjson.encode(items), left, head_wait(left), len, oldest_ms}
