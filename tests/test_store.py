@@ -3,7 +3,7 @@ requeue, TTLs and the rate limiter."""
 
 from __future__ import annotations
 
-import itertools
+import json
 import time
 from collections.abc import Iterator
 
@@ -34,6 +34,24 @@ def make(client: redis.Redis, prefix: str, **kw: float) -> Store:
     return Store(client, prefix, **args)  # type: ignore[arg-type]
 
 
+def redis_ms(client: redis.Redis) -> int:
+    """Redis's clock (what the scripts read), in ms: readings around a call bound what it saw."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def age(client: redis.Redis, store: Store, intent_id: str, ms: int) -> int:
+    """Make an intent look eligible since ``ms`` ago (the clock is ours to move, nothing
+    waits); returns Redis's time then, in ms."""
+    key = store.key("i", intent_id)
+    record = json.loads(client.get(key) or b"{}")
+    now = redis_ms(client)
+    record["c"] = now - ms
+    record.pop("u", None)
+    client.set(key, json.dumps(record))
+    return now
+
+
 def wait_until(predicate, timeout_s: float = 5.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while True:
@@ -46,30 +64,54 @@ def wait_until(predicate, timeout_s: float = 5.0):  # type: ignore[no-untyped-de
 
 def test_a_full_batch_is_claimed_at_once_and_a_partial_one_waits_for_the_linger(
         client: redis.Redis, prefix: str) -> None:
-    store = make(client, prefix, linger_ms=60_000)
+    store = make(client, prefix, linger_ms=3_600_000)  # no test outlives it
     store.enqueue([(f"i{k}", intent(f"t{k}", account=f"u{k}")) for k in range(25)])
     first = store.claim("default", 2)
-    assert first.kind == "batch" and len(first.items) == 20
-    assert first.eligible_left == 5 and 0 < first.wait_ms <= 60_000
+    assert first.kind == "batch" and [i.id for i in first.items] == [f"i{k}" for k in range(20)]
+    assert (first.eligible, first.reason, first.eligible_left) == (25, "full", 5)
+    assert 0 < first.wait_ms <= 3_600_000
     second = store.claim("default", 2)
-    assert second.kind == "wait" and 0 < second.wait_ms <= 60_000
+    assert second.kind == "wait" and 0 < second.wait_ms <= 3_600_000
 
 
 def test_a_partial_batch_goes_once_its_oldest_item_has_lingered(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix, linger_ms=60_000)
+    store.enqueue([("i1", intent("t1")), ("i2", intent("t2", account="u2")),
+                   ("i3", intent("t3", account="u3"))])
+    aged_at = age(client, store, "i1", 30_000)  # half the linger: not yet
+    early = store.claim("default", 2)
+    after = redis_ms(client)
+    assert early.kind == "wait"
+    assert 30_000 - (after - aged_at) <= early.wait_ms <= 30_000
+    aged_at = age(client, store, "i1", 90_000)
+    claim = store.claim("default", 2)
+    after = redis_ms(client)
+    assert claim.kind == "batch" and [i.id for i in claim.items] == ["i1", "i2", "i3"]
+    assert (claim.eligible, claim.reason, claim.eligible_left) == (3, "linger", 0)
+    # what the claim saw: i1 had been eligible for 90 s when it was taken
+    assert 90_000 <= claim.oldest_eligible_ms <= 90_000 + (after - aged_at)
+
+
+def test_a_partial_batch_goes_after_the_linger_in_real_time(client: redis.Redis, prefix: str) -> None:
     store = make(client, prefix, linger_ms=30)
     store.enqueue([("i1", intent("t1")), ("i2", intent("t2", account="u2"))])
     claim = wait_until(lambda: (c := store.claim("default", 2)).kind == "batch" and c)
     assert [i.id for i in claim.items] == ["i1", "i2"]
+    assert (claim.eligible, claim.reason) == (2, "linger") and claim.oldest_eligible_ms >= 30
 
 
 def test_wakes_are_about_one_per_full_batch(client: redis.Redis, prefix: str) -> None:
-    store = make(client, prefix, linger_ms=60_000)
-    wakes: list[Wake] = []
-    for k in range(0, 200, 5):  # 40 calls of 5 intents, as a stream of producers would
-        wakes += store.enqueue([(f"i{j}", intent(f"t{j}", account=f"u{j}")) for j in range(k, k + 5)])[1]
-    assert wakes[0] == Wake("default", 2, "linger")
-    assert [w.kind for w in wakes].count("linger") == 1, "one linger wake per linger window"
-    assert [w.kind for w in wakes].count("now") == 1, "a second immediate wake while one is on its way"
+    store = make(client, prefix, linger_ms=3_600_000)  # one linger window for the whole test
+
+    def five(k: int) -> tuple[Wake, ...]:  # one call of 5 intents, as a stream of producers
+        return store.enqueue([(f"i{j}", intent(f"t{j}", account=f"u{j}")) for j in range(k, k + 5)])[1]
+
+    wakes = [five(k) for k in range(0, 20, 5)]
+    assert wakes == [(Wake("default", 2, "linger"),), (), (), (Wake("default", 2, "now"),)]
+    # the immediate wake is on its way (its flag lives 2 s; here it stands for a slow worker)
+    client.set(store.key("wake", "default", 2), "1", px=3_600_000)
+    later = [w for k in range(20, 200, 5) for w in five(k)]
+    assert later == [], "a second wake while one is on its way, or a second per linger window"
     store.clear_wake("default", 2)  # a flush started
     wakes = store.enqueue([("j1", intent("x1", account="v1"))])[1]
     assert wakes == (Wake("default", 2, "now"),)
@@ -102,15 +144,22 @@ def test_a_retry_waits_for_its_backoff_then_goes_first(client: redis.Redis, pref
     store = make(client, prefix)
     store.enqueue([("i1", intent("t1"))])
     claim = store.claim("default", 2)
-    store.complete(claim.batch_id or "", [{"id": "i1", "state": "retry", "delay_s": 0.05, "error": "http_503"}],
+    store.complete(claim.batch_id or "", [{"id": "i1", "state": "retry", "delay_s": 600, "error": "http_503"}],
                    calls=1, items_sent=1)
     status = store.status("i1")
     assert status is not None and status.state == "retrying" and status.error == "http_503"
-    store.enqueue([("i2", intent("t2", account="u2"))])
+    store.enqueue([("i2", intent("t2", account="u2")), ("i3", intent("t3", account="u3"))])
     first = store.claim("default", 2)
-    assert [i.id for i in first.items] == ["i2"], "a retry became eligible before its backoff"
-    again = wait_until(lambda: (c := store.claim("default", 2)).kind == "batch" and c)
-    assert [(i.id, i.attempts) for i in again.items] == [("i1", 2)]
+    assert [i.id for i in first.items] == ["i2", "i3"], "a retry became eligible before its backoff"
+    assert first.eligible == 2
+    empty = store.claim("default", 2)
+    assert empty.kind == "empty" and 0 < empty.wait_ms <= 600_000  # when the retry is due
+    store.enqueue([("i4", intent("t4", account="u4"))])
+    # the backoff's end is ours to move: it stands for the clock passing the 600 s
+    client.zadd(store.key("d", "default", 2), {"i1": 0})
+    again = store.claim("default", 2)
+    assert [(i.id, i.attempts) for i in again.items] == [("i1", 2), ("i4", 1)], "the retry goes first"
+    assert again.eligible == 2
 
 
 def test_terminal_records_expire_and_pending_ones_do_not(client: redis.Redis, prefix: str) -> None:
@@ -167,11 +216,20 @@ def test_requeue_failed_can_filter_by_error(client: redis.Redis, prefix: str) ->
 
 def test_the_rate_limit_spaces_calls_over_all_workers(client: redis.Redis, prefix: str) -> None:
     store = make(client, prefix)
-    waits = [store.throttle("default", 10) for _ in range(5)]
-    assert waits[0] == 0
-    assert all(0.05 <= later - earlier <= 0.15 for earlier, later in itertools.pairwise(waits))
-    store.set_backoff("ios", 2.0)
-    assert 1.5 <= store.throttle("ios", 0) <= 2.0
+    # one call per 60 s: the k-th reservation waits for slot k, less the time since the first
+    # (read from Redis's clock, so the bounds hold however slow the machine is)
+    started = redis_ms(client)
+    waits_ms = [round(store.throttle("default", 1 / 60) * 1000) for _ in range(5)]
+    elapsed = redis_ms(client) - started
+    assert waits_ms[0] == 0
+    for k, wait in enumerate(waits_ms):
+        assert k * 60_000 - elapsed <= wait <= k * 60_000, (k, waits_ms, elapsed)
+    started = redis_ms(client)
+    store.set_backoff("ios", 120.0)
+    wait_ms = round(store.throttle("ios", 0) * 1000)
+    elapsed = redis_ms(client) - started
+    assert 120_000 - elapsed - 1 <= wait_ms <= 120_000
+    assert store.throttle("android", 0) == 0, "a backoff is per app"
 
 
 def test_bulk_enqueue_returns_codes_in_order_across_chunks(client: redis.Redis, prefix: str) -> None:

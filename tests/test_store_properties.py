@@ -119,7 +119,14 @@ class StoreMachine(RuleBasedStateMachine):
                     assert self.blocked(tracked), "an eligible intent was not claimed"
             return "none"
         ids = [item.id for item in claim.items]
-        assert 1 <= len(ids) <= MAX_ITEMS
+        # SPEC §3.2 with no linger: a claim takes every eligible item up to MAX_ITEMS, and
+        # reports how many were eligible (the model counts them on its own)
+        eligible = sum(1 for t in self.model.values()
+                       if t.state == "queued" and t.intent.operator_type == op
+                       and t.intent.app == app and not self.blocked(t))
+        assert claim.eligible == eligible, (claim.eligible, eligible)
+        assert len(ids) == min(eligible, MAX_ITEMS)
+        assert claim.reason == ("full" if eligible >= MAX_ITEMS else "linger")
         idents = [self.model[i].intent.token or self.model[i].intent.accounts[0] for i in ids]
         assert len(set(idents)) == len(idents), "a call names a token/account twice"
         for item in claim.items:
