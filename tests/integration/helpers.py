@@ -78,3 +78,12 @@ def flush_rule_breaches(claims: Iterable[ClaimSeen], max_items: int,
         elif c.reason != ("full" if c.eligible >= max_items else "linger"):
             bad.append(f"{c.batch_id}: reason {c.reason!r} with {c.eligible} eligible")
     return bad
+
+
+def assert_flush_rule(logs: Iterable[str], max_items: int, linger_ms: int) -> list[ClaimSeen]:
+    """SPEC §3.2 claim by claim over workers' JSON logs; returns the claims (at least one)."""
+    claims = [c for text in logs for c in claims_in_log(text)]
+    assert claims, "no batch line in the workers' logs (TPNS_LOG_FORMAT=json?)"
+    bad = flush_rule_breaches(claims, max_items, linger_ms)
+    assert not bad, f"{len(bad)} of {len(claims)} claims broke the flush rule: {bad[:5]}"
+    return claims

@@ -19,7 +19,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -297,8 +296,6 @@ def test_tls_default_refuses_an_unknown_ca(tmp_path: Path, procs: Processes) -> 
     # the broker: kombu gets the same default (kombu alone would not check the certificate)
     broker, options = celery_broker(no_ca)
     assert "ssl_cert_reqs=CERT_REQUIRED" in broker
-    started = time.monotonic()
     with Connection(broker, transport_options=options, connect_timeout=2) as conn:
         with pytest.raises(OperationalError, match=CERT_REFUSED):
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
-    assert time.monotonic() - started < 10

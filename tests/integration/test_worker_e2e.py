@@ -28,7 +28,7 @@ from worker.sandbox_state import Item
 from worker.settings import SANDBOX_SECRET_KEY
 
 from .conftest import MakeProducer, StartWorker, WorkerProcess, product_env
-from .helpers import ClaimSeen, claims_in_log, flush_rule_breaches, wait_until
+from .helpers import ClaimSeen, assert_flush_rule, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -204,11 +204,7 @@ def assert_all_succeeded(producer: Producer, ids: Sequence[str]) -> None:
 
 def assert_claims_follow_the_flush_rule(*workers: WorkerProcess) -> list[ClaimSeen]:
     """SPEC §3.2 claim by claim, from the workers' JSON logs; returns the claims."""
-    claims = [c for w in workers for c in claims_in_log(w.log())]
-    assert claims, "no batch line in the workers' logs"
-    bad = flush_rule_breaches(claims, FULL, LINGER_MS)
-    assert not bad, f"{len(bad)} of {len(claims)} claims broke the flush rule: {bad[:5]}"
-    return claims
+    return assert_flush_rule([w.log() for w in workers], FULL, LINGER_MS)
 
 
 # -- the tests ------------------------------------------------------------------------------------
