@@ -662,18 +662,29 @@ def server() -> Iterator[_Server]:
 
 
 @pytest.fixture
-def socket_client(server: _Server) -> Iterator[tuple[TpnsClient, FakeClock]]:
-    clock = FakeClock()
-    port = server.server_address[1]
-    client = TpnsClient(app(base_url=f"http://127.0.0.1:{port}"), timeout_s=0.2, max_attempts=2,
-                        sleep=clock.sleep, clock=clock)
-    yield client, clock
-    client.close()
+def socket_client(server: _Server) -> Iterator[Callable[[float], tuple[TpnsClient, FakeClock]]]:
+    """``socket_client(timeout_s)``: a client of ``server``. A short timeout only where the
+    server hangs on purpose: elsewhere a slow answer on a loaded machine must not pass for one."""
+    clients: list[TpnsClient] = []
+
+    def build(timeout_s: float) -> tuple[TpnsClient, FakeClock]:
+        clock = FakeClock()
+        port = server.server_address[1]
+        client = TpnsClient(app(base_url=f"http://127.0.0.1:{port}"), timeout_s=timeout_s,
+                            max_attempts=2, sleep=clock.sleep, clock=clock)
+        clients.append(client)
+        return client, clock
+
+    yield build
+    for client in clients:
+        client.close()
 
 
-def test_socket_ok_reuses_one_connection(server: _Server,
-                                         socket_client: tuple[TpnsClient, FakeClock]) -> None:
-    client, _ = socket_client
+SocketClient = Callable[[float], tuple[TpnsClient, FakeClock]]
+
+
+def test_socket_ok_reuses_one_connection(server: _Server, socket_client: SocketClient) -> None:
+    client, _ = socket_client(10)
     for _ in range(3):
         assert client.batchoperate(4, [BatchItem(id="a", token="t", accounts=())]).result == ("0",)
     assert server.bodies == [b'{"operator_type":4,"token_list":["t"]}'] * 3
@@ -685,11 +696,11 @@ def test_socket_ok_reuses_one_connection(server: _Server,
     ("cut", TransportError, "connection_error"),
     ("html", BadResponseError, "bad_response"),
 ])
-def test_socket_failures(server: _Server, socket_client: tuple[TpnsClient, FakeClock],
+def test_socket_failures(server: _Server, socket_client: SocketClient,
                          caplog: pytest.LogCaptureFixture, mode: str, cls: type[TpnsError],
                          code_: str) -> None:
     caplog.set_level(logging.DEBUG)
-    client, clock = socket_client
+    client, clock = socket_client(0.2 if mode == "hang" else 10)
     server.mode = mode
     with pytest.raises(cls) as info:
         client.batchoperate(2, ITEMS)
@@ -805,7 +816,9 @@ def test_sandbox_faults(sandbox: SandboxServer,
                         code_: str) -> None:
     caplog.set_level(logging.DEBUG)
     sandbox.configure(fault_rate=1.0, faults=(fault,), retry_after_s=1.5, slow_ms=5000)
-    client, clock = on_sandbox(timeout_s=0.15)
+    # a short timeout only for the fault that answers late on purpose: elsewhere a slow answer
+    # on a loaded machine must not pass for a timeout
+    client, clock = on_sandbox(timeout_s=0.15 if fault == "timeout" else 10)
     with pytest.raises(cls) as info:
         client.batchoperate(2, [item(1)])
     assert info.value.code == code_

@@ -14,11 +14,19 @@ def test_the_first_caller_starts_it_the_next_finds_it_and_data_survives_a_restar
     url = ensure_embedded(data)
     try:
         assert url == f"unix://{data.resolve() / 'redis.sock'}"
-        assert ensure_embedded(data) == url  # found, not started twice
         pid = (data / "redis.pid").read_text().strip()
         client = redis.Redis.from_url(url)
+        first = client.info("server")
         client.set("tpns:probe", "kept")
         client.close()
+        assert int(first["process_id"]) == int(pid)
+        assert ensure_embedded(data) == url
+        # found, not started twice: the socket still leads to the very same server process
+        client = redis.Redis.from_url(url)
+        again = client.info("server")
+        client.close()
+        assert (again["run_id"], again["process_id"]) == (first["run_id"], first["process_id"])
+        assert (data / "redis.pid").read_text().strip() == pid
     finally:
         assert stop_embedded(data)
     assert not stop_embedded(data), "it was still running after shutdown"
