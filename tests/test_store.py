@@ -52,7 +52,7 @@ def age(client: redis.Redis, store: Store, intent_id: str, ms: int) -> int:
     return now
 
 
-def wait_until(predicate, timeout_s: float = 5.0):  # type: ignore[no-untyped-def]
+def wait_until(predicate, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
