@@ -228,3 +228,20 @@ def test_each_batch_line_says_what_its_claim_saw(
     assert seen == [(20, 25, "full"), (5, 5, "linger")]
     assert all(r.oldest_eligible_ms >= 0 for r in lines)  # type: ignore[attr-defined]
     assert "(full: 25 eligible, oldest " in lines[0].getMessage()
+
+
+def test_a_flush_started_during_a_shutdown_claims_nothing(
+        redis_url: str, prefix: str, sandbox: SandboxServer) -> None:
+    settings = Settings.from_env({"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix,
+                                  "TPNS_BASE_URL": sandbox.url})
+    producer = Producer(redis_url, prefix, settings=settings, wake=lambda wakes: None)
+    flusher = Flusher(settings, producer.store, wake=lambda wakes: None, should_stop=lambda: True)
+    try:
+        ids = [i for i in producer.submit_many(_intents(20)) if i]
+        result = flusher.flush("default", 4)
+        assert (result.batches, result.stopped) == (0, "shutdown")
+        assert sandbox.stats()["calls"] == 0
+        assert {s.state for s in producer.statuses(ids) if s} == {"queued"}
+    finally:
+        flusher.close()
+        producer.close()

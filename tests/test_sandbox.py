@@ -416,6 +416,26 @@ def test_configure_changes_credentials_and_faults_at_runtime(sandbox: SandboxSer
     assert post(http, sandbox, payload, access_id="42", secret="new-secret").status_code == 200
 
 
+def test_hold_keeps_answers_back_until_release(sandbox: SandboxServer) -> None:
+    answers: list[dict[str, Any]] = []
+
+    def call() -> None:
+        with requests.Session() as session:
+            answers.append(op(session, sandbox, 2, token_accounts=[ta("t1", "u1")]))
+
+    sandbox.hold()
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        # received, counted and applied at once; only the answer waits
+        wait_until(lambda: sandbox.stats()["calls"] == 1 and sandbox.bindings_of("t1") == {0: "u1"})
+        assert caller.is_alive() and answers == []
+    finally:
+        sandbox.release()
+    caller.join(10)
+    assert [a["ret_code"] for a in answers] == [0]
+
+
 def test_latency_delays_every_answer(sandbox: SandboxServer, http: requests.Session) -> None:
     sandbox.configure(latency_ms=100)
     started = time.monotonic()

@@ -137,6 +137,9 @@ class Flusher:
         # along with the claim (as does clearing the wake flag), one round trip for all three
         unlimited = self.settings.max_calls_per_s <= 0
         for k in range(BATCHES_PER_TASK):
+            if self.should_stop():  # shutting down: claim nothing (the sweep re-wakes the rest)
+                result.stopped = "shutdown"
+                break
             claim = self.store.claim(app, operator_type, clear_wake=k == 0,
                                      read_backoff=unlimited)
             self.on_claim()

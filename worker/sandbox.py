@@ -185,6 +185,9 @@ class SandboxServer:
         self._bindings = Bindings()
         self._stats = Stats()
         self._stopping = threading.Event()
+        #: cleared by :meth:`hold`: answers wait (requests are still received and applied)
+        self._answering = threading.Event()
+        self._answering.set()
         self._serving = False
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -224,6 +227,7 @@ class SandboxServer:
             return
         self._stopped = True
         self._stopping.set()
+        self._answering.set()
         if self._serving:
             self._httpd.shutdown()
         self._httpd.close_connections(timeout_s=2.0)
@@ -252,6 +256,16 @@ class SandboxServer:
             self._config = _checked(replace(self._config, **changes))
             if "seed" in changes:
                 self._rng = random.Random(self._config.seed)
+
+    def hold(self) -> None:
+        """Hold every answer until :meth:`release`: requests are received, counted and applied
+        as usual, their answers wait. Lets a test see calls in flight for as long as it needs
+        (a client's own timeout still applies)."""
+        self._answering.clear()
+
+    def release(self) -> None:
+        """Send the answers :meth:`hold` kept back, and answer at once again."""
+        self._answering.set()
 
     def bindings_of(self, token: str) -> dict[int, str]:
         """account_type → account currently bound to ``token``."""
@@ -512,6 +526,7 @@ class _Handler(BaseHTTPRequestHandler):
             reply = _Reply(500, b"sandbox: internal error\n", "text/plain; charset=utf-8")
         if reply.delay_s > 0:
             sandbox._stopping.wait(reply.delay_s)
+        sandbox._answering.wait()
         if reply.drop or sandbox._stopping.is_set():
             self.close_connection = True
             return

@@ -30,11 +30,13 @@ logger = logging.getLogger(__name__)
 #: up to BATCHES_PER_TASK more batches while the shutdown waits for it
 _shutting_down = multiprocessing.Event()
 _local: dict[int, Flusher] = {}
+logger = logging.getLogger(__name__)
 
 
 @signals.worker_shutting_down.connect
 def _on_shutdown(**_: Any) -> None:
     _shutting_down.set()
+    logger.info("shutting down: flushes finish their call in flight and claim no more")
 
 
 #: socket timeouts of the worker's store connection: a network cut (no RST) must end in an error

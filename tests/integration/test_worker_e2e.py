@@ -353,15 +353,18 @@ def test_sigkill_mid_run_loses_nothing_after_a_restart(
 
 def test_warm_shutdown_finishes_the_calls_in_flight_and_records_them(
         sandbox: SandboxServer, start_worker: StartWorker, make_producer: MakeProducer) -> None:
-    sandbox.configure(latency_ms=1500)
+    sandbox.hold()  # the calls stay in flight until released (the worker's timeout is 30 s)
     producer = make_producer()
     ids = submit(producer, [{"operator_type": 2, "token": f"tok-{k}",
                              "account_list": [{"account": f"u{k}"}]} for k in range(200)])
-    worker = start_worker(sandbox, concurrency=2, TPNS_LEASE_S="30", TPNS_HTTP_TIMEOUT_S="5")
+    worker = start_worker(sandbox, concurrency=2, TPNS_LEASE_S="120", TPNS_HTTP_TIMEOUT_S="30")
     # both pool processes are in a call (a flush wakes a successor before its call)
-    wait_until(lambda: producer.stats()["in_flight"] == 2 * FULL, 60,
-               message="two calls in flight")
+    wait_until(lambda: producer.stats()["in_flight"] == 2 * FULL and sandbox.stats()["calls"] == 2,
+               60, message="two calls in flight")
     worker.terminate()
+    # the worker has taken the shutdown in (no flush claims again) before the calls end
+    wait_until(lambda: "claim no more" in worker.log(), 60, message="the shutdown under way")
+    sandbox.release()
     assert worker.wait_exit(60) == 0
 
     # the two calls in flight were finished and recorded; no further batch was claimed
