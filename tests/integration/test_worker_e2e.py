@@ -330,15 +330,23 @@ def test_credentials_failure_pauses_without_failing_anything_and_resumes_when_fi
 
 def test_sigkill_mid_run_loses_nothing_after_a_restart(
         sandbox: SandboxServer, start_worker: StartWorker, make_producer: MakeProducer) -> None:
-    sandbox.configure(latency_ms=200)
     intents = mixed_intents(1000, tokens=300, accounts=300, seed=3)
     producer = make_producer()
     ids = submit(producer, intents)
-    first = start_worker(sandbox, name="w1", TPNS_LOG_FORMAT="json")
-    wait_until(lambda: terminal_count(producer) >= 100 and producer.stats()["in_flight"] > 0, 60,
-               message="some intents done and a call in flight")
+    # a timeout and a lease far longer than the test: a call held by the sandbox stays in flight
+    first = start_worker(sandbox, name="w1", TPNS_LOG_FORMAT="json", TPNS_HTTP_TIMEOUT_S="30",
+                         TPNS_LEASE_S="120")
+    wait_until(lambda: terminal_count(producer) >= 100, 60, message="some intents done")
+    held = sandbox.stats()["calls"]
+    sandbox.hold()
+    wait_until(lambda: sandbox.stats()["calls"] > held and producer.stats()["in_flight"] > 0, 60,
+               message="a call in flight, held by the sandbox")
     first.kill()
     assert producer.stats()["in_flight"] > 0  # the killed worker's batches are left 'sending'
+    # their leases end now: the clock is ours to move, rather than waiting 120 s
+    leases = producer.store.key("leases")
+    producer.store.redis.zadd(leases, dict.fromkeys(producer.store.redis.zrange(leases, 0, -1), 0))
+    sandbox.release()
 
     second = start_worker(sandbox, name="w2", TPNS_LOG_FORMAT="json")
     wait_all_terminal(producer, len(intents), 90)
