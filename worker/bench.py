@@ -201,12 +201,17 @@ def _wait_control(app: Any, hostnames: Sequence[str], timeout_s: float,
             raise RuntimeError(f"workers not ready after {timeout_s:g} s: {sorted(waiting)}")
 
 
-def _open_gate(app: Any, queue: str, hostnames: Sequence[str]) -> None:
-    replies = app.control.add_consumer(queue, destination=list(hostnames), reply=True,
-                                       timeout=5.0) or []
-    answered = {name for reply in replies for name in reply}
-    if answered != set(hostnames):
-        raise RuntimeError(f"add_consumer: no answer from {sorted(set(hostnames) - answered)}")
+def _open_gate(app: Any, queue: str, hostnames: Sequence[str], timeout_s: float = 60.0) -> None:
+    # asked again until each worker has answered: a busy machine may answer a broadcast late,
+    # and adding a consumer twice is harmless
+    deadline = time.monotonic() + timeout_s
+    waiting = set(hostnames)
+    while waiting:
+        replies = app.control.add_consumer(queue, destination=sorted(waiting), reply=True,
+                                           timeout=5.0) or []
+        waiting -= {name for reply in replies for name in reply}
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"add_consumer: no answer from {sorted(waiting)}")
 
 
 def _close_gate(app: Any, queue: str, hostnames: Sequence[str]) -> None:

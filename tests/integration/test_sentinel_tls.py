@@ -138,7 +138,7 @@ def drain_through(redis_url: str, prefix: str, sandbox: SandboxServer, workers: 
             [{"operator_type": 2, "token": f"{name}-{k:03d}", "account_list": [{"account": f"u{k}"}]}
              for k in range(N_INTENTS)])
         assert None not in ids
-        statuses = producer.wait([i for i in ids if i], timeout_s=20)
+        statuses = producer.wait([i for i in ids if i], timeout_s=60)
         assert all(s is not None and s.terminal for s in statuses)
         assert {s.state for s in statuses if s} == {"succeeded"}
     finally:
@@ -170,7 +170,7 @@ def test_sentinel_url_for_store_and_broker(tmp_path: Path, procs: Processes, san
         lambda: sentinel_proc.poll() is not None or answers(
             lambda: redis.Redis(port=sentinel_port, socket_timeout=1, decode_responses=True),
             lambda c: c.sentinel_get_master_addr_by_name(MASTER)),
-        10, message="the Sentinel names the master")
+        30, message="the Sentinel names the master")
     assert sentinel_proc.poll() is None, (sentinel_dir / "sentinel.log").read_text(errors="replace")
 
     url = f"sentinel://127.0.0.1:{sentinel_port}/{MASTER}/0"
