@@ -348,7 +348,9 @@ def test_a_running_serve_starts_its_killed_server_again(data_dir: Path, tmp_path
         old = kill_server(data_dir)
         wait_until(lambda: restarted_after(data_dir, old), 60,
                    message=lambda: f"serve started the server again; log:\n{log_path.read_text()}")
-        assert "started it again" in log_path.read_text()
+        # the guard writes its line once its start call returns, after the server answers
+        wait_until(lambda: "started it again" in log_path.read_text(), 60,
+                   message=lambda: f"serve's line about the restart; log:\n{log_path.read_text()}")
         assert proc.poll() is None
     finally:
         proc.terminate()
