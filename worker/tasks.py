@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 #: up to BATCHES_PER_TASK more batches while the shutdown waits for it
 _shutting_down = multiprocessing.Event()
 _local: dict[int, Flusher] = {}
-logger = logging.getLogger(__name__)
 
 
 @signals.worker_shutting_down.connect
