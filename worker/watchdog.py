@@ -1,7 +1,8 @@
 """The worker's watchdog: a thread of the main process that sees outages and stuck consumers.
 
-Every ``PROBE_INTERVAL_S`` it asks the store and the broker for a PING (short timeouts, their own
-connections), and then:
+Every ``PROBE_INTERVAL_S`` it probes the store (a write of a short-lived key: a Redis that answers
+but cannot write is down too) and the broker (a PING), with short timeouts on their own
+connections, and then:
 
 * logs ONE line when an outage starts (what is unreachable, where, why) and one when Redis answers
   again (with the outage's length). Tasks that die in the outage log at debug level only;
