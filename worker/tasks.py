@@ -17,12 +17,13 @@ from .store import Store, unavailable
 from .wakeup import FLUSH_TASK, SWEEP_TASK, CeleryWaker
 from .watchdog import attach
 
+logger = logging.getLogger(__name__)
+
 
 def outage(exc: BaseException) -> bool:
     """A task that meets this ends quietly: Redis (store or broker) is away or cannot write."""
     return unavailable(exc) or isinstance(exc, OperationalError)
 
-logger = logging.getLogger(__name__)
 
 #: set in the main process when a warm shutdown starts (SIGTERM); a multiprocessing Event, not a
 #: threading one, so that prefork pool children (forked before the signal, which only the main
