@@ -17,15 +17,8 @@ from pathlib import Path
 
 import redis
 
+from worker.drill import free_port
 from worker.embedded import redis_server_binary
-
-
-def free_port() -> int:
-    """An ephemeral port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisProcess:

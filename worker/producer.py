@@ -32,7 +32,7 @@ from .errors import IdConflictError, IntentError, QueueFullError, StoreError, St
 from .intents import validate
 from .model import Intent, Status
 from .settings import Settings, redact_url
-from .store import NOT_WRITTEN, UNKNOWN, Round, Store, Wake, merge_wakes, refused_before_writing
+from .store import NOT_WRITTEN, UNKNOWN, Round, Store, Wake, merge_wakes, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ REPLY_TIMEOUT_S = 10.0
 RETRIES = 3
 #: after a wake-up could not be sent, wakes are skipped for this long (the sweep sends them)
 WAKE_PAUSE_S = 5.0
-#: redis-py errors that mean "Redis cannot take or answer this now" (``ConnectionError`` covers
-#: a master Sentinel cannot name and a server still loading its AOF; a replica's READONLY after
-#: a failover, OOM and MISCONF are told by ``refused_before_writing``)
-_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
 def new_id() -> str:
@@ -144,7 +140,7 @@ class Producer:
         if _is_oom(exc):
             return QueueFullError(url, f"Redis answered OOM: out of memory (maxmemory) ({cause})",
                                   retry_after_s=5, **groups)
-        if isinstance(exc, (*_UNAVAILABLE, OSError)) or refused_before_writing(exc):
+        if unavailable(exc):  # the one rule of what an outage is (store.unavailable)
             return StoreUnavailableError(url, cause, **groups)
         # an answer no script expects (a wrong type under the prefix, an ACL refusal): not an
         # outage, but still no redis-py exception for the caller

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from worker.drill import free_port
 from worker.embedded import EmbeddedGuard, ensure_embedded, stop_embedded
 from worker.errors import ConfigError
 from worker.producer import Producer
@@ -328,17 +328,10 @@ def test_the_guard_starts_a_killed_server_again_by_itself_with_its_data(
     assert 1 <= len(restarts) <= 2 and all(r.levelno == logging.WARNING for r in restarts)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_a_running_serve_starts_its_killed_server_again(data_dir: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([WORKER_COMMAND, "serve", "--port", str(_free_port())],
+        proc = subprocess.Popen([WORKER_COMMAND, "serve", "--port", str(free_port())],
                                 env=cli_env(data_dir), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=data_dir.parent)
     try:

@@ -17,7 +17,6 @@ tests use neither the ``redis_url`` fixture nor the ``prefix`` fixture built on 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from kombu.exceptions import OperationalError
 
 from worker.bench import machine
 from worker.connections import celery_broker, redis_client
+from worker.drill import free_port
 from worker.embedded import redis_server_binary, start_private
 from worker.producer import Producer
 from worker.sandbox import SandboxServer
@@ -49,12 +49,6 @@ CERT_REFUSED = r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"
 
 # -- private servers ------------------------------------------------------------------------------
 
-def free_port() -> int:
-    """An ephemeral port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Processes:

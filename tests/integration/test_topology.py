@@ -23,6 +23,7 @@ import pytest
 import redis
 import yaml
 
+from worker.drill import free_port
 from worker.sandbox import SandboxServer
 
 from .conftest import WORKER_COMMAND, MakeProducer, WorkerProcess, product_env
@@ -50,11 +51,6 @@ def compose_command(service: str, **options: str) -> list[str]:
     return argv
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def get_json(url: str) -> tuple[int, Any]:
