@@ -105,15 +105,20 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
         time.sleep(POLL_S)
 
 
-def read_or_none(server: AofRedis, command: Callable[[redis.Redis], Any]) -> Any:
-    """``command`` on a fresh connection, or None while Redis does not answer."""
-    client = server.client()
+def answers(make: Callable[[], redis.Redis], command: Callable[[redis.Redis], Any]) -> Any:
+    """``command`` on a fresh client from ``make``, or None while that server does not answer."""
+    client = make()
     try:
         return command(client)
     except (redis.RedisError, OSError):
         return None
     finally:
         client.close()
+
+
+def read_or_none(server: AofRedis, command: Callable[[redis.Redis], Any]) -> Any:
+    """``command`` on a fresh connection, or None while Redis does not answer."""
+    return answers(server.client, command)
 
 
 def claim_seq(server: AofRedis, prefix: str) -> int | None:

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import redis
 
-from worker.drill import AofRedis, claim_seq, free_port, terminal
+from worker.drill import AofRedis, answers, claim_seq, free_port, terminal
 from worker.embedded import redis_server_binary
 from worker.liveness import heartbeat_dir, read_heartbeats
 from worker.producer import Producer
@@ -249,13 +249,8 @@ def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def _answers(port: int, command: Any) -> Any:
-    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
-    try:
-        return command(client)
-    except (redis.RedisError, OSError):
-        return None
-    finally:
-        client.close()
+    return answers(lambda: redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1,
+                                       decode_responses=True), command)
 
 
 class _Role:

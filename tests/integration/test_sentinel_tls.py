@@ -21,7 +21,6 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -30,7 +29,7 @@ from kombu.exceptions import OperationalError
 
 from worker.bench import machine
 from worker.connections import celery_broker, redis_client
-from worker.drill import free_port
+from worker.drill import answers, free_port
 from worker.embedded import redis_server_binary, start_private
 from worker.producer import Producer
 from worker.sandbox import SandboxServer
@@ -80,17 +79,6 @@ def procs() -> Iterator[Processes]:
         yield started
     finally:
         started.kill_all()
-
-
-def answers(make: Callable[[], redis.Redis], command: Callable[[redis.Redis], Any]) -> Any:
-    """``command(client)`` on a fresh client, or None while the server is not up yet."""
-    client = make()
-    try:
-        return command(client)
-    except (redis.RedisError, OSError):
-        return None
-    finally:
-        client.close()
 
 
 # -- the worker and the producer, on URLs of the test's own -----------------------------------------
