@@ -17,8 +17,8 @@ from pathlib import Path
 
 import redis
 
-from worker.drill import free_port
 from worker.embedded import redis_server_binary
+from worker.tools.drill import free_port
 
 
 class RedisProcess:

@@ -15,8 +15,8 @@ from urllib.parse import quote
 import pytest
 from live_server import serving
 
-from worker.http import create_app
 from worker.producer import Producer
+from worker.serve.app import create_app
 from worker.settings import Settings
 
 pytestmark = pytest.mark.browser

@@ -39,7 +39,7 @@ from worker.errors import (
     UnexpectedRetCodeError,
 )
 from worker.model import Account, BatchItem
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 from worker.settings import AppConfig
 
 ACCESS_ID = "1500001048"

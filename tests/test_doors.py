@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from live_server import serving
 
 from worker.errors import IdConflictError, IntentError
-from worker.http import create_app
 from worker.producer import Producer
+from worker.serve.app import create_app
 from worker.settings import Settings
 
 COMMAND = str(Path(sys.executable).with_name("tpns-batcher"))

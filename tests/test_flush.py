@@ -12,7 +12,7 @@ import redis
 from worker.embedded import start_private
 from worker.flush import Flusher
 from worker.producer import Producer
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
 
 

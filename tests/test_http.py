@@ -13,9 +13,9 @@ from live_server import serving
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.errors import IntentError
-from worker.http import MAX_BODY_BYTES, MAX_INTENTS, create_app
 from worker.intents import validate
 from worker.producer import Producer
+from worker.serve.app import MAX_BODY_BYTES, MAX_INTENTS, create_app
 from worker.settings import Settings
 
 OP4 = {"operator_type": 4, "token": "tok-a"}
@@ -441,7 +441,7 @@ def test_the_status_page_escapes_what_it_shows(http: tuple[httpx.Client, Produce
 
 def test_a_worker_can_serve_the_same_metrics_on_its_own_port(
         http: tuple[httpx.Client, Producer]) -> None:
-    from worker.metrics import start_metrics_server
+    from worker.monitor.metrics import start_metrics_server
 
     client, producer = http
     client.post("/v1/intents", json=OP4)

@@ -11,8 +11,8 @@ import redis
 from live_server import serving
 from redis_faults import private_redis
 
-from worker.http import create_app
 from worker.producer import Producer
+from worker.serve.app import create_app
 from worker.settings import Settings
 
 PASSWORD = "pw-for-the-http-test"

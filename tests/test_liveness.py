@@ -14,7 +14,6 @@ import pytest
 from click.testing import CliRunner
 
 from worker.cli import main
-from worker.drill import free_port
 from worker.liveness import (
     Heartbeat,
     heartbeat_dir,
@@ -24,6 +23,7 @@ from worker.liveness import (
     stuck_reason,
     write_heartbeat,
 )
+from worker.tools.drill import free_port
 
 STUCK_S = 60.0
 

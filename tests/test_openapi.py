@@ -26,8 +26,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from worker.http import create_app, openapi_schema
 from worker.producer import Producer
+from worker.serve.app import create_app, openapi_schema
 from worker.settings import Settings
 
 TOKEN = "s3cret-token-for-the-fuzz"

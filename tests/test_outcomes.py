@@ -32,7 +32,7 @@ from worker.outcomes import (
     retry_or_exhausted,
     run_batch,
 )
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 from worker.settings import AppConfig
 
 NOW_MS = 1_700_000_000_000

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from worker.auth import basic_header, sign_headers
 from worker.errors import ConfigError
-from worker.sandbox import BATCH_PATH, QUERY_PATH, SandboxServer, sandbox_command
+from worker.sandbox.server import BATCH_PATH, QUERY_PATH, SandboxServer, sandbox_command
 from worker.settings import SANDBOX_ACCESS_ID, SANDBOX_SECRET_KEY
 
 PHONE = "+8613711112222"

@@ -20,9 +20,9 @@ from worker.cli import main
 from worker.errors import TpnsError
 from worker.flush import Flusher
 from worker.logs import JsonFormatter
-from worker.metrics import make_registry, render
+from worker.monitor.metrics import make_registry, render
 from worker.producer import Producer
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
 
 ACCESS_ID = "1500000042"

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from worker import views
 from worker.cli import main
-from worker.overview import read_overview
+from worker.monitor import views
+from worker.monitor.overview import read_overview
 from worker.producer import Producer
 from worker.settings import Settings
 

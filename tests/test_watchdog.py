@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.drill import free_port
 from worker.liveness import read_heartbeats
+from worker.tools.drill import free_port
 from worker.watchdog import Progress, Watchdog, broker_probe, consumer_tick, redis_probe
 
 STUCK_S = 60.0

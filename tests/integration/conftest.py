@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from worker.producer import Producer
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
 
 from .helpers import wait_until

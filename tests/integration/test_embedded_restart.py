@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.drill import free_port
 from worker.embedded import EmbeddedGuard, ensure_embedded, stop_embedded
 from worker.errors import ConfigError
 from worker.producer import Producer
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
+from worker.tools.drill import free_port
 
 from .conftest import _PRODUCT_VARS, WORKER_COMMAND, Launcher, product_env
 from .helpers import wait_until

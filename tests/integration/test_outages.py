@@ -1,7 +1,7 @@
 """Redis outages mid-drain (issue 11, SPEC §3.7): the worker rides them out in its own process.
 
 A real ``redis-server`` with AOF (``appendfsync everysec``) on a free port, started by the test
-(``worker.drill.AofRedis``: the binary is found like the embedded Redis finds it), carries the
+(``worker.tools.drill.AofRedis``: the binary is found like the embedded Redis finds it), carries the
 store AND the broker of one real ``tpns-batcher worker`` process draining a backlog of intents
 with shared keys. The test SIGKILLs Redis mid-drain, keeps it down 1 s, 3 s and 15 s, and starts
 it again on the same port and files. Then:
@@ -9,7 +9,7 @@ it again on the same port and files. Then:
 * every intent ends succeeded, the sandbox's bindings equal the sequential model and each key's
   applied sequence is its enqueue order (the checks of test_worker_e2e.py);
 * the worker process was never restarted (same pid, alive all along) and claimed again after each
-  restart (within a generous deadline: the resume TIME is measured by ``python -m worker.drill``,
+  restart (within a generous deadline: the resume TIME is measured by ``python -m worker.tools.drill``,
   never asserted here);
 * one log line per outage, no traceback, no "Unrecoverable error";
 * during the outage, ``health --worker --local`` passes (liveness never fails on Redis) while
@@ -37,12 +37,12 @@ from typing import Any
 import pytest
 import redis
 
-from worker.drill import AofRedis, answers, claim_seq, free_port, terminal
 from worker.embedded import redis_server_binary
 from worker.liveness import heartbeat_dir, read_heartbeats
 from worker.producer import Producer
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
+from worker.tools.drill import AofRedis, answers, claim_seq, free_port, terminal
 
 from .conftest import WORKER_COMMAND, Launcher, WorkerProcess, product_env
 from .helpers import wait_until

@@ -8,7 +8,7 @@ import logging
 import pytest
 from redis_faults import free_port
 
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 
 from .conftest import MakeProducer, StartWorker
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 
 from .conftest import MakeProducer, StartWorker
 

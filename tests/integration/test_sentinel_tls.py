@@ -27,13 +27,13 @@ import redis
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
-from worker.bench import machine
 from worker.connections import celery_broker, redis_client
-from worker.drill import answers, free_port
 from worker.embedded import redis_server_binary, start_private
 from worker.producer import Producer
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
+from worker.tools.bench import machine
+from worker.tools.drill import answers, free_port
 
 from .conftest import Launcher, WorkerProcess, product_env
 from .helpers import wait_until

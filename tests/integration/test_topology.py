@@ -23,8 +23,8 @@ import pytest
 import redis
 import yaml
 
-from worker.drill import free_port
-from worker.sandbox import SandboxServer
+from worker.sandbox.server import SandboxServer
+from worker.tools.drill import free_port
 
 from .conftest import WORKER_COMMAND, MakeProducer, WorkerProcess, product_env
 from .helpers import assert_flush_rule, wait_until

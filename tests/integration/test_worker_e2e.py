@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from worker.producer import Producer
-from worker.sandbox import SandboxServer
-from worker.sandbox_state import Item
+from worker.sandbox.server import SandboxServer
+from worker.sandbox.state import Item
 from worker.settings import SANDBOX_SECRET_KEY
 
 from .conftest import MakeProducer, StartWorker, WorkerProcess, product_env

@@ -22,9 +22,9 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from .producer import Producer
-from .sandbox import SandboxServer
-from .settings import Settings
+from ..producer import Producer
+from ..sandbox.server import SandboxServer
+from ..settings import Settings
 from .stack import WorkerProcess, local_redis, mixed_intent, product_settings_env, stack_env
 
 

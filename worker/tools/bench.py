@@ -50,11 +50,12 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from .celery_app import make_celery
-from .connections import redis_client
+from ..celery_app import make_celery
+from ..connections import redis_client
+from ..producer import Producer, new_id
+from ..settings import Settings
+from ..store import Store
 from .naive import NAIVE_TASK, done_key, make_naive_celery, task_args
-from .producer import Producer, new_id
-from .settings import Settings
 from .stack import (
     SandboxProcess,
     StackRedis,
@@ -64,7 +65,6 @@ from .stack import (
     product_settings_env,
     stack_env,
 )
-from .store import Store
 
 #: the queue a worker consumes until the benchmark opens the gate (nothing is ever sent to it)
 GATE_QUEUE = "gate"
@@ -369,7 +369,7 @@ class Bench:
         config, report = self.config, self.report
         count = config.baseline_intents or min(config.intents, BASELINE_MAX_INTENTS)
         hostnames = _hostnames("naive", config.workers, self.redis.prefix)
-        procs = [WorkerProcess([sys.executable, "-m", "worker.naive", "worker", "--hostname", name,
+        procs = [WorkerProcess([sys.executable, "-m", "worker.tools.naive", "worker", "--hostname", name,
                                 "-Q", GATE_QUEUE, "--loglevel", "WARNING",
                                 *(self.concurrency_args or ["--concurrency", str(_cli_concurrency())])],
                                self.env, self.workdir / f"naive{k}.log")
@@ -382,7 +382,7 @@ class Bench:
             for proc in procs:
                 proc.start()
             _wait_control(app, hostnames, 90.0, procs)
-            from .intents import validate
+            from ..intents import validate
 
             counter = done_key(self.redis.prefix)
             queue = f"{self.redis.prefix}naive"
@@ -426,7 +426,7 @@ class Bench:
 
 
 def _cli_concurrency() -> int:
-    from .cli import DEFAULT_CONCURRENCY
+    from ..cli import DEFAULT_CONCURRENCY
 
     return DEFAULT_CONCURRENCY
 

@@ -9,7 +9,7 @@ no results. The task builds a one-item ``batchoperate`` call and writes the stat
 ``SET`` (plus an ``INCR`` of a done counter in the same round trip, which the benchmark watches).
 No per-key order, no leases, no retries between calls: the baseline is kept as cheap as it can be.
 
-Run by the benchmark as ``python -m worker.naive worker [CELERY ARGS]`` with ``REDIS_URL``,
+Run by the benchmark as ``python -m worker.tools.naive worker [CELERY ARGS]`` with ``REDIS_URL``,
 ``TPNS_REDIS_PREFIX`` and ``TPNS_BASE_URL`` set; not part of the product's CLI.
 """
 
@@ -23,12 +23,12 @@ from typing import Any
 
 from celery import Celery
 
-from .celery_app import base_celery
-from .client import TpnsClient
-from .connections import redis_client
-from .errors import TpnsError
-from .model import Account, BatchItem, Intent
-from .settings import Settings
+from ..celery_app import base_celery
+from ..client import TpnsClient
+from ..connections import redis_client
+from ..errors import TpnsError
+from ..model import Account, BatchItem, Intent
+from ..settings import Settings
 
 NAIVE_TASK = "tpns.naive.send"
 
@@ -83,7 +83,7 @@ def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> No
 
 
 def main(argv: Sequence[str]) -> None:
-    """``python -m worker.naive worker [CELERY ARGS]``."""
+    """``python -m worker.tools.naive worker [CELERY ARGS]``."""
     settings = Settings.from_env()
     if not settings.redis_url:
         raise SystemExit("the naive worker needs REDIS_URL")

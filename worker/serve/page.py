@@ -1,6 +1,6 @@
 """The status page of ``tpns-batcher serve`` (``GET /``): plain server-rendered HTML, no script.
 
-Everything shown comes from ``worker.overview.read_overview`` (and one status for a lookup), and
+Everything shown comes from ``worker.monitor.overview.read_overview`` (and one status for a lookup), and
 every value goes through ``html.escape`` — ids, accounts, err_msg and reasons are user or
 service data.
 """
@@ -13,8 +13,8 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
-from .model import OPERATOR_TYPES, STATES
-from .overview import failure_reason
+from ..model import OPERATOR_TYPES, STATES
+from ..monitor.overview import failure_reason
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import requests
 
-from .embedded import start_private
+from ..embedded import start_private
 
 
 def mixed_intent(roll: float, token: str, account: str, account_type: int = 1005,

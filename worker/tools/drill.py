@@ -1,6 +1,6 @@
 """Outage drill: measure how fast a worker flushes again after Redis comes back (issue 11).
 
-``python -m worker.drill --outages 1,3,15,60`` starts, on this machine and all private to it:
+``python -m worker.tools.drill --outages 1,3,15,60`` starts, on this machine and all private to it:
 a ``redis-server`` with AOF (``appendfsync everysec``) on a free port of 127.0.0.1, the sandbox,
 and one real ``tpns-batcher worker`` process (store and broker on that Redis). It enqueues a
 backlog, and for each outage length SIGKILLs Redis mid-drain, keeps it down that long, restarts it
@@ -29,7 +29,7 @@ from typing import Any
 import click
 import redis
 
-from .embedded import redis_server_binary
+from ..embedded import redis_server_binary
 
 #: how often the drill polls Redis while timing the resume
 POLL_S = 0.01
@@ -144,9 +144,9 @@ def time_resume(server: AofRedis, prefix: str, answered_at: float,
 
 
 def run(outages: list[float], intents: int, workdir: Path) -> dict[str, Any]:
-    from .producer import Producer
-    from .sandbox import SandboxServer
-    from .settings import Settings
+    from ..producer import Producer
+    from ..sandbox.server import SandboxServer
+    from ..settings import Settings
 
     server = AofRedis(workdir / "redis")
     server.start()

@@ -49,14 +49,14 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
-from .intents import is_id
-from .jsonin import BOM, MAX_DEPTH, decode_line, iter_lines, loads, split_lines
-from .metrics import make_registry, render
-from .overview import WORKER_TTL_S, read_overview
+from ..errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
+from ..intents import is_id
+from ..jsonin import BOM, MAX_DEPTH, decode_line, iter_lines, loads, split_lines
+from ..monitor.metrics import make_registry, render
+from ..monitor.overview import WORKER_TTL_S, read_overview
+from ..producer import BulkResult, Producer
+from ..settings import Settings
 from .page import render_page
-from .producer import BulkResult, Producer
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -462,8 +462,8 @@ def serve_command(host: str, port: int) -> None:
     """
     import uvicorn
 
-    from .embedded import guard_embedded
-    from .logs import setup_logging
+    from ..embedded import guard_embedded
+    from ..logs import setup_logging
 
     try:
         settings = Settings.from_env()

@@ -27,9 +27,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .errors import StoreUnavailableError
-from .model import OPERATOR_TYPES, STATES
-from .store import Store
+from ..errors import StoreUnavailableError
+from ..model import OPERATOR_TYPES, STATES
+from ..store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import IO, Any, NoReturn
 
 import click
 
-from .errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
-from .jsonin import decode_line, iter_lines
-from .settings import Settings
-from .store import UNREACHABLE
+from ..errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
+from ..jsonin import decode_line, iter_lines
+from ..settings import Settings
+from ..store import UNREACHABLE
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _settings() -> Settings:
 
 
 def _producer() -> Any:
-    from .producer import Producer
+    from ..producer import Producer
 
     try:
         return Producer(settings=_settings())
@@ -79,11 +79,11 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
     CELERY_ARGS go to ``celery worker`` (e.g. --concurrency 8, --hostname w1@%h, --pool threads).
     Needs TPNS credentials, or an explicit TPNS_BASE_URL such as a sandbox's URL.
     """
-    from .celery_app import make_celery
-    from .consumer import quiet_outage_logs
-    from .embedded import guard_embedded, resolve_redis_url
-    from .logs import setup_logging
-    from .tasks import make_store
+    from ..celery_app import make_celery
+    from ..consumer import quiet_outage_logs
+    from ..embedded import guard_embedded, resolve_redis_url
+    from ..logs import setup_logging
+    from ..tasks import make_store
 
     settings = _settings()
     try:
@@ -103,7 +103,7 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
     _start_heartbeat(store, settings)
     watchdog = _start_watchdog(app, settings, redis_url, store)
     if metrics_port is not None:
-        from .metrics import start_metrics_server
+        from ..monitor.metrics import start_metrics_server
 
         try:
             start_metrics_server(metrics_port, store, settings.apps, addr=metrics_host)
@@ -175,8 +175,8 @@ def _start_watchdog(app: Any, settings: Settings, redis_url: str, store: Any) ->
     """The watchdog thread (``worker/watchdog.py``) and systemd's READY/STOPPING notices."""
     from celery import signals
 
-    from .liveness import heartbeat_dir, sd_notify
-    from .watchdog import Watchdog, attached, broker_probe, redis_probe
+    from ..liveness import heartbeat_dir, sd_notify
+    from ..watchdog import Watchdog, attached, broker_probe, redis_probe
 
     pair = attached(app)
     assert pair is not None, "make_celery(with_tasks=True) attaches the progress"
@@ -265,7 +265,7 @@ def _report_unavailable(exc: StoreUnavailableError, numbers: list[int], bad: lis
                         last_line: int) -> None:
     """The round Redis failed in: stored ids on stdout; refusals, lines in doubt and lines not
     stored on stderr; and where the lines never read begin."""
-    from .producer import BulkResult
+    from ..producer import BulkResult
 
     result = exc.result if isinstance(exc.result, BulkResult) else BulkResult()
     notes: list[tuple[int, str]] = [(e.line or 0, e.reason) for e in bad]
@@ -378,15 +378,15 @@ def stats(as_json: bool, watch: bool, interval_s: float) -> None:
         return
     from rich.console import Console
 
-    from .views import stats_table
+    from ..monitor.views import stats_table
 
     Console().print(stats_table(figures))
 
 
 def _watch_stats(producer: Any, as_json: bool, interval_s: float) -> None:
     """``stats --watch``: the live view (or JSON Lines) until Ctrl-C, which exits 0."""
-    from .overview import read_overview
-    from .views import watch
+    from ..monitor.overview import read_overview
+    from ..monitor.views import watch
 
     if not as_json:
         watch(lambda: read_overview(producer.store, producer.apps()), interval_s)
@@ -468,7 +468,7 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
 
 
 def _health_local() -> None:
-    from .liveness import heartbeat_dir, judge_local, now, read_heartbeats
+    from ..liveness import heartbeat_dir, judge_local, now, read_heartbeats
 
     try:
         settings = Settings.from_env()
@@ -482,10 +482,10 @@ def _health_local() -> None:
 
 
 def _register_optional() -> None:
-    from .bench import bench_command
-    from .demo import demo_command
-    from .http import serve_command
-    from .sandbox import sandbox_command
+    from ..sandbox.server import sandbox_command
+    from ..serve.app import serve_command
+    from ..tools.bench import bench_command
+    from ..tools.demo import demo_command
 
     main.add_command(bench_command)
     main.add_command(demo_command)
@@ -494,6 +494,3 @@ def _register_optional() -> None:
 
 
 _register_optional()
-
-if __name__ == "__main__":
-    main()

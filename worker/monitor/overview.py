@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .store import Store
+from ..store import Store
 
 #: failures shown by the live views
 RECENT_FAILURES = 10

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from .model import OPERATOR_TYPES
+from ..model import OPERATOR_TYPES
 from .overview import failure_reason
 
 
@@ -41,7 +41,7 @@ def _caption(f: dict[str, Any]) -> str:
 def dashboard(figures: dict[str, Any]) -> Group:
     """The live view of ``stats --watch``: the stats table, calls, workers and recent failures.
 
-    ``figures`` is a ``worker.overview.read_overview`` result.
+    ``figures`` is a ``worker.monitor.overview.read_overview`` result.
     """
     calls = Table.grid(padding=(0, 2))
     calls.add_column(style="bold")

@@ -12,7 +12,7 @@ What it models (reference §9):
 - Both auth methods: the ``AccessId``/``TimeStamp``/``Sign`` headers (HMAC over the raw body,
   ``TimeStamp`` at most ``max_skew_s`` away from now; ``Sign`` wins when both are sent) and HTTP
   Basic. A failure is HTTP 200 with ret_code 1008003.
-- Validation with the service's codes (see :mod:`worker.sandbox_state`). A token that starts with
+- Validation with the service's codes (see :mod:`worker.sandbox.state`). A token that starts with
   ``reject_token_prefix`` makes the whole call 1008007, so a client's "halve a rejected call" rule
   can be exercised; one that starts with ``invalid_token_prefix`` is answered ``"1008006"`` for that
   item (no state change for it), which gives 1008026 (some items failed) or 1008027 (all failed).
@@ -60,9 +60,10 @@ from typing import Any, cast
 import click
 from click.core import ParameterSource
 
-from .auth import verify_basic, verify_sign
-from .errors import ConfigError
-from .sandbox_state import (
+from ..auth import verify_basic, verify_sign
+from ..errors import ConfigError
+from ..settings import SANDBOX_ACCESS_ID, SANDBOX_SECRET_KEY
+from .state import (
     INVALID_PARAMETER,
     NOTHING_BOUND,
     Bindings,
@@ -73,7 +74,6 @@ from .sandbox_state import (
     parse_body,
     parse_query,
 )
-from .settings import SANDBOX_ACCESS_ID, SANDBOX_SECRET_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .model import Account
+from ..model import Account
 
 #: tokens (ops 1–4) or accounts (op 5) per batchoperate call, and accounts per token_account
 MAX_ITEMS_PER_CALL = 20
