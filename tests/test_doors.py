@@ -20,11 +20,20 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from fuzz import Line, collapsed, examples, json_values, mixed_lines, near_valid_lines, valid_lines, with_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from live_server import serving
 
+from tests.support.fuzz import (
+    Line,
+    collapsed,
+    examples,
+    json_values,
+    mixed_lines,
+    near_valid_lines,
+    valid_lines,
+    with_ids,
+)
+from tests.support.live_server import serving
 from worker.errors import IdConflictError, IntentError
 from worker.producer import Producer
 from worker.serve.app import create_app

@@ -11,10 +11,10 @@ import json
 from typing import Any
 
 import pytest
-from fuzz import Line, collapsed, json_values, near_valid_lines, valid_lines
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.fuzz import Line, collapsed, json_values, near_valid_lines, valid_lines
 from worker.errors import IntentError
 from worker.intents import validate
 from worker.jsonin import MAX_DEPTH, BadNumber, Duplicated, decode_line, iter_lines, loads, too_deep

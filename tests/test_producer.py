@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import redis
-from redis_faults import RedisProcess, ReplyLosingRelay, free_port, private_redis
 
+from tests.support.redis_faults import RedisProcess, ReplyLosingRelay, free_port, private_redis
 from worker.errors import QueueFullError, StoreUnavailableError, TpnsBatcherError
 from worker.producer import Producer
 from worker.settings import Settings

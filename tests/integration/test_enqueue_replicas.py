@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_faults import RedisProcess, free_port
 
+from tests.support.redis_faults import RedisProcess, free_port
 from worker.embedded import redis_server_binary
 from worker.errors import StoreUnavailableError
 from worker.producer import Producer

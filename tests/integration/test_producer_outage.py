@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from redis_faults import free_port
 
+from tests.support.redis_faults import free_port
 from worker.sandbox.server import SandboxServer
 
 from .conftest import MakeProducer, StartWorker

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 from click.testing import CliRunner
-from redis_faults import RedisProcess, ReplyLosingRelay, private_redis
 
+from tests.support.redis_faults import RedisProcess, ReplyLosingRelay, private_redis
 from worker.cli import main
 
 PASSWORD = "pw-for-the-cli-test"

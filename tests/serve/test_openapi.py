@@ -16,9 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from fuzz import examples
 from hypothesis import HealthCheck, settings
-from live_server import serving
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -26,6 +24,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from tests.support.fuzz import examples
+from tests.support.live_server import serving
 from worker.producer import Producer
 from worker.serve.app import create_app, openapi_schema
 from worker.settings import Settings

@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from live_server import serving
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.live_server import serving
 from worker.errors import IntentError
 from worker.intents import validate
 from worker.producer import Producer

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 import redis
-from live_server import serving
-from redis_faults import private_redis
 
+from tests.support.live_server import serving
+from tests.support.redis_faults import private_redis
 from worker.producer import Producer
 from worker.serve.app import create_app
 from worker.settings import Settings

@@ -13,8 +13,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from live_server import serving
 
+from tests.support.live_server import serving
 from worker.producer import Producer
 from worker.serve.app import create_app
 from worker.settings import Settings
