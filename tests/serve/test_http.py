@@ -15,7 +15,8 @@ from tests.support.live_server import serving
 from worker.errors import IntentError
 from worker.intents import validate
 from worker.producer import Producer
-from worker.serve.app import MAX_BODY_BYTES, MAX_INTENTS, create_app
+from worker.serve.app import create_app
+from worker.serve.body import MAX_BODY_BYTES, MAX_INTENTS
 from worker.settings import Settings
 
 OP4 = {"operator_type": 4, "token": "tok-a"}

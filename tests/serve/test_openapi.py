@@ -27,7 +27,8 @@ from schemathesis.checks import (
 from tests.support.fuzz import examples
 from tests.support.live_server import serving
 from worker.producer import Producer
-from worker.serve.app import create_app, openapi_schema
+from worker.serve.app import create_app
+from worker.serve.openapi import openapi_schema
 from worker.settings import Settings
 
 TOKEN = "s3cret-token-for-the-fuzz"

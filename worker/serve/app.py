@@ -34,7 +34,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -49,113 +48,37 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import ConfigError, IntentError, StoreUnavailableError, TpnsBatcherError
+from ..errors import ConfigError, IntentError, StoreUnavailableError
 from ..intents import is_id
-from ..jsonin import BOM, MAX_DEPTH, decode_line, iter_lines, loads, split_lines
 from ..monitor.metrics import make_registry, render
 from ..monitor.overview import WORKER_TTL_S, read_overview
 from ..producer import BulkResult, Producer
 from ..settings import Settings
+from .body import (
+    JSON_LINES_TYPES,
+    JSON_TYPES,
+    MAX_BODY_BYTES,
+    MAX_INTENTS,
+    BodyError,
+    ParsedBody,
+    media_type,
+    parse_body,
+    read_limited,
+)
+from .openapi import openapi_schema
 from .page import render_page
+
+# Re-exported: tests and callers have imported these from here since before the split.
+__all__ = ["MAX_BODY_BYTES", "MAX_INTENTS", "BodyError", "ParsedBody", "create_app",
+           "enqueue_parsed", "health", "media_type", "openapi_schema", "parse_body",
+           "serve_command", "unavailable_response"]
 
 logger = logging.getLogger(__name__)
 
-#: the largest request body accepted (bytes); a larger one is answered 413
-MAX_BODY_BYTES = 5 * 1024 * 1024
-#: the most intents one request may carry; more is answered 413
-MAX_INTENTS = 10_000
-JSON_TYPES = frozenset({"application/json"})
-JSON_LINES_TYPES = frozenset({"application/x-ndjson", "application/jsonl",
-                              "application/x-jsonlines"})
 #: paths that answer without the bearer token (load balancers and orchestrators probe them)
 OPEN_PATHS = frozenset({"/healthz"})
 _HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
                  "form-action 'self'", "Cache-Control": "no-store"}
-
-
-class BodyError(TpnsBatcherError):
-    """Raised when a request body is refused as a whole; carries the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class ParsedBody:
-    """The items of a body in input order: decoded objects, or why an item could not be decoded.
-
-    ``objs[k]`` is item ``positions[k]``; ``lines`` holds the physical line of every item (JSON
-    Lines) or is None (a JSON document); ``refused`` maps item index -> decoding error.
-    """
-
-    count: int = 0
-    objs: list[Any] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    lines: list[int] | None = None
-    refused: dict[int, IntentError] = field(default_factory=dict)
-
-
-def media_type(content_type: str | None) -> str:
-    """``application/json`` from ``Application/JSON; charset=utf-8``."""
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
-def parse_body(body: bytes, kind: str, max_items: int = MAX_INTENTS) -> ParsedBody:
-    """Decode a request body of media type ``kind`` into items; raises ``BodyError``.
-
-    A JSON document must be an object (one intent) or a non-empty array (one intent per element).
-    JSON Lines skips blank lines and counts physical lines from 1; a line that is not UTF-8 or
-    not JSON is refused on its own, like a line of ``tpns-batcher enqueue`` (same decoder).
-    """
-    if kind in JSON_TYPES:
-        return _parse_json(body, max_items)
-    return _parse_json_lines(body, max_items)
-
-
-def _parse_json(body: bytes, max_items: int) -> ParsedBody:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BodyError(400, f"the body is not UTF-8 (byte {exc.start + 1})") from None
-    text = text.removeprefix(BOM)
-    if not text.strip():
-        raise BodyError(400, "the body is empty")
-    try:
-        # one level more than a line: the array around the intents
-        doc = loads(text, max_depth=MAX_DEPTH + 1)
-    except IntentError as exc:
-        raise BodyError(400, f"the body is {exc.rule}") from None
-    if isinstance(doc, dict):
-        doc = [doc]
-    if not isinstance(doc, list):
-        raise BodyError(400, "the body must be a JSON object or an array of objects")
-    if not doc:
-        raise BodyError(400, "the array holds no intents")
-    if len(doc) > max_items:
-        raise BodyError(413, f"at most {max_items} intents per request, got {len(doc)}")
-    return ParsedBody(count=len(doc), objs=doc, positions=list(range(len(doc))))
-
-
-def _parse_json_lines(body: bytes, max_items: int) -> ParsedBody:
-    parsed = ParsedBody(lines=[])
-    assert parsed.lines is not None
-    for number, line in iter_lines(split_lines(body)):
-        index = parsed.count
-        parsed.count += 1
-        if parsed.count > max_items:
-            raise BodyError(413, f"at most {max_items} intents per request")
-        parsed.lines.append(number)
-        try:
-            parsed.objs.append(decode_line(line, number))
-            parsed.positions.append(index)
-        except IntentError as exc:
-            parsed.refused[index] = exc
-    if not parsed.count:
-        raise BodyError(400, "the body is empty" if not body.strip() else
-                             "the body holds no intents (only blank lines)")
-    return parsed
 
 
 def enqueue_parsed(producer: Producer, parsed: ParsedBody) -> dict[str, Any]:
@@ -199,21 +122,6 @@ def unavailable_response(exc: StoreUnavailableError,
     body = {"error": str(exc), "code": exc.code, "stored": exc.stored, "refused": exc.refused,
             "in_doubt": exc.in_doubt, "errors": _error_list(errors)}
     return JSONResponse(body, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
-
-
-async def read_limited(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, or ``BodyError(413)`` as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
-        raise BodyError(413, f"the body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyError(413, f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class BearerAuth:
@@ -328,118 +236,6 @@ def create_app(producer: Producer, settings: Settings) -> Starlette:
                      middleware=[Middleware(BearerAuth, token=settings.api_token)],
                      exception_handlers={redis.RedisError: redis_down,
                                          StoreUnavailableError: redis_down})
-
-
-def _error_schema() -> dict[str, Any]:
-    return {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def openapi_schema() -> dict[str, Any]:
-    """OpenAPI 3.1 description of every route (hand-written: the routes are few and stable)."""
-    intent = {"type": "object", "description": "An intent (SPEC §4)", "required": ["operator_type"],
-              "properties": {
-                  "operator_type": {"type": "integer", "minimum": 1, "maximum": 5},
-                  "token": {"type": "string", "maxLength": 64},
-                  "account_list": {"type": "array", "maxItems": 20, "items": {
-                      "type": "object", "required": ["account"],
-                      "properties": {"account": {"type": "string"},
-                                     "account_type": {"type": "integer"}}}},
-                  "account": {"type": "string"}, "account_type": {"type": "integer"},
-                  "app": {"type": "string"}, "id": {"type": "string", "maxLength": 64}}}
-    error_items = {"type": "array", "items": {"type": "object", "properties": {
-        "index": {"type": "integer"}, "line": {"type": ["integer", "null"]},
-        "field": {"type": "string"},
-        "reason": {"type": "string", "description": "field: rule"}}}}
-    result = {"type": "object", "required": ["ids", "errors", "accepted", "refused"], "properties": {
-        "ids": {"type": "array", "items": {"type": ["string", "null"]},
-                "description": "One per item in input order; null where refused"},
-        "errors": error_items,
-        "accepted": {"type": "integer"}, "refused": {"type": "integer"}}}
-    error = _error_schema()
-    unauthorized = _json(error, "Bearer token missing or wrong (when TPNS_API_TOKEN is set)")
-    ids = {"type": "array", "items": {"type": "string"}}
-    unavailable = {
-        "description": "Redis unreachable (`store_unavailable`) or back-pressure (`queue_full`: "
-                       "TPNS_MAX_PENDING reached, or Redis out of memory). Retry after "
-                       "`Retry-After` seconds; the server keeps serving.",
-        "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
-                                    "schema": {"type": "integer"}}},
-        "content": {"application/json": {"schema": {
-            "type": "object", "required": ["error", "code", "stored", "refused", "in_doubt"],
-            "properties": {
-                "error": {"type": "string", "description": "The cause; the Redis URL without "
-                                                           "its password"},
-                "code": {"type": "string", "enum": ["store_unavailable", "queue_full"]},
-                "stored": {**ids, "description": "Ids Redis stored"},
-                "refused": {**ids, "description": "Ids not stored (refused whole, or never "
-                                                  "sent): safe to send again"},
-                "in_doubt": {**ids, "description": "Ids whose reply was lost, or stored without "
-                                                   "the replicas' acknowledgement: look them up"},
-                "errors": error_items}}}}}
-    status = {"type": "object", "description": "An intent's status (SPEC §5)",
-              "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": [
-                  "queued", "sending", "retrying", "succeeded", "failed"]}}}
-    obj = {"type": "object"}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "tpns-batcher", "version": "1",
-                 "description": "Enqueue TPNS account bind/unbind intents and watch them."},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
-        "paths": {
-            "/v1/intents": {"post": {
-                "summary": "Enqueue intents: one JSON object, a JSON array, or JSON Lines",
-                "description": f"At most {MAX_BODY_BYTES} bytes and {MAX_INTENTS} intents. Each "
-                               "item is accepted or refused on its own (200 either way).",
-                "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": {"oneOf": [
-                        intent, {"type": "array", "items": intent}]}},
-                    "application/x-ndjson": {"schema": {"type": "string"}},
-                    "application/jsonl": {"schema": {"type": "string"}}}},
-                "responses": {"200": _json(result, "Per-item results"),
-                              "400": _json(error, "Empty or undecodable body"),
-                              "401": unauthorized,
-                              "413": _json(error, "Body or intent count over the limit"),
-                              "415": _json(error, "Not JSON or JSON Lines"),
-                              "503": unavailable}}},
-            "/v1/intents/{intent_id}": {"get": {
-                "summary": "The status of one intent",
-                "parameters": [{"name": "intent_id", "in": "path", "required": True,
-                                "schema": {"type": "string"}}],
-                "responses": {"200": _json(status, "The status"), "401": unauthorized,
-                              "404": _json(error, "Unknown id"), "503": unavailable}}},
-            "/v1/stats": {"get": {
-                "summary": "Counts per state and operator_type, queue depth, calls, pauses",
-                "responses": {"200": _json(obj, "The figures of `tpns-batcher stats --json`"),
-                              "401": unauthorized, "503": unavailable}}},
-            "/healthz": {"get": {
-                "summary": "Health: Redis answers, a worker was seen in 30 s, nothing paused",
-                "security": [],
-                "responses": {"200": _json(obj, "Healthy"),
-                              "503": _json(obj, "Unhealthy; `reason` says why")}}},
-            "/metrics": {"get": {
-                "summary": "Prometheus metrics of the whole cluster",
-                "responses": {"200": {"description": "Prometheus text format",
-                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
-                              "401": unauthorized}}},
-            "/openapi.json": {"get": {
-                "summary": "This document",
-                "responses": {"200": _json(obj, "OpenAPI 3.1"), "401": unauthorized}}},
-            "/": {"get": {
-                "summary": "The status page (HTML); `?id=` looks an intent up",
-                "parameters": [{"name": "id", "in": "query", "required": False,
-                                "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "HTML",
-                                      "content": {"text/html": {"schema": {"type": "string"}}}},
-                              "401": unauthorized,
-                              "404": {"description": "HTML; the looked-up id is unknown"},
-                              "503": unavailable}}},
-        },
-    }
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,0 +1,175 @@
+"""The OpenAPI 3.1 document of ``tpns-batcher serve``, served at ``/openapi.json``.
+
+Hand-written, because the routes are few and stable: one small builder per schema and per route,
+assembled by ``openapi_schema``. tests/test_openapi.py fuzzes the live server against it, so a
+route that answers outside this document fails there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .body import MAX_BODY_BYTES, MAX_INTENTS
+
+Schema = dict[str, Any]
+
+_OBJ: Schema = {"type": "object"}
+_IDS: Schema = {"type": "array", "items": {"type": "string"}}
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error_schema() -> Schema:
+    return {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+
+
+def _intent_schema() -> Schema:
+    account = {"type": "object", "required": ["account"],
+               "properties": {"account": {"type": "string"}, "account_type": {"type": "integer"}}}
+    return {"type": "object", "description": "An intent (SPEC §4)", "required": ["operator_type"],
+            "properties": {
+                "operator_type": {"type": "integer", "minimum": 1, "maximum": 5},
+                "token": {"type": "string", "maxLength": 64},
+                "account_list": {"type": "array", "maxItems": 20, "items": account},
+                "account": {"type": "string"}, "account_type": {"type": "integer"},
+                "app": {"type": "string"}, "id": {"type": "string", "maxLength": 64}}}
+
+
+def _error_items() -> Schema:
+    return {"type": "array", "items": {"type": "object", "properties": {
+        "index": {"type": "integer"}, "line": {"type": ["integer", "null"]},
+        "field": {"type": "string"},
+        "reason": {"type": "string", "description": "field: rule"}}}}
+
+
+def _result_schema() -> Schema:
+    return {"type": "object", "required": ["ids", "errors", "accepted", "refused"], "properties": {
+        "ids": {"type": "array", "items": {"type": ["string", "null"]},
+                "description": "One per item in input order; null where refused"},
+        "errors": _error_items(),
+        "accepted": {"type": "integer"}, "refused": {"type": "integer"}}}
+
+
+def _status_schema() -> Schema:
+    return {"type": "object", "description": "An intent's status (SPEC §5)",
+            "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": [
+                "queued", "sending", "retrying", "succeeded", "failed"]}}}
+
+
+def _unauthorized() -> Schema:
+    return _json(_error_schema(), "Bearer token missing or wrong (when TPNS_API_TOKEN is set)")
+
+
+def _unavailable() -> Schema:
+    """The 503 of every route that reads Redis: the error, its code, and the ids by fate."""
+    body = {
+        "type": "object", "required": ["error", "code", "stored", "refused", "in_doubt"],
+        "properties": {
+            "error": {"type": "string", "description": "The cause; the Redis URL without "
+                                                       "its password"},
+            "code": {"type": "string", "enum": ["store_unavailable", "queue_full"]},
+            "stored": {**_IDS, "description": "Ids Redis stored"},
+            "refused": {**_IDS, "description": "Ids not stored (refused whole, or never "
+                                               "sent): safe to send again"},
+            "in_doubt": {**_IDS, "description": "Ids whose reply was lost, or stored without "
+                                                "the replicas' acknowledgement: look them up"},
+            "errors": _error_items()}}
+    return {
+        "description": "Redis unreachable (`store_unavailable`) or back-pressure (`queue_full`: "
+                       "TPNS_MAX_PENDING reached, or Redis out of memory). Retry after "
+                       "`Retry-After` seconds; the server keeps serving.",
+        "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
+                                    "schema": {"type": "integer"}}},
+        "content": {"application/json": {"schema": body}}}
+
+
+def _post_intents() -> Schema:
+    intent = _intent_schema()
+    error = _error_schema()
+    return {"post": {
+        "summary": "Enqueue intents: one JSON object, a JSON array, or JSON Lines",
+        "description": f"At most {MAX_BODY_BYTES} bytes and {MAX_INTENTS} intents. Each "
+                       "item is accepted or refused on its own (200 either way).",
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"oneOf": [
+                intent, {"type": "array", "items": intent}]}},
+            "application/x-ndjson": {"schema": {"type": "string"}},
+            "application/jsonl": {"schema": {"type": "string"}}}},
+        "responses": {"200": _json(_result_schema(), "Per-item results"),
+                      "400": _json(error, "Empty or undecodable body"),
+                      "401": _unauthorized(),
+                      "413": _json(error, "Body or intent count over the limit"),
+                      "415": _json(error, "Not JSON or JSON Lines"),
+                      "503": _unavailable()}}}
+
+
+def _get_intent() -> Schema:
+    return {"get": {
+        "summary": "The status of one intent",
+        "parameters": [{"name": "intent_id", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": _json(_status_schema(), "The status"), "401": _unauthorized(),
+                      "404": _json(_error_schema(), "Unknown id"), "503": _unavailable()}}}
+
+
+def _get_stats() -> Schema:
+    return {"get": {
+        "summary": "Counts per state and operator_type, queue depth, calls, pauses",
+        "responses": {"200": _json(_OBJ, "The figures of `tpns-batcher stats --json`"),
+                      "401": _unauthorized(), "503": _unavailable()}}}
+
+
+def _healthz() -> Schema:
+    return {"get": {
+        "summary": "Health: Redis answers, a worker was seen in 30 s, nothing paused",
+        "security": [],  # open: load balancers and orchestrators probe it without the token
+        "responses": {"200": _json(_OBJ, "Healthy"),
+                      "503": _json(_OBJ, "Unhealthy; `reason` says why")}}}
+
+
+def _metrics() -> Schema:
+    return {"get": {
+        "summary": "Prometheus metrics of the whole cluster",
+        "responses": {"200": {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      "401": _unauthorized()}}}
+
+
+def _openapi() -> Schema:
+    return {"get": {
+        "summary": "This document",
+        "responses": {"200": _json(_OBJ, "OpenAPI 3.1"), "401": _unauthorized()}}}
+
+
+def _status_page() -> Schema:
+    return {"get": {
+        "summary": "The status page (HTML); `?id=` looks an intent up",
+        "parameters": [{"name": "id", "in": "query", "required": False,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "HTML",
+                              "content": {"text/html": {"schema": {"type": "string"}}}},
+                      "401": _unauthorized(),
+                      "404": {"description": "HTML; the looked-up id is unknown"},
+                      "503": _unavailable()}}}
+
+
+def openapi_schema() -> Schema:
+    """OpenAPI 3.1 description of every route."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tpns-batcher", "version": "1",
+                 "description": "Enqueue TPNS account bind/unbind intents and watch them."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/intents": _post_intents(),
+            "/v1/intents/{intent_id}": _get_intent(),
+            "/v1/stats": _get_stats(),
+            "/healthz": _healthz(),
+            "/metrics": _metrics(),
+            "/openapi.json": _openapi(),
+            "/": _status_page(),
+        },
+    }
