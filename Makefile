@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the one-command tour: embedded Redis, sandbox, worker, intents, summary
 	$(BIN)/tpns-batcher demo
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, mypy --strict, and the layout's import contracts (pyproject [tool.importlinter])
 	$(BIN)/ruff check worker tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint  ## lint, type-check, then the whole test suite
 	$(BIN)/python -m pytest
@@ -26,4 +27,4 @@ bench: $(STAMP)
 	$(BIN)/tpns-batcher bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache

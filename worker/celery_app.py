@@ -1,4 +1,8 @@
-"""The Celery app: configuration chosen for wake-up messages, and the two thin tasks.
+"""The Celery app: configuration chosen for wake-up messages, and the names of the two tasks.
+
+The tasks themselves are registered by ``worker.tasks.register`` (the worker command calls it):
+this module imports neither ``tasks`` nor ``wakeup``, which both build on it, so the Celery glue
+has no import cycle (``tasks`` -> ``wakeup`` -> ``celery_app``).
 
 Why these settings (the intents live in Redis; a Celery message only says "flush (app, op)"):
 
@@ -28,7 +32,10 @@ from celery import Celery
 
 from .connections import celery_broker, is_redis_url
 from .settings import Settings
-from .wakeup import SWEEP_TASK
+
+#: the Celery task names: a wake names the flush of one (app, operator_type); beat runs the sweep
+FLUSH_TASK = "tpns.flush"
+SWEEP_TASK = "tpns.sweep"
 
 #: how often the sweep (lease reaper, retry and linger catch-up) runs
 SWEEP_INTERVAL_S = 1.0
@@ -59,9 +66,9 @@ def base_celery(name: str, broker_source: str, queue: str, key_prefix: str) -> C
     return app
 
 
-def make_celery(settings: Settings, redis_url: str, prefix: str | None = None,
-                with_tasks: bool = False) -> Celery:
-    """A Celery app for these settings; ``with_tasks`` registers the flush and sweep tasks."""
+def make_celery(settings: Settings, redis_url: str, prefix: str | None = None) -> Celery:
+    """A Celery app for these settings, without tasks: enough to send wakes and control commands.
+    A worker registers the flush and sweep tasks on it with ``worker.tasks.register``."""
     prefix = prefix or settings.prefix
     app = base_celery("tpns_batcher", settings.broker_url or redis_url, f"{prefix}flush", f"{prefix}celery:")
     app.conf.update(
@@ -75,10 +82,6 @@ def make_celery(settings: Settings, redis_url: str, prefix: str | None = None,
         },
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
-    if with_tasks:
-        from .tasks import register
-
-        register(app, settings, redis_url, prefix)
     return app
 
 

@@ -30,6 +30,8 @@ SANDBOX_ACCESS_ID = "1500000001"
 SANDBOX_SECRET_KEY = "sandbox-secret-0123456789abcdef"
 
 DEFAULT_CONFIG_FILE = Path("config") / "tpns-batcher.env"
+#: pool processes of ``tpns-batcher worker`` unless CELERY_ARGS set --concurrency (bench uses it too)
+DEFAULT_CONCURRENCY = 4
 _APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 

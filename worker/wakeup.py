@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .celery_app import FLUSH_TASK, SWEEP_TASK, make_celery
 from .settings import Settings
 from .store import Wake
 
-FLUSH_TASK = "tpns.flush"
-SWEEP_TASK = "tpns.sweep"
+__all__ = ["FLUSH_TASK", "SWEEP_TASK", "CeleryWaker"]
 
 
 class CeleryWaker:
@@ -31,8 +31,6 @@ class CeleryWaker:
     @property
     def app(self) -> Any:
         if self._app is None:
-            from .celery_app import make_celery
-
             self._app = make_celery(self.settings, self.redis_url, self.prefix)
         return self._app
 

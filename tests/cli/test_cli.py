@@ -110,7 +110,7 @@ def test_enqueue_prints_the_stored_ids_and_exits_3_on_queue_full(
     monkeypatch.setenv("TPNS_MAX_PENDING", "3")
     monkeypatch.delenv("TPNS_CONFIG_FILE", raising=False)
     monkeypatch.setattr("worker.producer.Producer._send_wakes", lambda self, wakes: None)
-    monkeypatch.setattr("worker.cli.ENQUEUE_BATCH", 2)
+    monkeypatch.setattr("worker.cli.intents.ENQUEUE_BATCH", 2)
     lines = [json.dumps({"operator_type": 4, "token": f"t{k}", "id": f"q-{k}"}) for k in range(1, 6)]
     done = CliRunner().invoke(main, ["enqueue", "-"], input="\n".join(lines) + "\n",
                               catch_exceptions=False)

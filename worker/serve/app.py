@@ -49,9 +49,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ConfigError, IntentError, StoreUnavailableError
+from ..health import check
 from ..intents import is_id
 from ..monitor.metrics import make_registry, render
-from ..monitor.overview import WORKER_TTL_S, read_overview
+from ..monitor.overview import read_overview
 from ..producer import BulkResult, Producer
 from ..settings import Settings
 from .body import (
@@ -70,7 +71,7 @@ from .page import render_page
 
 # Re-exported: tests and callers have imported these from here since before the split.
 __all__ = ["MAX_BODY_BYTES", "MAX_INTENTS", "BodyError", "ParsedBody", "create_app",
-           "enqueue_parsed", "health", "media_type", "openapi_schema", "parse_body",
+           "enqueue_parsed", "media_type", "openapi_schema", "parse_body",
            "serve_command", "unavailable_response"]
 
 logger = logging.getLogger(__name__)
@@ -149,25 +150,6 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
-def health(producer: Producer) -> tuple[bool, dict[str, Any]]:
-    """(healthy, body) for ``/healthz``: Redis answers, a worker was seen, no app is paused."""
-    try:
-        producer.redis.ping()
-        workers = producer.store.workers(WORKER_TTL_S)
-        pauses = producer.store.pauses(producer.apps())
-    except (redis.RedisError, OSError) as exc:
-        return False, {"ok": False, "reason": f"redis unreachable ({type(exc).__name__})"}
-    body: dict[str, Any] = {"ok": True, "redis": True, "workers": len(workers),
-                            "paused": {app: {"seconds_left": round(left, 1), "reason": why}
-                                       for app, (left, why) in pauses.items()}}
-    if not workers:
-        body.update(ok=False, reason=f"no worker seen in the last {WORKER_TTL_S} s")
-    elif pauses:
-        app, (left, why) = next(iter(sorted(pauses.items())))
-        body.update(ok=False, reason=f"sending for app {app} paused ({why}, {left:.0f} s left)")
-    return body["ok"], body
-
-
 def create_app(producer: Producer, settings: Settings) -> Starlette:
     """The Starlette application over ``producer`` (its Redis, prefix and known apps)."""
     registry = make_registry(producer.store, producer.apps)
@@ -198,8 +180,8 @@ def create_app(producer: Producer, settings: Settings) -> Starlette:
         return JSONResponse(producer.stats())
 
     def healthz(request: Request) -> Response:
-        ok, body = health(producer)
-        return JSONResponse(body, status_code=200 if ok else 503)
+        verdict = check(producer.store, producer.apps)
+        return JSONResponse(verdict.to_dict(), status_code=200 if verdict.ok else 503)
 
     def metrics(request: Request) -> Response:
         return Response(render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

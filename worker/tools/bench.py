@@ -53,7 +53,7 @@ from rich.table import Table
 from ..celery_app import make_celery
 from ..connections import redis_client
 from ..producer import Producer, new_id
-from ..settings import Settings
+from ..settings import DEFAULT_CONCURRENCY, Settings
 from ..store import Store
 from .naive import NAIVE_TASK, done_key, make_naive_celery, task_args
 from .stack import (
@@ -426,8 +426,6 @@ class Bench:
 
 
 def _cli_concurrency() -> int:
-    from ..cli import DEFAULT_CONCURRENCY
-
     return DEFAULT_CONCURRENCY
 
 

@@ -1,0 +1,74 @@
+"""The health check (SPEC §8): one implementation behind ``tpns-batcher health`` and ``/healthz``.
+
+Healthy means: Redis answers, a worker has heartbeated in the last ``WORKER_TTL_S`` seconds (when
+the caller needs one), and no app's sending is paused (unless the caller accepts a pause: a
+restart would not fix one). The CLI prints ``Health.line()`` and exits 0/1; serve answers
+``Health.to_dict()`` with 200/503. The host-local liveness probe (``health --local``) is a
+different question, answered from heartbeat files by ``worker.liveness``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import redis
+
+from .store import Store
+
+#: a worker counts as alive when its heartbeat is at most this old
+WORKER_TTL_S = 30
+
+
+@dataclass(frozen=True)
+class Health:
+    """The verdict: ``ok``, and when not ok the one-line ``reason``; what was seen on the way."""
+
+    ok: bool
+    reason: str = ""
+    redis: bool = True
+    workers: int = 0
+    #: app -> (seconds left, reason) for each app whose sending is paused now
+    paused: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """``ok: ...`` or ``unhealthy: <reason>``, the CLI's one line."""
+        if not self.ok:
+            return f"unhealthy: {self.reason}"
+        paused = f"; sending paused for {', '.join(sorted(self.paused))}" if self.paused else ""
+        return f"ok: redis reachable, {self.workers} worker(s) seen{paused}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body of ``/healthz``."""
+        if not self.redis:
+            return {"ok": False, "reason": self.reason}
+        body: dict[str, Any] = {"ok": self.ok, "redis": True, "workers": self.workers,
+                                "paused": {app: {"seconds_left": round(left, 1), "reason": why}
+                                           for app, (left, why) in self.paused.items()}}
+        if not self.ok:
+            body["reason"] = self.reason
+        return body
+
+
+def check(store: Store, apps: Callable[[], Iterable[str]], *, need_worker: bool = True,
+          allow_paused: bool = False) -> Health:
+    """Ask Redis (through ``store``) whether the system is healthy.
+
+    ``apps`` is called once Redis answered (reading the known apps is itself a Redis call). A Redis
+    error at any step is the verdict "redis unreachable", never an exception.
+    """
+    try:
+        store.redis.ping()
+        workers = store.workers(WORKER_TTL_S)
+        pauses = store.pauses(apps())
+    except (redis.RedisError, OSError) as exc:
+        return Health(ok=False, reason=f"redis unreachable ({type(exc).__name__})", redis=False)
+    verdict = Health(ok=True, workers=len(workers), paused=pauses)
+    if need_worker and not workers:
+        return replace(verdict, ok=False, reason=f"no worker seen in the last {WORKER_TTL_S} s")
+    if pauses and not allow_paused:
+        app, (left, why) = min(pauses.items())  # the same app named on every check
+        return replace(verdict, ok=False,
+                       reason=f"sending for app {app} paused ({why}, {left:.0f} s left)")
+    return verdict
