@@ -24,8 +24,10 @@ REGION_URLS: dict[str, str] = {
     "singapore": "https://api.tpns.sgp.tencent.com",
 }
 
-#: the sandbox's documented credentials, used by the sandbox and by a worker pointed at an explicit
-#: ``TPNS_BASE_URL`` without credentials. Like a payment provider's test keys: public on purpose.
+#: the sandbox's documented credentials, used by a worker pointed at an explicit ``TPNS_BASE_URL``
+#: without credentials. Like a payment provider's test keys: public on purpose. The sandbox declares
+#: its own copy (worker.sandbox.auth: the core may not import it); tests/sandbox/test_auth.py pins
+#: that the two agree.
 SANDBOX_ACCESS_ID = "1500000001"
 SANDBOX_SECRET_KEY = "sandbox-secret-0123456789abcdef"
 

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from worker.producer import Producer
+from worker.sandbox.auth import SANDBOX_SECRET_KEY
+from worker.sandbox.protocol import Item
 from worker.sandbox.server import SandboxServer
-from worker.sandbox.state import Item
-from worker.settings import SANDBOX_SECRET_KEY
 
 from .conftest import MakeProducer, StartWorker, WorkerProcess, product_env
 from .helpers import ClaimSeen, assert_flush_rule, wait_until
