@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.tools.bench import percentile
+from worker.tools.measure import percentile
 
 #: the console script next to the interpreter running the tests (the project's virtualenv)
 COMMAND = str(Path(sys.executable).with_name("tpns-batcher"))

@@ -18,10 +18,11 @@ One invocation runs, in order:
 4. **Latency at light load**: intents submitted one at a time at ``--light-rate`` per second for
    ``--light-seconds``; enqueue -> terminal from each status's ``created_at``/``updated_at`` (both
    stamped by Redis' clock) -> ``latency_p50_ms``, ``latency_p99_ms``.
-5. **Baseline**: the same number of worker processes, pool and concurrency of the naive design
-   (``worker/naive.py``: one Celery task and one HTTP call per intent) on the same Redis and
-   sandbox, ``baseline_intents`` = min(N, 2000) by default (rates are comparable; a smaller
-   backlog keeps the run short) -> ``baseline_drain_per_s`` and ``speedup``.
+5. **Baseline** (``worker/tools/baseline.py``): the same number of worker processes, pool and
+   concurrency of the naive design (``worker/tools/naive.py``: one Celery task and one HTTP call
+   per intent) on the same Redis and sandbox, ``baseline_intents`` = min(N, 2000) by default
+   (rates are comparable; a smaller backlog keeps the run short) -> ``baseline_drain_per_s`` and
+   ``speedup``.
 
 Intents: a mix of operator types like real traffic (55 % bind with override, 20 % unbind, 12 %
 uninstall, 8 % account deletion, 5 % append bind), 40-character tokens and 20-character accounts.
@@ -31,198 +32,42 @@ key); fewer tokens chain intents through per-key order, which lowers items per c
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import platform
 import random
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-import psutil
 from rich.console import Console
 from rich.table import Table
 
 from ..celery_app import make_celery
-from ..connections import redis_client
-from ..producer import Producer, new_id
-from ..settings import DEFAULT_CONCURRENCY, Settings
+from ..producer import Producer
+from ..settings import Settings
 from ..store import Store
-from .naive import NAIVE_TASK, done_key, make_naive_celery, task_args
-from .stack import (
-    SandboxProcess,
-    StackRedis,
-    WorkerProcess,
-    local_redis,
-    mixed_intent,
-    product_settings_env,
-    stack_env,
+from .baseline import BASELINE_MAX_INTENTS, NaiveBaseline
+from .harness import (
+    GATE_QUEUE,
+    BenchConfig,
+    Reporter,
+    bench_intents,
+    cli_concurrency,
+    close_gate,
+    hostnames,
+    open_gate,
+    wait_control,
+    warm_count,
 )
+from .measure import machine, own_cpu_s, percentile, redis_cpu_s, tree_cpu_s, tree_rss_mb
+from .stack import SandboxProcess, StackRedis, WorkerProcess, local_redis, product_settings_env, stack_env
 
-#: the queue a worker consumes until the benchmark opens the gate (nothing is ever sent to it)
-GATE_QUEUE = "gate"
-#: how often a drain's progress is polled (also the resolution of its end time)
-POLL_S = 0.005
-#: default cap of the baseline's backlog
-BASELINE_MAX_INTENTS = 2000
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What one benchmark run does (the command's options)."""
-
-    intents: int = 20_000
-    tokens: int | None = None
-    latency_ms: float = 20.0
-    workers: int = 1
-    concurrency: int | None = None
-    light_seconds: float = 5.0
-    light_rate: float = 200.0
-    baseline_intents: int | None = None
-    linger_ms: int = 250
-
-
-def bench_intents(count: int, tokens: int | None, rng: random.Random) -> list[dict[str, Any]]:
-    """``count`` intents of a realistic mix over ``tokens`` distinct 40-character tokens
-    (default: one each); every account (20 characters) is used once."""
-    pool = [f"{rng.getrandbits(160):040x}" for _ in range(tokens or count)]
-    return [mixed_intent(rng.random(), pool[k % len(pool)], f"u{k:07d}@example.com",
-                         append_account=(f"u{k:07d}@example.com", 0)) for k in range(count)]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) by the nearest-rank method; 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return float(ordered[rank - 1])
-
-
-def _tree(pids: Sequence[int]) -> Iterator[psutil.Process]:
-    """These processes and all their live descendants."""
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            yield from (root, *root.children(recursive=True))
-        except psutil.NoSuchProcess:
-            continue
-
-
-def tree_rss_mb(pids: Sequence[int]) -> float:
-    """Resident memory of these processes and all their descendants, in MiB."""
-    total = 0
-    for proc in _tree(pids):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += proc.memory_info().rss
-    return total / (1 << 20)
-
-
-def tree_cpu_s(pids: Sequence[int]) -> float:
-    """CPU seconds (user + system) used so far by these processes and their live descendants."""
-    total = 0.0
-    for proc in _tree(pids):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process alone (the benchmark's polling and progress view)."""
-    times = psutil.Process().cpu_times()
-    return float(times.user + times.system)
-
-
-def redis_cpu_s(client: Any) -> float:
-    """CPU seconds the Redis server has used (its own ``INFO cpu``, main thread and all)."""
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-class Reporter:
-    """Progress on stderr (rich): one line per phase, and a live count while draining."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.console = Console(stderr=True, quiet=quiet, log_path=False)
-
-    def phase(self, text: str) -> None:
-        self.console.log(text)
-
-    def waiting(self, what: str, total: int, done: Callable[[], int],
-                timeout_s: float, on_poll: Callable[[], None] = lambda: None) -> float:
-        """Poll ``done()`` every ``POLL_S`` until it reaches ``total``; returns the monotonic
-        time it was first seen there. ``TimeoutError`` after ``timeout_s``."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        deadline = time.monotonic() + timeout_s
-        with Progress(f"[bold]{what}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=self.console, transient=True) as progress:
-            task = progress.add_task(what, total=total)
-            last_ui = 0.0
-            while True:
-                count = done()
-                now = time.monotonic()
-                if count >= total:
-                    return now
-                if now > deadline:
-                    raise TimeoutError(f"{what}: {count} of {total} after {timeout_s:g} s")
-                if now - last_ui > 0.1:
-                    progress.update(task, completed=count)
-                    on_poll()
-                    last_ui = now
-                time.sleep(POLL_S)
-
-
-def _hostnames(kind: str, workers: int, prefix: str) -> list[str]:
-    tag = prefix.rstrip(":").replace(":", "-")
-    return [f"{kind}{k}-{tag}@{platform.node() or 'localhost'}" for k in range(workers)]
-
-
-def _wait_control(app: Any, hostnames: Sequence[str], timeout_s: float,
-                  procs: Sequence[WorkerProcess]) -> None:
-    """Until every named worker answers a remote-control ping (its pool is up, it consumes)."""
-    deadline = time.monotonic() + timeout_s
-    waiting = set(hostnames)
-    while waiting:
-        for proc in procs:
-            if not proc.alive():
-                raise RuntimeError(f"a worker exited during start-up; see {proc.log_path}")
-        for reply in app.control.ping(destination=sorted(waiting), timeout=0.5) or []:
-            waiting -= set(reply)
-        if waiting and time.monotonic() > deadline:
-            raise RuntimeError(f"workers not ready after {timeout_s:g} s: {sorted(waiting)}")
-
-
-def _open_gate(app: Any, queue: str, hostnames: Sequence[str], timeout_s: float = 60.0) -> None:
-    # asked again until each worker has answered: a busy machine may answer a broadcast late,
-    # and adding a consumer twice is harmless
-    deadline = time.monotonic() + timeout_s
-    waiting = set(hostnames)
-    while waiting:
-        replies = app.control.add_consumer(queue, destination=sorted(waiting), reply=True,
-                                           timeout=5.0) or []
-        waiting -= {name for reply in replies for name in reply}
-        if waiting and time.monotonic() > deadline:
-            raise RuntimeError(f"add_consumer: no answer from {sorted(waiting)}")
-
-
-def _close_gate(app: Any, queue: str, hostnames: Sequence[str]) -> None:
-    app.control.cancel_consumer(queue, destination=list(hostnames), reply=True, timeout=5.0)
-
-
-def _warm_count(config: BenchConfig) -> int:
-    """Intents (or naive tasks / 20) that give every pool process of every worker a few calls
-    before the measured phases, so that no figure includes a cold start (imports, connections,
-    script loading in each freshly forked process)."""
-    return 40 * config.workers * (config.concurrency or _cli_concurrency())
+# Re-exported: tests and tools import these from here.
+__all__ = ["BenchConfig", "Reporter", "bench_command", "bench_intents", "machine", "percentile",
+           "run_bench", "targets"]
 
 
 def _done_count(store: Store) -> int:
@@ -249,56 +94,65 @@ class Bench:
     # -- the real design ---------------------------------------------------------------------
 
     def run_batched(self) -> None:
-        config, report = self.config, self.report
-        hostnames = _hostnames("bench", config.workers, self.redis.prefix)
+        names = hostnames("bench", self.config.workers, self.redis.prefix)
         procs = [WorkerProcess.cli_worker(self.env, self.workdir / f"worker{k}.log",
                                           "--hostname", name, "-Q", GATE_QUEUE,
                                           *self.concurrency_args)
-                 for k, name in enumerate(hostnames)]
+                 for k, name in enumerate(names)]
         control = make_celery(self.settings, self.redis.url, self.redis.prefix)
         producer = Producer(self.redis.url, self.redis.prefix, settings=self.settings)
         try:
-            report.phase(f"starting {config.workers} worker process(es) "
-                         f"({' '.join(self.concurrency_args) or 'default concurrency'})")
-            for proc in procs:
-                proc.start()
-            _wait_control(control, hostnames, 90.0, procs)
-            self._warm_up(control, producer, hostnames)
-            intents = bench_intents(config.intents, config.tokens, random.Random(1))
-            producer.apps()
-            mem_before = int(producer.redis.info("memory")["used_memory"])
-            report.phase(f"enqueueing {config.intents} intents (submit_many, wakes live)")
-            started = time.perf_counter()
-            ids = [i for i in producer.submit_many(intents) if i is not None]
-            enqueue_s = time.perf_counter() - started
-            mem_after = int(producer.redis.info("memory")["used_memory"])
-            if len(ids) != config.intents:
-                raise RuntimeError(f"{config.intents - len(ids)} intents were refused")
-            self.results.update(
-                intents=len(ids), enqueue_per_s=round(len(ids) / enqueue_s, 1),
-                redis_bytes_per_pending_intent=round((mem_after - mem_before) / len(ids), 1),
-                redis_private=self.redis.private)
-            self._drain(control, producer.store, procs, hostnames, len(ids))
+            self._start_workers(control, procs, names)
+            self._warm_up(control, producer, names)
+            total = self._enqueue(producer)
+            self._drain(control, producer.store, procs, names, total)
             self._light_latency(producer)
         finally:
             producer.close()
             for proc in procs:
                 proc.stop()
 
-    def _warm_up(self, control: Any, producer: Producer, hostnames: Sequence[str]) -> None:
-        count = _warm_count(self.config)
+    def _start_workers(self, control: Any, procs: Sequence[WorkerProcess],
+                       names: Sequence[str]) -> None:
+        self.report.phase(f"starting {self.config.workers} worker process(es) "
+                          f"({' '.join(self.concurrency_args) or 'default concurrency'})")
+        for proc in procs:
+            proc.start()
+        wait_control(control, names, 90.0, procs)
+
+    def _enqueue(self, producer: Producer) -> int:
+        """Enqueue the run's intents behind the closed gate; returns how many."""
+        config = self.config
+        intents = bench_intents(config.intents, config.tokens, random.Random(1))
+        producer.apps()
+        mem_before = int(producer.redis.info("memory")["used_memory"])
+        self.report.phase(f"enqueueing {config.intents} intents (submit_many, wakes live)")
+        started = time.perf_counter()
+        ids = [i for i in producer.submit_many(intents) if i is not None]
+        enqueue_s = time.perf_counter() - started
+        mem_after = int(producer.redis.info("memory")["used_memory"])
+        if len(ids) != config.intents:
+            raise RuntimeError(f"{config.intents - len(ids)} intents were refused")
+        self.results.update(
+            intents=len(ids), enqueue_per_s=round(len(ids) / enqueue_s, 1),
+            redis_bytes_per_pending_intent=round((mem_after - mem_before) / len(ids), 1),
+            redis_private=self.redis.private)
+        return len(ids)
+
+    def _warm_up(self, control: Any, producer: Producer, names: Sequence[str]) -> None:
+        count = warm_count(self.config)
         self.report.phase(f"warming the workers up ({count} intents, not measured)")
         queue = self.redis.prefix + "flush"
-        _open_gate(control, queue, hostnames)
+        open_gate(control, queue, names)
         ids = [i for i in producer.submit_many(
             [{"operator_type": 4, "token": f"warm-{k:035d}"} for k in range(count)]) if i]
         producer.wait(ids, timeout_s=120.0)
-        _close_gate(control, queue, hostnames)
+        close_gate(control, queue, names)
         # delayed (linger) wakes already held by the workers fire, find nothing, and are done
         time.sleep(self.config.linger_ms / 1000 + 0.5)
 
     def _drain(self, control: Any, store: Store, procs: Sequence[WorkerProcess],
-               hostnames: Sequence[str], total: int) -> None:
+               names: Sequence[str], total: int) -> None:
         self.sandbox.reset()
         total += _done_count(store)  # the warm-up's
         rss = [0.0]
@@ -311,7 +165,7 @@ class Bench:
         sandbox_pid = [self.sandbox.proc.pid]
         cpu = (tree_cpu_s(pids), redis_cpu_s(store.redis), tree_cpu_s(sandbox_pid), own_cpu_s())
         started = time.monotonic()
-        _open_gate(control, self.redis.prefix + "flush", hostnames)
+        open_gate(control, self.redis.prefix + "flush", names)
         ended = self.report.waiting("drain", total, lambda: _done_count(store),
                                     timeout_s=max(120.0, total / 50), on_poll=sample)
         cpu_after = (tree_cpu_s(pids), redis_cpu_s(store.redis), tree_cpu_s(sandbox_pid),
@@ -366,67 +220,8 @@ class Bench:
     # -- the naive design --------------------------------------------------------------------
 
     def run_baseline(self) -> None:
-        config, report = self.config, self.report
-        count = config.baseline_intents or min(config.intents, BASELINE_MAX_INTENTS)
-        hostnames = _hostnames("naive", config.workers, self.redis.prefix)
-        procs = [WorkerProcess([sys.executable, "-m", "worker.tools.naive", "worker", "--hostname", name,
-                                "-Q", GATE_QUEUE, "--loglevel", "WARNING",
-                                *(self.concurrency_args or ["--concurrency", str(_cli_concurrency())])],
-                               self.env, self.workdir / f"naive{k}.log")
-                 for k, name in enumerate(hostnames)]
-        app = make_naive_celery(self.settings, self.redis.url, self.redis.prefix)
-        store = Store(Producer(self.redis.url, self.redis.prefix, settings=self.settings).redis,
-                      self.redis.prefix)
-        try:
-            report.phase(f"baseline: starting {config.workers} naive worker process(es)")
-            for proc in procs:
-                proc.start()
-            _wait_control(app, hostnames, 90.0, procs)
-            from ..intents import validate
-
-            counter = done_key(self.redis.prefix)
-            queue = f"{self.redis.prefix}naive"
-            warm = _warm_count(config) // 20 * 2
-            report.phase(f"baseline: warming the workers up ({warm} tasks, not measured)")
-            _open_gate(app, queue, hostnames)
-            for k in range(warm):
-                app.send_task(NAIVE_TASK, args=[new_id(), 4, f"warm-{k:035d}", []], queue=queue)
-            report.waiting("baseline warm-up", warm, lambda: int(store.redis.get(counter) or 0),
-                           timeout_s=120.0)
-            _close_gate(app, queue, hostnames)
-            store.redis.delete(counter)
-
-            apps = frozenset(self.settings.apps)
-            intents = [validate(obj, apps, self.settings.default_app)
-                       for obj in bench_intents(count, None, random.Random(3))]
-            report.phase(f"baseline: publishing {count} tasks (one per intent)")
-            started = time.perf_counter()
-            with app.producer_or_acquire() as publisher:
-                for intent in intents:
-                    app.send_task(NAIVE_TASK, args=task_args(new_id(), intent), queue=queue,
-                                  producer=publisher)
-            publish_s = time.perf_counter() - started
-            self.sandbox.reset()
-            report.phase("baseline: draining")
-            started_m = time.monotonic()
-            _open_gate(app, queue, hostnames)
-            ended = report.waiting("baseline drain", count,
-                                   lambda: int(store.redis.get(counter) or 0),
-                                   timeout_s=max(120.0, count / 5))
-            drain_s = ended - started_m
-            self.results.update(
-                baseline_intents=count,
-                baseline_enqueue_per_s=round(count / publish_s, 1),
-                baseline_drain_per_s=round(count / drain_s, 1),
-                baseline_api_calls=self.sandbox.stats()["calls"])
-        finally:
-            store.redis.close()
-            for proc in procs:
-                proc.stop()
-
-
-def _cli_concurrency() -> int:
-    return DEFAULT_CONCURRENCY
+        self.results.update(NaiveBaseline(self.config, self.workdir, self.redis, self.sandbox,
+                                          self.report, self.env, self.settings).run())
 
 
 def targets(config: BenchConfig) -> dict[str, float]:
@@ -444,17 +239,6 @@ def targets_met(results: dict[str, Any], goal: dict[str, float]) -> dict[str, bo
         "redis_bytes_per_pending_intent":
             results["redis_bytes_per_pending_intent"] <= goal["redis_bytes_per_pending_intent_max"],
     }
-
-
-def machine(redis_url: str) -> dict[str, Any]:
-    client = redis_client(redis_url)  # any REDIS_URL form (Sentinel, TLS), not only redis://
-    try:
-        version = str(client.info("server").get("redis_version", "?"))
-    finally:
-        client.close()
-    return {"cores": os.cpu_count() or 0, "python": platform.python_version(),
-            "redis": version, "platform": platform.platform(terse=True),
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
@@ -477,7 +261,7 @@ def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
         "intents": results["intents"], "tokens": config.tokens or config.intents,
         "sandbox_latency_ms": config.latency_ms, "linger_ms": config.linger_ms,
         "workers": config.workers,
-        "concurrency": config.concurrency or _cli_concurrency(),
+        "concurrency": config.concurrency or cli_concurrency(),
         **{k: results[k] for k in (
             "enqueue_per_s", "drain_s", "drain_per_s", "api_calls", "items_per_call",
             "full_calls_share", "failed", "latency_p50_ms", "latency_p99_ms", "latency_intents",
