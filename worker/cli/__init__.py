@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "enqueue": "worker.cli.intents:enqueue",
     "health": "worker.cli.observe:health",
     "requeue-failed": "worker.cli.intents:requeue_failed",
-    "sandbox": "worker.sandbox.server:sandbox_command",
+    "sandbox": "worker.sandbox.command:sandbox_command",
     "serve": "worker.serve.app:serve_command",
     "stats": "worker.cli.observe:stats",
     "status": "worker.cli.intents:status",

@@ -190,12 +190,3 @@ class SandboxServer:
                 return json_reply({"error": str(exc)}, 400)
         return json_reply(self._config.public())
 
-
-def __getattr__(name: str) -> Any:
-    # ``sandbox_command`` lived here before command.py; resolved lazily because command.py
-    # imports this module.
-    if name == "sandbox_command":
-        from .command import sandbox_command
-
-        return sandbox_command
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
