@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worker.cli import main
 from worker.errors import IdConflictError, IntentError
-from worker.intents import validate
+from worker.intents import _has_control, _has_surrogate, check_token, validate
 from worker.model import Account, Intent
 from worker.producer import Producer
 from worker.settings import Settings
@@ -282,3 +285,25 @@ def test_enqueue_cli_refuses_every_rule_by_line_and_stores_only_the_valid(
     assert result.stdout.split() == [f"ok-{k}" for k in range(len(INVALID))]
     records = [k for k in _keys(rconn, prefix) if k.startswith(f"{prefix}i:")]
     assert len(records) == len(INVALID), "a refused line reached Redis"
+
+
+# The checks take a fast path for ASCII text (issue 13: validation was most of submit_many's
+# time); it must agree with the rules' plain definitions on every text.
+TEXTS = st.one_of(st.text(), st.text(alphabet=st.characters(max_codepoint=127)),
+                  st.text(alphabet=st.characters(codec=None, exclude_categories=())))
+
+
+@given(TEXTS)
+def test_the_fast_character_checks_agree_with_their_definitions(text: str) -> None:
+    control = any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text)
+    assert _has_control(text) == control
+    assert _has_surrogate(text) == any("\ud800" <= ch <= "\udfff" for ch in text)
+    refused = (not text or len(text.encode("utf-8", "surrogatepass")) > 64
+               or any("\ud800" <= ch <= "\udfff" for ch in text)
+               or any(ch.isspace() for ch in text) or control)
+    try:
+        check_token(text)
+    except IntentError:
+        assert refused
+    else:
+        assert not refused

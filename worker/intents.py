@@ -52,11 +52,19 @@ def _is_int(value: Any) -> bool:
 
 
 def _has_control(text: str) -> bool:
+    if text.isascii():  # the common case, in C: ASCII's only such characters are Cc, unprintable
+        return not text.isprintable()
     return any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text)
 
 
 def _has_surrogate(text: str) -> bool:
-    return any("\ud800" <= ch <= "\udfff" for ch in text)
+    if text.isascii():
+        return False
+    try:  # lone surrogates are the only code points UTF-8 cannot encode; C is faster than a loop
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def shown(text: str) -> str:
@@ -106,7 +114,10 @@ def check_token(value: Any, field: str = "token") -> str:
     token = _text(value, field)
     if len(token.encode("utf-8")) > MAX_TOKEN_BYTES:
         raise IntentError(field, f"must be at most {MAX_TOKEN_BYTES} bytes")
-    if any(ch.isspace() for ch in token) or _has_control(token):
+    # ASCII's whitespace is the space plus unprintable characters: two C calls, not a loop
+    spaced = (" " in token or not token.isprintable()) if token.isascii() else (
+        any(ch.isspace() for ch in token) or _has_control(token))
+    if spaced:
         raise IntentError(field, "must not contain whitespace or control characters")
     return token
 
