@@ -15,26 +15,29 @@ from __future__ import annotations
 
 import functools
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from . import bulk
+from .bulk import BulkResult, Failure, Prepared, new_id
 from .connections import redis_client
 from .embedded import resolve_redis_url
-from .errors import IdConflictError, IntentError, QueueFullError, StoreError, StoreUnavailableError
+from .errors import IntentError, StoreError, StoreUnavailableError
+from .groupcommit import GroupCommit
 from .intents import validate
 from .model import Intent, Status
 from .settings import Settings, redact_url
-from .store import NOT_WRITTEN, UNKNOWN, Round, Store, Wake, merge_wakes, unavailable
+from .store import Store, Wake, merge_wakes
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["BulkResult", "Producer", "new_id"]
 
 WakeHook = Callable[[Sequence[Wake]], None]
 P = ParamSpec("P")
@@ -49,33 +52,6 @@ REPLY_TIMEOUT_S = 10.0
 RETRIES = 3
 #: after a wake-up could not be sent, wakes are skipped for this long (the sweep sends them)
 WAKE_PAUSE_S = 5.0
-
-
-def new_id() -> str:
-    """A fresh intent id: 20 lowercase hex digits (80 random bits); URL-safe, and never starting
-    with ``-``, so that a shell or a CLI never reads it as an option."""
-    return secrets.token_hex(10)
-
-
-@dataclass
-class BulkResult:
-    """What a bulk enqueue did: ids in input order (None where not stored) and the refusals.
-
-    ``in_doubt`` and ``not_stored`` are filled only when the enqueue raised
-    ``StoreUnavailableError`` (whose ``result`` this is).
-    """
-
-    ids: list[str | None] = field(default_factory=list)
-    #: input index -> why it was refused (the input rules, or an id stored with another payload)
-    errors: dict[int, IntentError] = field(default_factory=dict)
-    #: input index -> id: sent, but not acknowledged (the reply was lost, or replicas did not ack)
-    in_doubt: dict[int, str] = field(default_factory=dict)
-    #: input index -> id (None if the intent was not even read): not stored, safe to send again
-    not_stored: dict[int, str | None] = field(default_factory=dict)
-
-    @property
-    def accepted(self) -> list[str]:
-        return [i for i in self.ids if i is not None]
 
 
 def _guarded(method: Callable[P, R]) -> Callable[P, R]:
@@ -116,6 +92,8 @@ class Producer:
         #: monotonic time before which no wake is attempted (the broker failed just now)
         self._wakes_paused_until = 0.0
         self._wake_lock = threading.Lock()
+        #: concurrent ``submit`` calls share one enqueue call (``worker.groupcommit``)
+        self.group: GroupCommit[tuple[str, Intent], str] = GroupCommit(self._commit_group)
 
     @classmethod
     def from_env(cls, **kw: Any) -> Producer:
@@ -135,16 +113,7 @@ class Producer:
     def unavailable(self, exc: BaseException, **groups: Any) -> StoreUnavailableError | StoreError:
         """The typed error for a Redis error ``exc`` (``groups``: stored, refused, in_doubt,
         result). The message names the URL without its password."""
-        url = redact_url(self.redis_url) or ""
-        cause = f"{type(exc).__name__}: {exc}".strip()
-        if _is_oom(exc):
-            return QueueFullError(url, f"Redis answered OOM: out of memory (maxmemory) ({cause})",
-                                  retry_after_s=5, **groups)
-        if unavailable(exc):  # the one rule of what an outage is (store.unavailable)
-            return StoreUnavailableError(url, cause, **groups)
-        # an answer no script expects (a wrong type under the prefix, an ACL refusal): not an
-        # outage, but still no redis-py exception for the caller
-        return StoreError(f"Redis at {url} answered: {cause}")
+        return bulk.error_for(redact_url(self.redis_url) or "", exc, **groups)
 
     def _send_wakes(self, wakes: Sequence[Wake]) -> None:
         """Send wake-ups; a broker that cannot take them is logged once, not raised: the intents
@@ -178,11 +147,24 @@ class Producer:
         return validate(obj, self.apps(), self.settings.default_app)
 
     def submit(self, intent: Any) -> str:
-        """Enqueue one intent; returns its id. Raises ``IntentError`` and stores nothing if invalid."""
-        result = self.enqueue([intent])
-        if result.errors:
-            raise result.errors[0]
-        return result.ids[0]  # type: ignore[return-value]
+        """Enqueue one intent; returns its id. Raises ``IntentError`` and stores nothing if invalid.
+
+        Concurrent calls from many threads are stored together, one enqueue call per few
+        milliseconds (group commit); each caller still gets its own id or its own error.
+        """
+        return self.group.run(lambda: self._prepare_one(intent))
+
+    def _prepare_one(self, intent: Any) -> tuple[str, Intent]:
+        prepared = self._prepare([intent], None)
+        if prepared.result.errors:
+            raise prepared.result.errors[0]
+        return prepared.valid[0]
+
+    def _commit_group(self, valid: list[tuple[str, Intent]]) -> list[str | BaseException]:
+        """Store the items of concurrent ``submit`` calls at once; each caller's answer."""
+        prepared = Prepared(BulkResult(ids=[i for i, _ in valid]), valid, list(range(len(valid))))
+        failure = self._store(prepared, None)
+        return bulk.per_caller(prepared, failure, redact_url(self.redis_url) or "")
 
     def submit_many(self, intents: Iterable[Any], *, strict: bool = False) -> list[str | None]:
         """Enqueue many intents, pipelined. Returns ids in input order, None for refused ones.
@@ -209,102 +191,43 @@ class Producer:
             items = list(intents)
         except TypeError:
             raise IntentError("intents", "must be an iterable of intents") from None
-        result = BulkResult()
+        prepared = self._prepare(items, line_numbers)
+        if prepared.valid:
+            failure = self._store(prepared, line_numbers)
+            if failure is not None:
+                error = bulk.failure_error(redact_url(self.redis_url) or "", failure,
+                                           prepared.result)
+                cause = failure.cause if isinstance(failure.cause, BaseException) else None
+                raise error from cause
+        return prepared.result
+
+    def _prepare(self, items: Sequence[Any], line_numbers: Sequence[int] | None) -> Prepared:
+        """Check the items and give ids; ``StoreUnavailableError`` if the apps cannot be read."""
         try:
             apps = self.apps()
         except StoreUnavailableError as exc:  # nothing was sent
-            result.ids = [None] * len(items)
-            result.not_stored = {k: _given_id(obj) for k, obj in enumerate(items)}
-            raise StoreUnavailableError(exc.url, exc.cause, result=result, refused=[
-                i for i in result.not_stored.values() if i is not None]) from exc.__cause__
-        valid: list[tuple[str, Intent]] = []
-        positions: list[int] = []
-        for k, obj in enumerate(items):
-            line = line_numbers[k] if line_numbers is not None else None
-            try:
-                intent = validate(obj, apps, self.settings.default_app)
-            except IntentError as exc:
-                result.errors[k] = IntentError(exc.field, exc.rule, line)
-                result.ids.append(None)
-                continue
-            intent_id = intent.id or new_id()
-            valid.append((intent_id, intent))
-            positions.append(k)
-            result.ids.append(intent_id)
-        if valid:
-            self._store(valid, positions, result, line_numbers)
-        return result
+            raise bulk.unread(items, exc) from exc.__cause__
+        return bulk.prepare(items, apps, self.settings.default_app, line_numbers)
 
-    def _store(self, valid: Sequence[tuple[str, Intent]], positions: Sequence[int],
-               result: BulkResult, line_numbers: Sequence[int] | None) -> None:
-        """Store the valid intents round by round; raise what went wrong, if anything, once the
-        wakes of what was stored are sent."""
+    def _store(self, prepared: Prepared, line_numbers: Sequence[int] | None) -> Failure | None:
+        """Store the valid intents round by round, recording each one's fate; once the wakes of
+        what was stored are sent, what went wrong (None: everything was stored)."""
         s = self.settings
-        failure: BaseException | str | None = None
-        full = False
+        failure: Failure | None = None
         done = 0
         wakes: list[Wake] = []
-        for rnd in self.store.enqueue_rounds(valid, max_pending=s.max_pending,
+        for rnd in self.store.enqueue_rounds(prepared.valid, max_pending=s.max_pending,
                                              min_replicas=s.enqueue_min_replicas,
                                              wait_ms=s.enqueue_wait_ms):
             done = rnd.start + rnd.size
             wakes.extend(rnd.wakes)
-            failure, full = self._apply_round(rnd, valid, positions, result, line_numbers)
+            failure = bulk.apply_round(rnd, prepared, line_numbers, s.enqueue_min_replicas,
+                                       s.max_pending, s.enqueue_wait_ms)
             if failure is not None:
                 break
-        for j in range(done, len(valid)):  # never sent
-            result.ids[positions[j]] = None
-            result.not_stored[positions[j]] = valid[j][0]
+        bulk.unsent(prepared, done)
         self._send_wakes(merge_wakes(wakes))
-        if failure is None:
-            return
-        groups: dict[str, Any] = {
-            "stored": result.accepted, "in_doubt": list(result.in_doubt.values()),
-            "refused": [i for i in result.not_stored.values() if i is not None], "result": result}
-        if isinstance(failure, BaseException):
-            raise self.unavailable(failure, **groups) from failure
-        url = redact_url(self.redis_url) or ""
-        if full:
-            raise QueueFullError(url, failure, retry_after_s=5, **groups)
-        raise StoreUnavailableError(url, failure, **groups)
-
-    def _apply_round(self, rnd: Round, valid: Sequence[tuple[str, Intent]],
-                     positions: Sequence[int], result: BulkResult,
-                     line_numbers: Sequence[int] | None) -> tuple[BaseException | str | None, bool]:
-        """Record one round's outcome in ``result``; (what went wrong or None, queue_full?)."""
-        s = self.settings
-        if not rnd.codes:  # no reply: it may have run, unless its connection was never made
-            for j in range(rnd.start, rnd.start + rnd.size):
-                k, intent_id = positions[j], valid[j][0]
-                result.ids[k] = None
-                if rnd.sent:
-                    result.in_doubt[k] = intent_id
-                else:
-                    result.not_stored[k] = intent_id
-            return rnd.error, False
-        full = False
-        unreplicated = rnd.replicas is not None and rnd.replicas < s.enqueue_min_replicas
-        for j, code in enumerate(rnd.codes, start=rnd.start):
-            k, intent_id = positions[j], valid[j][0]
-            if code == -1:
-                line = line_numbers[k] if line_numbers is not None else None
-                result.errors[k] = IdConflictError(intent_id, line)
-                result.ids[k] = None
-            elif code in (-2, NOT_WRITTEN):
-                full = full or code == -2
-                result.ids[k] = None
-                result.not_stored[k] = intent_id
-            elif code == UNKNOWN or unreplicated:
-                result.ids[k] = None
-                result.in_doubt[k] = intent_id
-        if rnd.error is not None:
-            return rnd.error, full
-        if unreplicated:
-            return (f"WAIT: {rnd.replicas} of {s.enqueue_min_replicas} replicas acknowledged within "
-                    f"{s.enqueue_wait_ms} ms (the intents are stored on the primary)"), full
-        if full:
-            return f"TPNS_MAX_PENDING ({s.max_pending}) pending intents reached", True
-        return None, False
+        return failure
 
     @_guarded
     def requeue_failed(self, error: str | None = None) -> list[str]:
@@ -359,17 +282,3 @@ class Producer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _given_id(obj: Any) -> str | None:
-    """The ``id`` an unread intent carries, if it is a plain string (for error reports only)."""
-    intent_id = dict.get(obj, "id") if isinstance(obj, dict) else None
-    return intent_id if isinstance(intent_id, str) else None
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """Redis refused a write for its ``maxmemory`` (Redis 7 keeps the ``OOM`` code through a
-    script's error; 6.2 wraps it in the script's ``ERR``)."""
-    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
-        isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc))
-

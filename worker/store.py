@@ -181,22 +181,50 @@ def intent_arg(intent_id: str, intent: Intent) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
-class Store:
-    """The Redis side of tpns-batcher. Thread-safe as far as the given redis client is."""
+#: the Lua scripts, each ``lua/lib.lua`` + ``lua/<name>.lua``
+SCRIPTS = ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle")
 
-    def __init__(self, client: redis.Redis, prefix: str = "tpns:", *, max_items: int = 20,
-                 linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800) -> None:
-        self.redis = client
+
+class Layout:
+    """The store's prefix and limits, and the arguments its script calls take: written once for
+    the sync ``Store`` and the asyncio ``worker.astore.AsyncStore``, which send the same calls."""
+
+    def __init__(self, prefix: str = "tpns:", *, max_items: int = 20, linger_ms: int = 250,
+                 lease_s: float = 60.0, status_ttl_s: int = 604800) -> None:
         self.prefix = prefix
         self.max_items = max_items
         self.linger_ms = linger_ms
         self.lease_ms = int(lease_s * 1000)
         self.status_ttl_s = status_ttl_s
-        self._scripts = {name: client.register_script(_load_script(name)) for name in
-                         ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle")}
 
     def key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(p) for p in parts)
+
+    def enqueue_calls(self, block: Sequence[tuple[str, Intent]],
+                      max_pending: int) -> list[list[str | int]]:
+        """The arguments of the ``enqueue.lua`` calls storing ``block``, ``ENQUEUE_CHUNK`` a call."""
+        head: list[str | int] = [self.prefix, self.max_items, self.linger_ms, max_pending]
+        return [head + [intent_arg(i, it) for i, it in block[k:k + ENQUEUE_CHUNK]]
+                for k in range(0, len(block), ENQUEUE_CHUNK)]
+
+    def requeue_failed_args(self, error: str | None, limit: int) -> list[Any]:
+        return [self.prefix, error or "", limit, self.max_items, self.linger_ms]
+
+
+def requeued(raw: Any) -> tuple[list[str], tuple[Wake, ...]]:
+    """The ids and wakes ``requeue_failed.lua`` answered."""
+    return [_text(i) for i in raw[0]], _wakes(raw[1])
+
+
+class Store(Layout):
+    """The Redis side of tpns-batcher. Thread-safe as far as the given redis client is."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "tpns:", *, max_items: int = 20,
+                 linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800) -> None:
+        super().__init__(prefix, max_items=max_items, linger_ms=linger_ms, lease_s=lease_s,
+                         status_ttl_s=status_ttl_s)
+        self.redis = client
+        self._scripts = {name: client.register_script(_load_script(name)) for name in SCRIPTS}
 
     # -- producers ---------------------------------------------------------------------------
 
@@ -227,13 +255,11 @@ class Store:
         sent. With ``min_replicas``, each round ends with ``WAIT min_replicas wait_ms`` in the
         same round trip, and ``Round.replicas`` says how many acknowledged it.
         """
-        head: list[str | int] = [self.prefix, self.max_items, self.linger_ms, max_pending]
         sha = self._scripts["enqueue"].sha
         per_round = ENQUEUE_CHUNK * 10
         for start in range(0, len(intents), per_round):
             block = intents[start:start + per_round]
-            calls = [head + [intent_arg(i, it) for i, it in block[k:k + ENQUEUE_CHUNK]]
-                     for k in range(0, len(block), ENQUEUE_CHUNK)]
+            calls = self.enqueue_calls(block, max_pending)
             sent = False
             try:
                 for _attempt in range(2):
@@ -253,33 +279,10 @@ class Store:
             except (redis.RedisError, OSError) as exc:
                 yield Round(start, len(block), error=exc, sent=sent)
                 return
-            done = self._round(start, block, calls, replies, min_replicas)
+            done = round_of(start, block, calls, replies, min_replicas)
             yield done
             if done.error is not None:
                 return
-
-    @staticmethod
-    def _round(start: int, block: Sequence[Any], calls: Sequence[Sequence[Any]],
-               replies: Sequence[Any], min_replicas: int) -> Round:
-        """The codes of one answered round: a script call that Redis refused before it wrote
-        anything (OOM, READONLY, MISCONF) gives ``NOT_WRITTEN``, any other error ``UNKNOWN``."""
-        codes: list[int] = []
-        wakes: list[Wake] = []
-        error: Exception | None = None
-        for args, reply in zip(calls, replies, strict=False):
-            if isinstance(reply, redis.RedisError):
-                error = error or reply
-                codes.extend([NOT_WRITTEN if refused_before_writing(reply) else UNKNOWN]
-                             * (len(args) - 4))
-                continue
-            codes.extend(int(c) for c in reply[0])
-            wakes.extend(_wakes(reply[1]))
-        replicas = None
-        if min_replicas > 0:
-            last = replies[-1]
-            replicas = 0 if isinstance(last, Exception) else int(last)
-        return Round(start, len(block), codes=codes, wakes=merge_wakes(wakes),
-                     replicas=replicas, error=error, sent=True)
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -384,9 +387,7 @@ class Store:
     def requeue_failed(self, error: str | None = None,
                        limit: int = 100_000) -> tuple[list[str], tuple[Wake, ...]]:
         """Put failed intents (optionally only those with this ``error``) back into the queue."""
-        raw = self._scripts["requeue_failed"](args=[self.prefix, error or "", limit,
-                                                    self.max_items, self.linger_ms])
-        return [_text(i) for i in raw[0]], _wakes(raw[1])
+        return requeued(self._scripts["requeue_failed"](args=self.requeue_failed_args(error, limit)))
 
     def throttle(self, app: str, max_calls_per_s: float) -> float:
         """Reserve a call slot of the global rate limit; seconds to wait before sending."""
@@ -556,6 +557,29 @@ class Store:
         """The most recently failed intents, newest first."""
         ids = [_text(i) for i in self.redis.zrevrange(self.key("failed"), 0, limit - 1)]
         return [s for s in self.statuses(ids) if s is not None]
+
+
+def round_of(start: int, block: Sequence[Any], calls: Sequence[Sequence[Any]],
+           replies: Sequence[Any], min_replicas: int) -> Round:
+    """The codes of one answered round: a script call that Redis refused before it wrote
+    anything (OOM, READONLY, MISCONF) gives ``NOT_WRITTEN``, any other error ``UNKNOWN``."""
+    codes: list[int] = []
+    wakes: list[Wake] = []
+    error: Exception | None = None
+    for args, reply in zip(calls, replies, strict=False):
+        if isinstance(reply, redis.RedisError):
+            error = error or reply
+            codes.extend([NOT_WRITTEN if refused_before_writing(reply) else UNKNOWN]
+                         * (len(args) - 4))
+            continue
+        codes.extend(int(c) for c in reply[0])
+        wakes.extend(_wakes(reply[1]))
+    replicas = None
+    if min_replicas > 0:
+        last = replies[-1]
+        replicas = 0 if isinstance(last, Exception) else int(last)
+    return Round(start, len(block), codes=codes, wakes=merge_wakes(wakes),
+                 replicas=replicas, error=error, sent=True)
 
 
 def record_to_status(intent_id: str, rec: Mapping[str, Any]) -> Status:

@@ -1,0 +1,205 @@
+"""What an enqueue does to each intent, written once for ``Producer`` and ``AsyncProducer``.
+
+Ids are assigned here before anything is sent, so every intent's fate can be told from the
+store's rounds (``worker.store.Round``): stored, refused by the input rules, refused for
+back-pressure, never sent, or in doubt (sent, reply lost or replicas not acknowledged). The error
+raised when Redis did not take everything is built here too, with the ids grouped by fate
+(SPEC §3.7). ``per_caller`` splits one group commit's result into one answer per caller.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from .errors import IdConflictError, IntentError, QueueFullError, StoreError, StoreUnavailableError
+from .intents import validate
+from .model import Intent
+from .store import NOT_WRITTEN, UNKNOWN, Round, unavailable
+
+#: seconds a caller refused for back-pressure is told to wait (``Retry-After``)
+RETRY_AFTER_S = 5
+
+
+def new_id() -> str:
+    """A fresh intent id: 20 lowercase hex digits (80 random bits); URL-safe, and never starting
+    with ``-``, so that a shell or a CLI never reads it as an option."""
+    return secrets.token_hex(10)
+
+
+@dataclass
+class BulkResult:
+    """What a bulk enqueue did: ids in input order (None where not stored) and the refusals.
+
+    ``in_doubt`` and ``not_stored`` are filled only when the enqueue raised
+    ``StoreUnavailableError`` (whose ``result`` this is).
+    """
+
+    ids: list[str | None] = field(default_factory=list)
+    #: input index -> why it was refused (the input rules, or an id stored with another payload)
+    errors: dict[int, IntentError] = field(default_factory=dict)
+    #: input index -> id: sent, but not acknowledged (the reply was lost, or replicas did not ack)
+    in_doubt: dict[int, str] = field(default_factory=dict)
+    #: input index -> id (None if the intent was not even read): not stored, safe to send again
+    not_stored: dict[int, str | None] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> list[str]:
+        return [i for i in self.ids if i is not None]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an enqueue stopped short: a Redis error, or a refusal told in words."""
+
+    cause: BaseException | str
+    #: the refusal is back-pressure (``queue_full``), not an outage
+    full: bool = False
+
+
+@dataclass
+class Prepared:
+    """Intents checked and given ids, ready to store: ``valid[j]`` is input item ``positions[j]``."""
+
+    result: BulkResult
+    valid: list[tuple[str, Intent]] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+
+
+def prepare(items: Sequence[Any], apps: Collection[str], default_app: str,
+            line_numbers: Sequence[int] | None = None) -> Prepared:
+    """Validate each item on its own and assign an id to each valid one (its own, or a new one)."""
+    prepared = Prepared(BulkResult())
+    result = prepared.result
+    for k, obj in enumerate(items):
+        try:
+            intent = validate(obj, apps, default_app)
+        except IntentError as exc:
+            line = line_numbers[k] if line_numbers is not None else None
+            result.errors[k] = IntentError(exc.field, exc.rule, line) if line is not None else exc
+            result.ids.append(None)
+            continue
+        intent_id = intent.id or new_id()
+        prepared.valid.append((intent_id, intent))
+        prepared.positions.append(k)
+        result.ids.append(intent_id)
+    return prepared
+
+
+def unread(items: Sequence[Any], exc: StoreUnavailableError) -> StoreUnavailableError:
+    """The error of an enqueue that could not even read the known apps: nothing was sent."""
+    result = BulkResult(ids=[None] * len(items),
+                        not_stored={k: given_id(obj) for k, obj in enumerate(items)})
+    refused = [i for i in result.not_stored.values() if i is not None]
+    return StoreUnavailableError(exc.url, exc.cause, result=result, refused=refused)
+
+
+def apply_round(rnd: Round, prepared: Prepared, line_numbers: Sequence[int] | None,
+                min_replicas: int, max_pending: int, wait_ms: int) -> Failure | None:
+    """Record one round's outcome in ``prepared.result``; what went wrong, if anything."""
+    result, valid, positions = prepared.result, prepared.valid, prepared.positions
+    if not rnd.codes:  # no reply: it may have run, unless its connection was never made
+        for j in range(rnd.start, rnd.start + rnd.size):
+            k, intent_id = positions[j], valid[j][0]
+            result.ids[k] = None
+            if rnd.sent:
+                result.in_doubt[k] = intent_id
+            else:
+                result.not_stored[k] = intent_id
+        return Failure(rnd.error) if rnd.error is not None else None
+    full = False
+    unreplicated = rnd.replicas is not None and rnd.replicas < min_replicas
+    for j, code in enumerate(rnd.codes, start=rnd.start):
+        if code in (0, 1) and not unreplicated:
+            continue  # the common case first: stored
+        k, intent_id = positions[j], valid[j][0]
+        result.ids[k] = None
+        if code == -1:
+            line = line_numbers[k] if line_numbers is not None else None
+            result.errors[k] = IdConflictError(intent_id, line)
+        elif code in (-2, NOT_WRITTEN):
+            full = full or code == -2
+            result.not_stored[k] = intent_id
+        elif code == UNKNOWN or unreplicated:
+            result.in_doubt[k] = intent_id
+    if rnd.error is not None:
+        return Failure(rnd.error, full)
+    if unreplicated:
+        return Failure(f"WAIT: {rnd.replicas} of {min_replicas} replicas acknowledged within "
+                       f"{wait_ms} ms (the intents are stored on the primary)", full)
+    if full:
+        return Failure(f"TPNS_MAX_PENDING ({max_pending}) pending intents reached", True)
+    return None
+
+
+def unsent(prepared: Prepared, done: int) -> None:
+    """Intents ``done`` onwards were never sent: not stored, safe to send again."""
+    for j in range(done, len(prepared.valid)):
+        k = prepared.positions[j]
+        prepared.result.ids[k] = None
+        prepared.result.not_stored[k] = prepared.valid[j][0]
+
+
+def error_for(url: str, exc: BaseException, **groups: Any) -> StoreUnavailableError | StoreError:
+    """The typed error for a Redis error ``exc`` (``groups``: stored, refused, in_doubt, result);
+    ``url`` is already without its password."""
+    cause = f"{type(exc).__name__}: {exc}".strip()
+    if is_oom(exc):
+        return QueueFullError(url, f"Redis answered OOM: out of memory (maxmemory) ({cause})",
+                              retry_after_s=RETRY_AFTER_S, **groups)
+    if unavailable(exc):  # the one rule of what an outage is (store.unavailable)
+        return StoreUnavailableError(url, cause, **groups)
+    # an answer no script expects (a wrong type under the prefix, an ACL refusal): not an
+    # outage, but still no redis-py exception for the caller
+    return StoreError(f"Redis at {url} answered: {cause}")
+
+
+def failure_error(url: str, failure: Failure, result: BulkResult) -> StoreUnavailableError | StoreError:
+    """The one error an enqueue raises for ``failure``, naming every id of ``result`` by fate."""
+    groups: dict[str, Any] = {
+        "stored": result.accepted, "in_doubt": list(result.in_doubt.values()),
+        "refused": [i for i in result.not_stored.values() if i is not None], "result": result}
+    if isinstance(failure.cause, BaseException):
+        return error_for(url, failure.cause, **groups)
+    if failure.full:
+        return QueueFullError(url, failure.cause, retry_after_s=RETRY_AFTER_S, **groups)
+    return StoreUnavailableError(url, failure.cause, **groups)
+
+
+def per_caller(prepared: Prepared, failure: Failure | None,
+               url: str) -> list[str | BaseException]:
+    """One answer per valid intent of a group commit (each from its own caller): its id, or the
+    error that caller alone would have had — naming only its own id."""
+    result = prepared.result
+    answers: list[str | BaseException] = []
+    for j, (intent_id, _intent) in enumerate(prepared.valid):
+        k = prepared.positions[j]
+        if k in result.errors:
+            answers.append(result.errors[k])
+        elif result.ids[k] is not None:
+            answers.append(intent_id)
+        else:
+            own = BulkResult(ids=[None])
+            if k in result.in_doubt:
+                own.in_doubt[0] = intent_id
+            else:
+                own.not_stored[0] = intent_id
+            answers.append(failure_error(url, failure or Failure("not stored"), own))
+    return answers
+
+
+def given_id(obj: Any) -> str | None:
+    """The ``id`` an unread intent carries, if it is a plain string (for error reports only)."""
+    intent_id = dict.get(obj, "id") if isinstance(obj, dict) else None
+    return intent_id if isinstance(intent_id, str) else None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Redis refused a write for its ``maxmemory`` (Redis 7 keeps the ``OOM`` code through a
+    script's error; 6.2 wraps it in the script's ``ERR``)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc))
