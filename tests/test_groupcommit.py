@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import redis
-from redis_faults import ReplyLosingRelay, private_redis
 
+from tests.support.redis_faults import ReplyLosingRelay, private_redis
 from worker.errors import IdConflictError, IntentError, QueueFullError, StoreUnavailableError
 from worker.groupcommit import GroupCommit
 from worker.producer import Producer
