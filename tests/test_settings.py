@@ -22,6 +22,13 @@ def test_defaults_follow_the_spec(tmp_path: Path) -> None:
     assert s.app.base_url == REGION_URLS["guangzhou"] and s.app.auth == "sign"
     assert not s.app.has_credentials
     assert (s.max_pending, s.enqueue_min_replicas, s.enqueue_wait_ms) == (10_000_000, 0, 1000)
+    assert (s.verify, s.verify_delay_ms, s.verify_timeout_s) == (False, 1000, 30.0)
+
+
+def test_verification_is_turned_on_with_its_delay_and_timeout() -> None:
+    s = Settings.from_env({"TPNS_VERIFY": "ON", "TPNS_VERIFY_DELAY_MS": "20",
+                           "TPNS_VERIFY_TIMEOUT_S": "0.5"})
+    assert (s.verify, s.verify_delay_ms, s.verify_timeout_s) == (True, 20, 0.5)
 
 
 def test_the_environment_overrides_the_env_file(tmp_path: Path) -> None:
@@ -53,6 +60,11 @@ def test_the_environment_overrides_the_env_file(tmp_path: Path) -> None:
     ({"TPNS_APPS": "android,ios", "TPNS_DEFAULT_APP": "web"}, "TPNS_DEFAULT_APP", "not one of"),
     ({"TPNS_SECRET_KEY_FILE": "/nonexistent/key", "TPNS_ACCESS_ID": "1"}, "TPNS_SECRET_KEY_FILE", "cannot read"),
     ({"TPNS_LOG_FORMAT": "xml"}, "TPNS_LOG_FORMAT", "text or json"),
+    ({"TPNS_VERIFY": "yes"}, "TPNS_VERIFY", "on or off"),
+    ({"TPNS_VERIFY_DELAY_MS": "-1"}, "TPNS_VERIFY_DELAY_MS", "from 0"),
+    ({"TPNS_VERIFY_TIMEOUT_S": "0"}, "TPNS_VERIFY_TIMEOUT_S", ">= 0.01"),
+    ({"TPNS_VERIFY_DELAY_MS": "5000", "TPNS_VERIFY_TIMEOUT_S": "2"}, "TPNS_VERIFY_TIMEOUT_S",
+     "at least TPNS_VERIFY_DELAY_MS"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(env: dict[str, str], variable: str, words: str) -> None:
     with pytest.raises(ConfigError) as caught:

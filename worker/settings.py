@@ -93,6 +93,12 @@ class Settings:
     log_format: str = "text"
     #: a worker is stuck after this long without progress while Redis answers and work waits
     worker_stuck_s: float = 120.0
+    #: verify accepted items through the query API before calling them succeeded (SPEC §6.1)
+    verify: bool = False
+    #: the first check of an accepted item, this long after the call
+    verify_delay_ms: int = 1000
+    #: an item not seen applied this long after its call is sent again (one attempt spent)
+    verify_timeout_s: float = 30.0
 
     @property
     def app(self) -> AppConfig:
@@ -169,6 +175,7 @@ def _build(env: Mapping[str, str]) -> Settings:
         # or its items are sent again while it runs and per-key order can no longer be kept
         raise ConfigError("TPNS_LEASE_S", f"must be at least 4 x TPNS_HTTP_TIMEOUT_S "
                                           f"({4 * http_timeout_s:g}), got {lease_s:g}")
+    verify, verify_delay_ms, verify_timeout_s = _verify(env)
     log_format = env.get("TPNS_LOG_FORMAT", "text").strip().lower() or "text"
     if log_format not in ("text", "json"):
         raise ConfigError("TPNS_LOG_FORMAT", "must be text or json")
@@ -196,7 +203,24 @@ def _build(env: Mapping[str, str]) -> Settings:
         api_token=_opt(env, "TPNS_API_TOKEN"),
         log_format=log_format,
         worker_stuck_s=_float(env, "TPNS_WORKER_STUCK_S", 120.0, 5.0),
+        verify=verify,
+        verify_delay_ms=verify_delay_ms,
+        verify_timeout_s=verify_timeout_s,
     )
+
+
+def _verify(env: Mapping[str, str]) -> tuple[bool, int, float]:
+    """TPNS_VERIFY (on|off), TPNS_VERIFY_DELAY_MS, TPNS_VERIFY_TIMEOUT_S (SPEC §6.1)."""
+    raw = (_opt(env, "TPNS_VERIFY") or "off").lower()
+    if raw not in ("on", "off"):
+        raise ConfigError("TPNS_VERIFY", f"must be on or off, got {raw!r}")
+    delay_ms = _int(env, "TPNS_VERIFY_DELAY_MS", 1000, 0, 3_600_000)
+    timeout_s = _float(env, "TPNS_VERIFY_TIMEOUT_S", 30.0, 0.01)
+    if timeout_s * 1000 < delay_ms:
+        # the first check would come after the item is already given up on
+        raise ConfigError("TPNS_VERIFY_TIMEOUT_S", f"must be at least TPNS_VERIFY_DELAY_MS "
+                                                   f"({delay_ms / 1000:g} s), got {timeout_s:g}")
+    return raw == "on", delay_ms, timeout_s
 
 
 def _apps(env: Mapping[str, str], base_url: str | None) -> dict[str, AppConfig]:
