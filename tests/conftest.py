@@ -1,4 +1,6 @@
-"""Shared fixtures: a real Redis (the machine's, or a private one started here) and per-test prefixes.
+"""Shared fixtures: a real Redis (the machine's, or a private one started here), per-test prefixes
+and the sandbox. Helpers that are plain functions or classes live in ``tests/support/``; the tree of
+``tests/`` mirrors ``worker/`` (``tests/integration/`` runs real worker processes).
 
 Tests never touch keys they did not create: each test gets its own key prefix (which also prefixes
 the Celery broker's keys) and every key under it is deleted afterwards.
@@ -16,6 +18,7 @@ import redis
 from hypothesis import HealthCheck, settings
 
 from worker.embedded import start_private
+from worker.sandbox.server import SandboxServer
 
 #: ``TPNS_TEST_PROFILE=extended`` runs the long fuzz profile; the default one is short and fixed:
 #: the same examples every run (derandomized, no example database), so a verdict never depends
@@ -72,3 +75,12 @@ def rconn(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    """The TPNS sandbox in this process, on a free port of 127.0.0.1 (real sockets), with its
+    default credentials. Seeded: a fault rate a test sets between 0 and 1 draws the same faults
+    every run. A test that needs other credentials ``configure``s it."""
+    with SandboxServer(seed=1) as server:
+        yield server

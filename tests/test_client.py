@@ -730,14 +730,10 @@ SANDBOX_SECRET = "sandbox-test-secret-7f3a"
 
 
 @pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    with SandboxServer(access_id=ACCESS_ID, secret_key=SANDBOX_SECRET, seed=7) as server:
-        yield server
-
-
-@pytest.fixture
 def on_sandbox(sandbox: SandboxServer) -> Iterator[Callable[..., tuple[TpnsClient, FakeClock]]]:
-    """Clients of the sandbox; the clock starts at the real time (the sandbox checks the skew)."""
+    """Clients of the sandbox, which takes this module's credentials; the clock starts at the real
+    time (the sandbox checks the skew)."""
+    sandbox.configure(access_id=ACCESS_ID, secret_key=SANDBOX_SECRET)
     clients: list[TpnsClient] = []
 
     def build(auth: str = "sign", secret: str = SANDBOX_SECRET,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,6 @@ from worker.flush import Flusher
 from worker.producer import Producer
 from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    server = SandboxServer(seed=1).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _rig(redis_url: str, prefix: str, sandbox: SandboxServer,

@@ -77,7 +77,7 @@ def auth(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(params=["wrong secret", "faults", "partial failure"])
-def sandbox(request: pytest.FixtureRequest) -> Iterator[SandboxServer]:
+def leak_sandbox(request: pytest.FixtureRequest) -> Iterator[SandboxServer]:
     kind = request.param
     secret = "not-the-workers-secret" if kind == "wrong secret" else SECRET
     with SandboxServer(access_id=ACCESS_ID, secret_key=secret, seed=3,
@@ -86,17 +86,17 @@ def sandbox(request: pytest.FixtureRequest) -> Iterator[SandboxServer]:
         yield server
 
 
-def test_the_secret_never_leaks(redis_url: str, prefix: str, auth: str, sandbox: SandboxServer,
+def test_the_secret_never_leaks(redis_url: str, prefix: str, auth: str, leak_sandbox: SandboxServer,
                                 caplog: pytest.LogCaptureFixture) -> None:
-    settings = Settings.from_env(env(redis_url, prefix, sandbox.url, auth))
+    settings = Settings.from_env(env(redis_url, prefix, leak_sandbox.url, auth))
     caplog.set_level(logging.DEBUG)
     producer, ids = run_batches(settings, redis_url, prefix)
     try:
-        sent = sandbox.stats()
+        sent = leak_sandbox.stats()
         assert sent["calls"] >= 1  # calls really went out, and each scenario did what it says
-        if sandbox.config.secret_key != SECRET:
+        if leak_sandbox.config.secret_key != SECRET:
             assert producer.store.pauses(["default"]), "a refused secret pauses the app"
-        elif sandbox.config.fault_rate:
+        elif leak_sandbox.config.fault_rate:
             assert sum(sent["faults"].values()) >= 2
             assert any(r.name == "worker.client" and r.levelno == logging.WARNING
                        for r in caplog.records), "in-call retries are logged"
@@ -117,11 +117,11 @@ def test_the_secret_never_leaks(redis_url: str, prefix: str, auth: str, sandbox:
                  "repr(settings)")
 
 
-def test_exceptions_carry_no_secret(auth: str, sandbox: SandboxServer) -> None:
+def test_exceptions_carry_no_secret(auth: str, leak_sandbox: SandboxServer) -> None:
     from worker.client import TpnsClient
     from worker.model import Account, BatchItem
 
-    settings = Settings.from_env(env("redis://127.0.0.1:1/0", "x:", sandbox.url, auth))
+    settings = Settings.from_env(env("redis://127.0.0.1:1/0", "x:", leak_sandbox.url, auth))
     items = [BatchItem(id=f"i{k}", token=f"tok-{k}", accounts=(Account(f"u{k}"),))
              for k in range(3)]
     with TpnsClient(settings.app, sleep=lambda s: None, max_attempts=2) as client:
@@ -133,8 +133,8 @@ def test_exceptions_carry_no_secret(auth: str, sandbox: SandboxServer) -> None:
             assert_clean(text, "an exception")
         else:
             assert_clean(repr(result), "a call result")
-    if sandbox.config.secret_key != SECRET or sandbox.config.fault_rate:
-        assert sandbox.stats()["calls"] >= 1
+    if leak_sandbox.config.secret_key != SECRET or leak_sandbox.config.fault_rate:
+        assert leak_sandbox.stats()["calls"] >= 1
 
 
 def test_cli_output_carries_no_secret(redis_url: str, prefix: str) -> None:

@@ -4,12 +4,12 @@ requeue, TTLs and the rate limiter."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from tests.support.polling import wait_until
 from worker.model import Account, Intent
 from worker.store import Store, Wake
 
@@ -50,16 +50,6 @@ def age(client: redis.Redis, store: Store, intent_id: str, ms: int) -> int:
     record.pop("u", None)
     client.set(key, json.dumps(record))
     return now
-
-
-def wait_until(predicate, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def test_a_full_batch_is_claimed_at_once_and_a_partial_one_waits_for_the_linger(

@@ -1,19 +1,18 @@
-"""Fixtures for end-to-end tests: an in-process sandbox, worker processes, producers.
+"""Fixtures for end-to-end tests: worker processes and producers.
 
 A worker is the real ``tpns-batcher worker`` command in its own process group (Celery prefork pool
-and embedded beat), talking to the real Redis under the test's prefix and to the sandbox over a real
-socket. Its log goes to a file under ``tmp_path``, printed when the test fails.
+and embedded beat), started by ``worker.tools.stack.WorkerProcess`` as ``demo`` and ``bench`` start
+theirs, talking to the real Redis under the test's prefix and to the sandbox (the shared fixture of
+``tests/conftest.py``) over a real socket. Its log goes to a file under ``tmp_path``, printed when
+the test fails.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,65 +21,12 @@ import pytest
 from worker.producer import Producer
 from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
-
-from .helpers import wait_until
+from worker.tools.stack import WorkerProcess
 
 #: the console script next to the interpreter running the tests (the project's virtualenv)
 WORKER_COMMAND = str(Path(sys.executable).with_name("tpns-batcher"))
 #: environment variables of the product; the test's own values replace whatever the shell has
 _PRODUCT_VARS = ("TPNS_", "REDIS_URL", "CELERY_")
-
-
-@dataclass
-class WorkerProcess:
-    """One ``tpns-batcher worker`` process group."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    _log_file: Any = field(repr=False, default=None)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Until Celery reports the worker ready (its pool is up and consuming)."""
-        wait_until(lambda: " ready." in self.log() or self.proc.poll() is not None, timeout_s,
-                   message=f"worker {self.name} ready")
-        assert self.proc.poll() is None, f"worker {self.name} exited:\n{self.log()[-4000:]}"
-
-    def kill(self) -> None:
-        """SIGKILL the whole group (main process, pool children, beat): a crash, nothing runs on."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=30)
-        self._close()
-
-    def terminate(self) -> None:
-        """SIGTERM to the main process only: Celery's warm shutdown."""
-        self.proc.send_signal(signal.SIGTERM)
-
-    def wait_exit(self, timeout_s: float = 60.0) -> int:
-        code = self.proc.wait(timeout=timeout_s)
-        self._close()
-        return code
-
-    def _close(self) -> None:
-        # children left behind by an unclean exit of the main process
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
 
 def product_env(redis_url: str | None, prefix: str, **extra: str) -> dict[str, str]:
@@ -92,15 +38,6 @@ def product_env(redis_url: str | None, prefix: str, **extra: str) -> dict[str, s
         env["REDIS_URL"] = redis_url
     env.update(extra)
     return env
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    server = SandboxServer(seed=4).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 StartWorker = Callable[..., WorkerProcess]
@@ -122,14 +59,10 @@ class Launcher:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRODUCT_VARS)}
         env_extra = {"TPNS_DATA_DIR": str(self.tmp_path / "data"), **env_extra}
         env.update(product_env(redis_url, prefix, TPNS_BASE_URL=sandbox.url, **env_extra))
+        argv = [WORKER_COMMAND, "worker", "--concurrency", str(concurrency),
+                "--hostname", f"{name}-{prefix.rstrip(':').replace(':', '-')}@%h"]
         log_path = self.tmp_path / f"{name}-{len(self.started)}.log"
-        log_file = log_path.open("wb")
-        proc = subprocess.Popen(
-            [WORKER_COMMAND, "worker", "--concurrency", str(concurrency),
-             "--hostname", f"{name}-{prefix.rstrip(':').replace(':', '-')}@%h"],
-            env=env, cwd=self.tmp_path, stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        worker = WorkerProcess(name, proc, log_path, log_file)
+        worker = WorkerProcess(argv, env, log_path, name=name, cwd=self.tmp_path).start()
         self.started.append(worker)
         return worker
 

@@ -1,30 +1,14 @@
-"""Helpers shared by the integration tests: polling with a deadline instead of sleeping, and
-reading what each claim saw from a worker's log."""
+"""Helpers shared by the integration tests: reading what each claim saw from a worker's log.
+(Polling with a deadline is ``tests.support.polling.wait_until``, shared by the whole suite.)"""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], timeout_s: float = 60.0, *, interval_s: float = 0.05,
-               message: str | Callable[[], str] = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy (and return that); raise
-    ``AssertionError`` naming ``message`` once ``timeout_s`` has passed."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for: {text}")
-        time.sleep(interval_s)
 
 
 # -- what each claim saw, from a worker's JSON log (TPNS_LOG_FORMAT=json) ---------------------

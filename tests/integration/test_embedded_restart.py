@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.polling import wait_until
 from worker.embedded import EmbeddedGuard, ensure_embedded, stop_embedded
 from worker.errors import ConfigError
 from worker.producer import Producer
@@ -36,7 +37,6 @@ from worker.settings import Settings
 from worker.tools.drill import free_port
 
 from .conftest import _PRODUCT_VARS, WORKER_COMMAND, Launcher, product_env
-from .helpers import wait_until
 from .test_worker_e2e import (
     assert_per_key_order,
     assert_sandbox_matches_model,

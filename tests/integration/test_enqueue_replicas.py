@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.polling import wait_until
 from tests.support.redis_faults import RedisProcess, free_port
 from worker.embedded import redis_server_binary
 from worker.errors import StoreUnavailableError
 from worker.producer import Producer
 from worker.settings import Settings
-
-from .helpers import wait_until
 
 MASTER = "mymaster"
 PREFIX = "tpnstest:replicas:"

@@ -37,15 +37,16 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.polling import wait_until
 from worker.embedded import redis_server_binary
 from worker.liveness import heartbeat_dir, read_heartbeats
 from worker.producer import Producer
 from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
 from worker.tools.drill import AofRedis, answers, claim_seq, free_port, terminal
+from worker.tools.stack import WorkerProcess
 
-from .conftest import WORKER_COMMAND, Launcher, WorkerProcess, product_env
-from .helpers import wait_until
+from .conftest import WORKER_COMMAND, Launcher, product_env
 from .test_worker_e2e import (
     assert_all_succeeded,
     assert_per_key_order,

@@ -27,6 +27,7 @@ import redis
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
+from tests.support.polling import wait_until
 from worker.connections import celery_broker, redis_client
 from worker.embedded import redis_server_binary, start_private
 from worker.producer import Producer
@@ -34,9 +35,9 @@ from worker.sandbox.server import SandboxServer
 from worker.settings import Settings
 from worker.tools.bench import machine
 from worker.tools.drill import answers, free_port
+from worker.tools.stack import WorkerProcess
 
-from .conftest import Launcher, WorkerProcess, product_env
-from .helpers import wait_until
+from .conftest import Launcher, product_env
 
 pytestmark = pytest.mark.e2e
 
@@ -84,15 +85,6 @@ def procs() -> Iterator[Processes]:
 # -- the worker and the producer, on URLs of the test's own -----------------------------------------
 
 Workers = Callable[..., WorkerProcess]
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    server = SandboxServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,11 +22,13 @@ import pytest
 import redis
 import yaml
 
+from tests.support.polling import wait_until
 from worker.sandbox.server import SandboxServer
 from worker.tools.drill import free_port
+from worker.tools.stack import WorkerProcess
 
-from .conftest import WORKER_COMMAND, MakeProducer, WorkerProcess, product_env
-from .helpers import assert_flush_rule, wait_until
+from .conftest import WORKER_COMMAND, MakeProducer, product_env
+from .helpers import assert_flush_rule
 
 pytestmark = pytest.mark.e2e
 
@@ -92,12 +93,8 @@ def test_compose_topology(redis_url: str, prefix: str, tmp_path: Path, sandbox: 
     processes: dict[str, WorkerProcess] = {}
     try:
         for name, argv in commands.items():
-            log_path = tmp_path / f"{name}.log"
-            log_file = log_path.open("wb")
-            proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
-                                    stdout=log_file, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            processes[name] = WorkerProcess(name, proc, log_path, log_file)
+            processes[name] = WorkerProcess(argv, env, tmp_path / f"{name}.log", name=name,
+                                            cwd=tmp_path).start()
         _check_topology(processes, port, prefix, make_producer, rconn, sandbox)
     except BaseException:
         for process in processes.values():

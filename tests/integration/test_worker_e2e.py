@@ -22,13 +22,15 @@ from typing import Any
 
 import pytest
 
+from tests.support.polling import wait_until
 from worker.producer import Producer
 from worker.sandbox.auth import SANDBOX_SECRET_KEY
 from worker.sandbox.protocol import Item
 from worker.sandbox.server import SandboxServer
+from worker.tools.stack import WorkerProcess
 
-from .conftest import MakeProducer, StartWorker, WorkerProcess, product_env
-from .helpers import ClaimSeen, assert_flush_rule, wait_until
+from .conftest import MakeProducer, StartWorker, product_env
+from .helpers import ClaimSeen, assert_flush_rule
 
 pytestmark = pytest.mark.e2e
 

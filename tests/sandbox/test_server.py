@@ -5,25 +5,20 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.client import HTTPConnection
 from typing import Any
 
 import pytest
 import requests
 
+from tests.support.polling import wait_until
 from worker.auth import basic_header, sign_headers
 from worker.sandbox.auth import SANDBOX_ACCESS_ID, SANDBOX_SECRET_KEY
 from worker.sandbox.config import SandboxConfigError
 from worker.sandbox.server import BATCH_PATH, QUERY_PATH, SandboxServer
 
 PHONE = "+8613711112222"
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    with SandboxServer(seed=7) as server:
-        yield server
 
 
 @pytest.fixture
@@ -66,13 +61,6 @@ def query(http: requests.Session, sandbox: SandboxServer, payload: dict[str, Any
           **kw: Any) -> dict[str, Any]:
     body: dict[str, Any] = post(http, sandbox, payload, path=QUERY_PATH, **kw).json()
     return body
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.005)
 
 
 # -- binding state and query --

@@ -8,7 +8,7 @@
   handler threads never wait for the GIL behind the benchmark's own polling, so the answer comes
   after the configured latency and not a few milliseconds later.
 * ``WorkerProcess``: one worker command in its own process group (the Celery main process, its
-  pool children, embedded beat), stopped as a whole.
+  pool children, embedded beat), stopped as a whole; the end-to-end tests launch theirs with it too.
 """
 
 from __future__ import annotations
@@ -139,11 +139,13 @@ class SandboxProcess:
 @dataclass
 class WorkerProcess:
     """One worker command (``python -m worker.cli worker …`` or the naive worker) in its own
-    process group; its output goes to ``log_path``."""
+    process group; its output goes to ``log_path``, and it runs in ``cwd`` (default: ours)."""
 
     argv: Sequence[str]
     env: Mapping[str, str]
     log_path: Path
+    name: str = "worker"
+    cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -161,7 +163,7 @@ class WorkerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(list(self.argv), env=dict(self.env), stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     cwd=self.cwd, start_new_session=True)
         return self
 
     def alive(self) -> bool:
@@ -184,6 +186,26 @@ class WorkerProcess:
                                    f"see {self.log_path}")
             time.sleep(0.05)
 
+    def terminate(self) -> None:
+        """SIGTERM to the main process only: Celery's warm shutdown (it stops its own pool)."""
+        assert self.proc is not None, "not started"
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, timeout_s: float = 60.0) -> int:
+        """The exit code, once the main process has ended (what it left behind is killed)."""
+        assert self.proc is not None, "not started"
+        code = self.proc.wait(timeout=timeout_s)
+        self._reap()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (main process, pool children, beat): a crash, nothing runs on."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self._reap()
+
     def stop(self, timeout_s: float = 20.0) -> None:
         """Warm shutdown (SIGTERM to the group), then SIGKILL whatever is left after ``timeout_s``."""
         if self.proc is not None:
@@ -193,6 +215,10 @@ class WorkerProcess:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 pass
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is not None:
             # pool children or beat left behind by an unclean exit of the main process
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
