@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.redis_faults import RedisProcess, ReplyLosingRelay, free_port, private_redis
+from tests.support.redis_faults import RedisProcess, ReplyLosingRelay, private_redis
 from worker.errors import QueueFullError, StoreUnavailableError, TpnsBatcherError
 from worker.producer import Producer
 from worker.settings import Settings
+from worker.tools.drill import free_port
 
 PASSWORD = "s3cret-redis-pw"
 

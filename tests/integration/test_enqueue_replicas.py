@@ -15,11 +15,12 @@ import pytest
 import redis
 
 from tests.support.polling import wait_until
-from tests.support.redis_faults import RedisProcess, free_port
+from tests.support.redis_faults import RedisProcess
 from worker.embedded import redis_server_binary
 from worker.errors import StoreUnavailableError
 from worker.producer import Producer
 from worker.settings import Settings
+from worker.tools.drill import free_port
 
 MASTER = "mymaster"
 PREFIX = "tpnstest:replicas:"

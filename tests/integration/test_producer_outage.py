@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from tests.support.redis_faults import free_port
 from worker.sandbox.server import SandboxServer
+from worker.tools.drill import free_port
 
 from .conftest import MakeProducer, StartWorker
 

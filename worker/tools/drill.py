@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +44,30 @@ def free_port() -> int:
 
 
 class AofRedis:
-    """A ``redis-server`` with AOF on a fixed port and directory: SIGKILL it, start it again."""
+    """A ``redis-server`` with AOF on a fixed port and directory: SIGKILL it, start it again.
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    ``appendfsync`` is ``everysec`` for the drill (what a deployment runs); the tests that must
+    lose nothing acknowledged pass ``always``. ``args`` are more server options (they come last,
+    so they win); ``password`` sets ``requirepass`` and goes into ``url`` and ``client``."""
+
+    def __init__(self, directory: Path, port: int | None = None, *, args: Sequence[str] = (),
+                 appendfsync: str = "everysec", password: str | None = None) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.args = list(args) + (["--requirepass", password] if password else [])
+        self.appendfsync = appendfsync
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=1,
+                           socket_connect_timeout=1)
 
     def start(self, timeout_s: float = 30.0) -> float:
         """Start it (replaying the AOF); returns the monotonic time of its first answered PING."""
@@ -65,10 +75,11 @@ class AofRedis:
             self.proc = subprocess.Popen(
                 [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                  "--dir", str(self.directory), "--appendonly", "yes",
-                 "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction"],
+                 "--appendfsync", self.appendfsync, "--save", "", "--maxmemory-policy", "noeviction",
+                 *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
-        client = self.client()
+        client = AofRedis.client(self)  # this class's probe, whatever a subclass's client is
         try:
             while True:
                 try:
@@ -77,8 +88,9 @@ class AofRedis:
                 except (redis.RedisError, OSError):
                     pass
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start; see "
-                                       f"{self.directory / 'redis.log'}")
+                    self.kill()
+                    log_text = (self.directory / "redis.log").read_text(errors="replace")
+                    raise RuntimeError(f"redis-server did not start: {log_text[-2000:]}")
                 time.sleep(POLL_S)
         finally:
             client.close()
@@ -87,6 +99,7 @@ class AofRedis:
         """SIGKILL: no shutdown, no final fsync (what the AOF holds is what survives)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
