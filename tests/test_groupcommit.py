@@ -9,7 +9,6 @@ every other caller has queued behind it; the second commit then carries all of t
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.polling import wait_until
 from tests.support.redis_faults import ReplyLosingRelay, private_redis
 from worker.errors import IdConflictError, IntentError, QueueFullError, StoreUnavailableError
 from worker.groupcommit import GroupCommit
@@ -36,11 +36,7 @@ def op4(k: int, **extra: Any) -> dict[str, Any]:
 
 
 def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {DEADLINE_S} s: {what}")
-        time.sleep(0.005)
+    wait_until(condition, DEADLINE_S, interval_s=0.005, message=what)
 
 
 def gate_first_commit(producer: Producer, callers: int,
