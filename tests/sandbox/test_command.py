@@ -17,7 +17,7 @@ def test_cli_help_explains_what_it_is() -> None:
     assert "TPNS_BASE_URL=http://127.0.0.1:8810 tpns-batcher worker" in result.output
     for option in ("--port", "--latency-ms", "--fault-rate", "--faults", "--seed",
                    "--access-id", "--secret-key", "--invalid-token-prefix",
-                   "--reject-token-prefix", "--slow-ms"):
+                   "--reject-token-prefix", "--slow-ms", "--apply-delay-ms"):
         assert option in result.output
 
 
@@ -55,3 +55,13 @@ def test_cli_refuses_an_unknown_fault() -> None:
     result = CliRunner().invoke(sandbox_command, ["--faults", "http_500,nope"])
     assert result.exit_code == 2
     assert "nope" in result.output
+
+
+def test_cli_takes_the_apply_delay_and_the_lost_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[SandboxServer] = []
+    monkeypatch.setattr(SandboxServer, "serve_forever", lambda self: seen.append(self))
+    result = CliRunner().invoke(sandbox_command, ["--port", "0", "--apply-delay-ms", "250",
+                                                  "--faults", "lost", "--fault-rate", "0.1"])
+    assert result.exit_code == 0, result.output
+    config = seen[0].config
+    assert (config.apply_delay_ms, config.faults, config.fault_rate) == (250.0, ("lost",), 0.1)

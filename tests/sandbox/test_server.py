@@ -469,7 +469,8 @@ def test_stats_count_calls_items_codes_and_reset_clears_them(sandbox: SandboxSer
     assert stats == {"calls": 5, "queries": 1, "items": 3 + 2 + 1 + 21 + 1,
                      "calls_by_op": {"2": 2, "4": 2, "5": 1},
                      "ret_codes": {"1008026": 1, "0": 2, "1008007": 1, "1008003": 1},
-                     "faults": {}, "max_items_per_call": 21, "items_per_call": [3, 2, 1, 21, 1]}
+                     "faults": {}, "max_items_per_call": 21, "items_per_call": [3, 2, 1, 21, 1],
+                     "unapplied": 0}
     assert http.get(sandbox.url + "/sandbox/stats", timeout=5).json() == stats
 
     op(http, sandbox, 2, token_accounts=[ta("t1", "u1")])
@@ -548,3 +549,62 @@ def test_stop_is_idempotent_and_frees_the_port() -> None:
 
 
 # -- command line --
+
+
+def test_lost_answers_like_an_accepted_call_and_never_applies(http: requests.Session) -> None:
+    with SandboxServer(fault_rate=1.0, faults=["lost"]) as sandbox:
+        answer = op(http, sandbox, 2, token_accounts=[ta("t1", "u1"), ta("invalid-t", "u2")])
+        assert (answer["ret_code"], answer["result"]) == (1008026, ["0", "1008006"])
+        sandbox.configure(fault_rate=0.0)
+        query = post(http, sandbox, {"operator_type": 2, "token_list": ["t1"]},
+                     path=QUERY_PATH).json()
+        assert query["result"] == ["10110008"] and sandbox.bindings_of("t1") == {}
+        assert sandbox.stats()["faults"] == {"lost": 1}
+        assert op(http, sandbox, 2, token_accounts=[ta("t1", "u1")])["ret_code"] == 0
+        assert sandbox.bindings_of("t1") == {0: "u1"}
+
+
+def test_lost_is_drawn_only_when_listed() -> None:
+    with SandboxServer() as sandbox:
+        assert "lost" not in sandbox.config.faults
+        sandbox.configure(faults=["lost", "drop"])
+        assert sandbox.config.faults == ("lost", "drop")
+
+
+def test_accepted_calls_apply_later_in_the_order_accepted() -> None:
+    from worker.sandbox.protocol import Request, parse_batch
+    from worker.sandbox.state import Bindings
+
+    now = [100.0]
+    bindings = Bindings(clock=lambda: now[0])
+
+    def call(payload: dict[str, Any], delay_s: float) -> list[str]:
+        request = parse_batch(payload)
+        assert isinstance(request, Request)
+        return bindings.apply(request, "", delay_s=delay_s)
+
+    assert call({"operator_type": 2, "token_accounts": [ta("t1", "u1")]}, 1.0) == ["0"]
+    # accepted later with no delay, it still waits for the call accepted before it
+    call({"operator_type": 4, "token_list": ["t1"]}, 0.0)
+    assert bindings.accounts_of("t1") == {} and bindings.pending() == 2
+    now[0] = 100.999
+    assert bindings.tokens_of("u1") == set()
+    now[0] = 101.0
+    # both applied, in order: the bind then the unbind
+    assert bindings.accounts_of("t1") == {} and bindings.pending() == 0
+    assert [op for op, _ in bindings.applied()] == [2, 4]
+
+
+def test_apply_delay_hides_a_call_from_queries_until_it_applies(http: requests.Session) -> None:
+    with SandboxServer(apply_delay_ms=150) as sandbox:
+        assert op(http, sandbox, 2, token_accounts=[ta("t1", "u1")])["ret_code"] == 0
+        started = time.monotonic()
+        query = post(http, sandbox, {"operator_type": 1, "account_list": [{"account": "u1"}]},
+                     path=QUERY_PATH).json()
+        if time.monotonic() - started < 0.15:  # asked before the delay was over
+            assert query["account_tokens"][0]["token_list"] == []
+        wait_until(lambda: sandbox.tokens_of("u1") == {"t1"})
+        assert sandbox.stats()["unapplied"] == 0
+        sandbox.configure(apply_delay_ms=60_000)
+        op(http, sandbox, 4, token_list=["t1"])
+        assert sandbox.stats()["unapplied"] == 1 and sandbox.tokens_of("u1") == {"t1"}

@@ -47,7 +47,10 @@ What it models (reference §9):
   of these changes state — and ``timeout``: the call is processed normally but answered
   ``slow_ms`` late, like a real server whose answer is slower than the client's timeout (the change
   is applied on receipt, so a client retry can never be overtaken by it). ``latency_ms`` delays
-  every answer of the two API paths.
+  every answer of the two API paths. One more kind is drawn only when listed: ``lost``, answered
+  as an accepted call (``"0"`` per item) and never applied, which only verification catches.
+- Asynchrony: with ``apply_delay_ms`` (``--apply-delay-ms``) an accepted call is applied that much
+  later, after every call accepted before it; until then queries see the old state (SPEC §6.1).
 - Admin endpoints, sandbox-only and without auth (bind the sandbox to localhost):
   ``GET /healthz``, ``GET /sandbox/stats``, ``POST /sandbox/reset``, ``GET|POST /sandbox/config``.
 """

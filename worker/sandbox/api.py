@@ -45,6 +45,10 @@ class TpnsApi:
         fault = self.faults.draw(config)
         if fault is not None:
             self.stats.count(fault=fault, ret_code=fault_ret_code(fault))
+            if fault == "lost":  # answered like any accepted call, never applied
+                reply = self._batch_answer(config, headers, body, payload, lost=True)
+                reply.delay_s = delay_s
+                return reply
             if fault != "timeout":
                 reply = fault_reply(fault, config.retry_after_s)
                 reply.delay_s = delay_s
@@ -70,7 +74,7 @@ class TpnsApi:
         return json_reply({"ret_code": ret_code, "err_msg": err_msg, "result": result or []})
 
     def _batch_answer(self, config: SandboxConfig, headers: dict[str, str], body: bytes,
-                      payload: dict[str, Any] | Refusal) -> Reply:
+                      payload: dict[str, Any] | Refusal, *, lost: bool = False) -> Reply:
         if not self._authorized(config, headers, body):
             return self._ret(AUTH_FAILURE, ERR_MSG[AUTH_FAILURE])
         request = payload if isinstance(payload, Refusal) else parse_batch(payload)
@@ -81,7 +85,8 @@ class TpnsApi:
         if rejected:
             return self._ret(INVALID_PARAMETER,
                              f"invalid parameter: token {rejected[0]!r} is rejected (sandbox)")
-        result = self.bindings.apply(request, config.invalid_token_prefix)
+        result = self.bindings.apply(request, config.invalid_token_prefix,
+                                     delay_s=config.apply_delay_ms / 1000, lost=lost)
         return self._ret(*batch_code(result), result)
 
     def _query_answer(self, config: SandboxConfig, headers: dict[str, str],

@@ -35,7 +35,7 @@ def _faults_option(ctx: click.Context, param: click.Parameter, value: str) -> tu
     unknown = sorted(set(faults) - FAULT_KINDS)
     if unknown:
         raise click.BadParameter(f"unknown {', '.join(unknown)}; "
-                                 f"known: {', '.join(DEFAULT_FAULTS)}")
+                                 f"known: {', '.join(sorted(FAULT_KINDS))}")
     return faults
 
 
@@ -49,7 +49,9 @@ def _faults_option(ctx: click.Context, param: click.Parameter, value: str) -> tu
 @click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Probability that a batchoperate call gets an injected fault.")
 @click.option("--faults", default=",".join(DEFAULT_FAULTS), show_default=True,
-              callback=_faults_option, help="Comma-separated fault kinds to draw from.")
+              callback=_faults_option,
+              help="Comma-separated fault kinds to draw from; 'lost' (answered as accepted, "
+                   "never applied) is drawn only when listed.")
 @click.option("--seed", type=int, default=None, help="Seed for a reproducible fault sequence.")
 @click.option("--access-id", envvar="TPNS_ACCESS_ID", default=SANDBOX_ACCESS_ID,
               show_default=True, help="AccessId to accept [env: TPNS_ACCESS_ID].")
@@ -63,11 +65,14 @@ def _faults_option(ctx: click.Context, param: click.Parameter, value: str) -> tu
               help="A token with this prefix makes the whole call 1008007 (invalid parameter).")
 @click.option("--slow-ms", default=3000.0, show_default=True, type=click.FloatRange(min=0),
               help="How late the 'timeout' fault answers.")
+@click.option("--apply-delay-ms", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Apply accepted batchoperate calls this much later, like the asynchronous "
+                   "service: queries see the old state until then.")
 @click.pass_context
 def sandbox_command(ctx: click.Context, host: str, port: int, latency_ms: float,
                     fault_rate: float, faults: tuple[str, ...], seed: int | None,
                     access_id: str, secret_key: str, invalid_token_prefix: str,
-                    reject_token_prefix: str, slow_ms: float) -> None:
+                    reject_token_prefix: str, slow_ms: float, apply_delay_ms: float) -> None:
     """Run the TPNS sandbox: a local fake of the TPNS account API.
 
     It lets you try tpns-batcher without TPNS credentials. It serves the same paths as TPNS
@@ -83,14 +88,16 @@ def sandbox_command(ctx: click.Context, host: str, port: int, latency_ms: float,
         TPNS_BASE_URL=http://127.0.0.1:8810 tpns-batcher worker
 
     Tokens starting with "invalid-" are answered as unknown tokens, so partial failures can be
-    seen. Sandbox-only admin endpoints: GET /healthz, GET /sandbox/stats, POST /sandbox/reset,
+    seen. --apply-delay-ms and the 'lost' fault show why TPNS_VERIFY=on exists. Sandbox-only
+    admin endpoints: GET /healthz, GET /sandbox/stats, POST /sandbox/reset,
     GET|POST /sandbox/config.
     """
     try:
         server = SandboxServer(host, port, access_id=access_id, secret_key=secret_key,
                                latency_ms=latency_ms, fault_rate=fault_rate, faults=faults,
                                seed=seed, invalid_token_prefix=invalid_token_prefix,
-                               reject_token_prefix=reject_token_prefix, slow_ms=slow_ms)
+                               reject_token_prefix=reject_token_prefix, slow_ms=slow_ms,
+                               apply_delay_ms=apply_delay_ms)
     except (OSError, SandboxConfigError) as exc:
         raise click.ClickException(f"cannot start the sandbox on {host}:{port}: {exc}") from None
     source = ctx.get_parameter_source("secret_key")

@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 DEFAULT_FAULTS = ("http_500", "http_503", "1008004", "1008028", "http_429", "timeout", "drop")
-FAULT_KINDS = frozenset(DEFAULT_FAULTS)
+#: ``lost`` (answered as a success, never applied) is only drawn when asked for: a call the
+#: service accepts and drops is what verification (SPEC §6.1) exists to catch, and without it
+#: a client has no way to notice
+FAULT_KINDS = frozenset((*DEFAULT_FAULTS, "lost"))
 
 
 class SandboxConfigError(ValueError):
@@ -35,6 +38,8 @@ class SandboxConfig:
     slow_ms: float
     retry_after_s: float
     max_skew_s: float
+    #: accepted batchoperate calls are applied this much later (queries see the old state)
+    apply_delay_ms: float = 0.0
 
     def public(self) -> dict[str, Any]:
         """The settings without the secret key."""
@@ -55,7 +60,7 @@ def checked(config: SandboxConfig) -> SandboxConfig:
     unknown = sorted(set(faults) - FAULT_KINDS)
     if unknown:
         raise SandboxConfigError("faults", f"unknown {', '.join(unknown)} "
-                                           f"(known: {', '.join(DEFAULT_FAULTS)})")
+                                           f"(known: {', '.join(sorted(FAULT_KINDS))})")
     for name in ("access_id", "secret_key"):
         if not isinstance(getattr(config, name), str) or not getattr(config, name):
             raise SandboxConfigError(name, "must be a non-empty string")
@@ -63,7 +68,8 @@ def checked(config: SandboxConfig) -> SandboxConfig:
         if not isinstance(getattr(config, name), str):
             raise SandboxConfigError(name, "must be a string (empty disables it)")
     numbers: dict[str, Any] = {}
-    for name in ("latency_ms", "fault_rate", "slow_ms", "retry_after_s", "max_skew_s"):
+    for name in ("latency_ms", "fault_rate", "slow_ms", "retry_after_s", "max_skew_s",
+                 "apply_delay_ms"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int | float) \
                 or not math.isfinite(value) or value < 0:

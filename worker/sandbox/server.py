@@ -37,12 +37,13 @@ class SandboxServer:
                  faults: Sequence[str] = DEFAULT_FAULTS, seed: int | None = None,
                  invalid_token_prefix: str = "invalid-", reject_token_prefix: str = "reject-",
                  slow_ms: float = 3000.0, retry_after_s: float = 1.0,
-                 max_skew_s: float = 600.0) -> None:
+                 max_skew_s: float = 600.0, apply_delay_ms: float = 0.0) -> None:
         self._config = checked(SandboxConfig(
             access_id=access_id, secret_key=secret_key, latency_ms=latency_ms,
             fault_rate=fault_rate, faults=tuple(faults), seed=seed,
             invalid_token_prefix=invalid_token_prefix, reject_token_prefix=reject_token_prefix,
-            slow_ms=slow_ms, retry_after_s=retry_after_s, max_skew_s=max_skew_s))
+            slow_ms=slow_ms, retry_after_s=retry_after_s, max_skew_s=max_skew_s,
+            apply_delay_ms=apply_delay_ms))
         self._lock = threading.Lock()
         self._bindings = Bindings()
         self._stats = Stats()
@@ -141,9 +142,11 @@ class SandboxServer:
         ``calls`` counts every batchoperate request and ``queries`` every query request;
         ``calls_by_op`` (keys "1"–"5"), ``items``, ``max_items_per_call`` and ``items_per_call``
         (the last 10,000) describe what was sent, whatever the outcome; ``ret_codes`` counts the
-        batchoperate answers by ret_code, ``faults`` the injected faults by kind.
+        batchoperate answers by ret_code, ``faults`` the injected faults by kind (``lost``: calls
+        answered as accepted and never applied); ``unapplied`` the accepted calls that
+        ``apply_delay_ms`` still holds back.
         """
-        return self._stats.snapshot()
+        return {**self._stats.snapshot(), "unapplied": self._bindings.pending()}
 
     def call_sizes(self) -> list[tuple[int | None, int]]:
         """``(operator_type, items)`` of each call in ``stats()["items_per_call"]``, oldest first."""

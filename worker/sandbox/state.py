@@ -3,13 +3,19 @@
 The bindings are two indexes kept consistent under one lock: token → {account_type → account} (one
 account per type per token) and (account, account_type) → set of tokens. A whole call is applied
 under the lock, so concurrent calls never interleave item by item.
+
+Like the service, which applies batchoperate asynchronously, an accepted call may be applied
+``delay_s`` later: it waits in a first-in first-out line, and every read (and every later call)
+first applies the calls whose time has come, so readers see the old state until then and calls
+take effect in the order they were accepted.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .protocol import BATCH_FIELDS, INVALID_TOKEN, Item, Refusal, Request
@@ -23,26 +29,60 @@ APPLIED_KEPT = 100_000
 class Bindings:
     """Token ↔ account bindings, thread-safe. Reads return copies."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
+        self._clock = clock
         self._by_token: dict[str, dict[int, str]] = {}
         self._by_account: dict[tuple[str, int], set[str]] = {}
         #: the items that changed (or were applied to) the state, in the order applied
         self._applied: deque[tuple[int, Item]] = deque(maxlen=APPLIED_KEPT)
+        #: accepted calls not applied yet: (when, operator_type, items), oldest first
+        self._later: deque[tuple[float, int, tuple[Item, ...]]] = deque()
 
-    def apply(self, request: Request, invalid_token_prefix: str) -> list[str]:
-        """Apply a validated batchoperate call atomically; the per-item result codes."""
+    def apply(self, request: Request, invalid_token_prefix: str, *, delay_s: float = 0.0,
+              lost: bool = False) -> list[str]:
+        """Accept a validated batchoperate call; the per-item result codes.
+
+        The accepted items are applied atomically, now or ``delay_s`` later (after every call
+        accepted before them); ``lost`` answers the same codes and never applies them.
+        """
         results: list[str] = []
+        accepted: list[Item] = []
         with self._lock:
+            self._settle()
             for item in request.items:
                 if item.token is not None and invalid_token_prefix and \
                         item.token.startswith(invalid_token_prefix):
                     results.append(INVALID_TOKEN)
                     continue
-                self._apply_item(request.operator_type, item)
-                self._applied.append((request.operator_type, item))
+                accepted.append(item)
                 results.append("0")
+            if lost or not accepted:
+                return results
+            if delay_s > 0 or self._later:
+                self._later.append((self._clock() + delay_s, request.operator_type,
+                                    tuple(accepted)))
+            else:
+                self._apply_call(request.operator_type, accepted)
         return results
+
+    def _apply_call(self, op: int, items: Iterable[Item]) -> None:
+        for item in items:
+            self._apply_item(op, item)
+            self._applied.append((op, item))
+
+    def _settle(self) -> None:
+        """Apply the accepted calls whose time has come, in the order accepted (lock held)."""
+        now = self._clock()
+        while self._later and self._later[0][0] <= now:
+            _, op, items = self._later.popleft()
+            self._apply_call(op, items)
+
+    def pending(self) -> int:
+        """Accepted calls not applied yet."""
+        with self._lock:
+            self._settle()
+            return len(self._later)
 
     def _apply_item(self, op: int, item: Item) -> None:
         if op == 5:
@@ -85,27 +125,32 @@ class Bindings:
     def accounts_of(self, token: str) -> dict[int, str]:
         """account_type → account bound to ``token`` (empty when none)."""
         with self._lock:
+            self._settle()
             return dict(self._by_token.get(token, {}))
 
     def tokens_of(self, account: str, account_type: int = 0) -> set[str]:
         """The tokens bound to ``account`` of ``account_type``."""
         with self._lock:
+            self._settle()
             return set(self._by_account.get((account, account_type), set()))
 
     def snapshot(self, tokens: Iterable[str]) -> dict[str, dict[int, str]]:
         """The accounts of several tokens, read at one instant."""
         with self._lock:
+            self._settle()
             return {t: dict(self._by_token.get(t, {})) for t in tokens}
 
     def applied(self) -> list[tuple[int, Item]]:
         """``(operator_type, item)`` of every item applied (answered ``"0"``), oldest first (the
         last ``APPLIED_KEPT``): the order in which the service saw each key change."""
         with self._lock:
+            self._settle()
             return list(self._applied)
 
     def clear(self) -> None:
-        """Forget every binding."""
+        """Forget every binding, and the calls not applied yet."""
         with self._lock:
+            self._later.clear()
             self._by_token.clear()
             self._by_account.clear()
             self._applied.clear()
@@ -113,6 +158,7 @@ class Bindings:
     def __len__(self) -> int:
         """The number of (token, account_type) bindings."""
         with self._lock:
+            self._settle()
             return sum(len(accounts) for accounts in self._by_token.values())
 
 
