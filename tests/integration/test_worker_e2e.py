@@ -30,7 +30,7 @@ from worker.sandbox.server import SandboxServer
 from worker.tools.stack import WorkerProcess
 
 from .conftest import MakeProducer, StartWorker, product_env
-from .helpers import ClaimSeen, assert_flush_rule
+from .helpers import ClaimSeen, assert_flush_rule, claims_in_log
 
 pytestmark = pytest.mark.e2e
 
@@ -272,6 +272,8 @@ def test_invalid_tokens_fail_alone_and_a_rejected_call_is_halved_to_the_bad_item
     unbind_ids = submit(producer, unbinds)
     worker = start_worker(sandbox, TPNS_LOG_FORMAT="json")
     wait_all_terminal(producer, 40, 60)
+    # a batch's line is logged after its outcomes are stored: wait for both lines
+    wait_until(lambda: len(claims_in_log(worker.log())) >= 2, 30, message="both batch lines logged")
     # two full claims; halving the rejected one made smaller calls, not smaller claims
     claims = assert_claims_follow_the_flush_rule(worker)
     assert sorted((c.operator_type, c.items, c.reason) for c in claims) == \
