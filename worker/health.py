@@ -17,7 +17,8 @@ import redis
 
 from .store import Store
 
-#: a worker counts as alive when its heartbeat is at most this old
+#: a worker counts as alive when its heartbeat is at most this old (monitor.overview agrees;
+#: both take it from keys.py once that module lands)
 WORKER_TTL_S = 30
 
 
