@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -9,10 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+import requests
 from hypothesis import given
 from hypothesis import strategies as st
+from requests.adapters import BaseAdapter
 
-from worker.client import CallResult, TpnsClient
+from worker import tpns_codes
+from worker.client import TpnsClient
 from worker.errors import (
     BadResponseError,
     CredentialsError,
@@ -28,12 +32,14 @@ from worker.model import Account, BatchItem
 from worker.outcomes import (
     BatchReport,
     ItemOutcome,
+    call_class,
     retry_delay_s,
     retry_or_exhausted,
     run_batch,
 )
 from worker.sandbox.server import SandboxServer
 from worker.settings import AppConfig
+from worker.tpns_codes import CallResult
 
 NOW_MS = 1_700_000_000_000
 MAX_ATTEMPTS = 8
@@ -353,3 +359,95 @@ def test_halving_against_the_sandbox() -> None:
     assert all(bound[k] == {0: f"u{k}"} for k in range(20) if k not in (4, 11))
     assert stats["calls"] == len(report.calls) <= 11
     assert stats["max_items_per_call"] == 20
+
+
+# -- every code of the tables in worker.tpns_codes, through the real client's classification ----
+
+class Answering(BaseAdapter):
+    """A requests transport that answers every call with one HTTP status and JSON body."""
+
+    def __init__(self, status: int, body: dict[str, object]) -> None:
+        super().__init__()
+        self.status, self.body = status, body
+
+    def send(self, request: requests.PreparedRequest, *args: object,
+             **kwargs: object) -> requests.Response:
+        response = requests.Response()
+        response.status_code = self.status
+        response._content = json.dumps(self.body).encode()
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def answered(status: int, ret_code: int, result: Sequence[str] = (),
+             n: int = 3) -> BatchReport:
+    """``run_batch`` over ``n`` items with a real ``TpnsClient`` whose every call is answered
+    ``status`` and ``ret_code`` (``result`` for the items)."""
+    session = requests.Session()
+    session.mount("https://", Answering(status, {"ret_code": ret_code, "err_msg": "m",
+                                                 "result": list(result)}))
+    app = AppConfig(name="default", access_id="1500000001", secret_key="codes-secret",
+                    base_url="https://tpns.test")
+    with TpnsClient(app, session=session, sleep=lambda s: None, max_attempts=1) as client:
+        report = run(client.batchoperate, [item(k) for k in range(n)])
+    session.close()
+    return report
+
+
+@pytest.mark.parametrize("code", sorted(tpns_codes.SUCCESS_ITEM_CODES))
+def test_every_success_item_code_succeeds(code: str) -> None:
+    report = answered(200, tpns_codes.OK, [code] * 3)
+    assert [brief(o) for o in report.outcomes] == [("succeeded", None, code)] * 3
+
+
+@pytest.mark.parametrize(("code", "error"), sorted(tpns_codes.FAILED_ITEM_CODES.items()))
+def test_every_failed_item_code_fails_the_item(code: str, error: str) -> None:
+    report = answered(200, tpns_codes.PARTLY_FAILED, ["0", code, "0"])
+    assert [brief(o) for o in report.outcomes] == [
+        ("succeeded", None, "0"), ("failed", error, code), ("succeeded", None, "0")]
+
+
+@pytest.mark.parametrize("ret_code", sorted(tpns_codes.ITEM_LEVEL_RET_CODES))
+def test_every_item_level_ret_code_judges_items_one_by_one(ret_code: int) -> None:
+    report = answered(200, ret_code, ["0", "1008099", "1008006"])
+    assert [brief(o) for o in report.outcomes] == [
+        ("succeeded", None, "0"), ("retry", "item_1008099", "1008099"),
+        ("failed", "invalid_token", "1008006")]
+    assert call_class(report.calls[0])[0] == tpns_codes.ACCEPTED_CLASSES[ret_code]
+
+
+@pytest.mark.parametrize("status", [200, 400])
+@pytest.mark.parametrize("ret_code", sorted(tpns_codes.REJECTED_RET_CODES))
+def test_every_rejected_ret_code_halves_down_to_single_items(ret_code: int, status: int) -> None:
+    report = answered(status, ret_code)
+    # 3 items: the call, its halves [2] and [1], then [2]'s halves
+    assert len(report.calls) == 5
+    assert [brief(o) for o in report.outcomes] == [("failed", f"rejected:{ret_code}", None)] * 3
+    assert {call_class(c)[0] for c in report.calls} == {"rejected"}
+
+
+@pytest.mark.parametrize("ret_code", sorted(tpns_codes.CREDENTIALS_RET_CODES))
+def test_every_credentials_ret_code_pauses_and_fails_nothing(ret_code: int) -> None:
+    report = answered(200, ret_code)
+    assert report.pause is not None and report.pause.ret_code == ret_code
+    assert [brief(o) for o in report.outcomes] == [("requeue", f"credentials:{ret_code}", None)] * 3
+    assert call_class(report.calls[0])[0] == "credentials"
+
+
+@pytest.mark.parametrize(("status", "ret_code", "error", "cls"), [
+    (tpns_codes.RATE_LIMITED_HTTP_STATUS, tpns_codes.OK, "rate_limited", "rate_limited"),
+    (200, tpns_codes.RATE_LIMITED_RET_CODE, "rate_limited", "rate_limited"),
+    (200, tpns_codes.SERVICE_ERROR_RET_CODE, "service_error", "transient"),
+    (503, tpns_codes.OK, "http_503", "transient"),
+    (500, tpns_codes.INVALID_PARAMETER, "http_500", "transient"),  # a 5xx is the server's fault
+    (200, 1008099, "ret_1008099", "transient"),
+])
+def test_call_level_retry_rows(status: int, ret_code: int, error: str, cls: str) -> None:
+    report = answered(status, ret_code)
+    assert [brief(o) for o in report.outcomes] == [("retry", error, None)] * 3
+    assert report.pause is None
+    assert call_class(report.calls[0]) == (cls, -1.0)
+    assert cls in tpns_codes.CALL_CLASSES

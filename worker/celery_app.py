@@ -31,11 +31,8 @@ from typing import Any
 from celery import Celery
 
 from .connections import celery_broker, is_redis_url
+from .keys import SWEEP_TASK, Keys
 from .settings import Settings
-
-#: the Celery task names: a wake names the flush of one (app, operator_type); beat runs the sweep
-FLUSH_TASK = "tpns.flush"
-SWEEP_TASK = "tpns.sweep"
 
 #: how often the sweep (lease reaper, retry and linger catch-up) runs
 SWEEP_INTERVAL_S = 1.0
@@ -69,8 +66,9 @@ def base_celery(name: str, broker_source: str, queue: str, key_prefix: str) -> C
 def make_celery(settings: Settings, redis_url: str, prefix: str | None = None) -> Celery:
     """A Celery app for these settings, without tasks: enough to send wakes and control commands.
     A worker registers the flush and sweep tasks on it with ``worker.tasks.register``."""
-    prefix = prefix or settings.prefix
-    app = base_celery("tpns_batcher", settings.broker_url or redis_url, f"{prefix}flush", f"{prefix}celery:")
+    keys = Keys(prefix or settings.prefix)
+    app = base_celery("tpns_batcher", settings.broker_url or redis_url, keys.flush_queue,
+                      keys.celery_prefix)
     app.conf.update(
         worker_prefetch_multiplier=1,
         task_time_limit=int(settings.lease_s + 30),

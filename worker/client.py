@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -49,23 +48,26 @@ from .errors import (
 )
 from .model import BatchItem
 from .settings import AppConfig
+from .tpns_codes import (
+    BATCHOPERATE_PATH,
+    CREDENTIALS_RET_CODES,
+    ITEM_LEVEL_RET_CODES,
+    MAX_ITEMS_PER_CALL,
+    RATE_LIMITED_RET_CODE,
+    REJECTED_RET_CODES,
+    RETRY_AFTER_CAP_S,
+    SERVICE_ERROR_RET_CODE,
+    CallResult,
+    classify_call,
+)
+
+# the codes are SPEC §6's (worker.tpns_codes); the names stay importable from here as well
+__all__ = ["BATCHOPERATE_PATH", "CREDENTIALS_RET_CODES", "ITEM_LEVEL_RET_CODES",
+           "MAX_ITEMS_PER_CALL", "RATE_LIMITED_RET_CODE", "REJECTED_RET_CODES",
+           "SERVICE_ERROR_RET_CODE", "USER_AGENT", "CallResult", "TpnsClient", "build_body",
+           "encode_body"]
 
 logger = logging.getLogger(__name__)
-
-#: the endpoint, relative to the app's service URL
-BATCHOPERATE_PATH = "/v3/device/account/batchoperate"
-#: the service's hard limit of tokens (ops 1-4) or accounts (op 5) per call
-MAX_ITEMS_PER_CALL = 20
-
-#: ret_codes after which the items are judged one by one from ``result``
-ITEM_LEVEL_RET_CODES = frozenset({0, 1008026, 1008027})
-#: the call was malformed: split it (SPEC §6)
-REJECTED_RET_CODES = frozenset({1008001, 1008002, 1008007})
-#: credentials, billing, app gone: pause the app (SPEC §6)
-CREDENTIALS_RET_CODES = frozenset({1008003, 10030002, 1008030, 1008031, 1010001})
-RATE_LIMITED_RET_CODE = 1008028
-SERVICE_ERROR_RET_CODE = 1008004
-
 
 def _version() -> str:
     try:
@@ -75,23 +77,6 @@ def _version() -> str:
 
 
 USER_AGENT = f"tpns-batcher/{_version()}"
-
-
-@dataclass(frozen=True)
-class CallResult:
-    """What one accepted ``batchoperate`` call returned.
-
-    ``result`` holds one status string per token (ops 1-4) or account (op 5), index-matched with
-    the items sent; it may be shorter than the call. ``attempts`` counts the HTTP requests made
-    (in-call retries included) and ``latency_ms`` is the round trip of the last one.
-    """
-
-    ret_code: int
-    err_msg: str
-    result: tuple[str, ...]
-    http_status: int
-    attempts: int
-    latency_ms: float
 
 
 def build_body(operator_type: int, items: Sequence[BatchItem]) -> dict[str, Any]:
@@ -175,7 +160,7 @@ class TpnsClient:
 
     def __init__(self, app: AppConfig, *, timeout_s: float = 10.0, max_attempts: int = 3,
                  wait_min_s: float = 0.2, wait_max_s: float = 2.0,
-                 retry_after_cap_s: float = 30.0, budget_s: float | None = None,
+                 retry_after_cap_s: float = RETRY_AFTER_CAP_S, budget_s: float | None = None,
                  session: requests.Session | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.time,
@@ -329,25 +314,22 @@ class TpnsClient:
         content = response.content  # already read by post() (not streamed)
         parsed = _parse_body(content)
         ret_code, err_msg = (parsed[0], self._redact(parsed[1])) if parsed else (None, None)
-        if status == 429 or ret_code == RATE_LIMITED_RET_CODE:
+        kind = classify_call(status, ret_code)
+        if kind == "rate_limited":
             retry_after = _retry_after_s(response.headers.get("Retry-After"), self._clock())
             return RateLimitedError(
                 f"TPNS asked to slow down (HTTP {status}, ret_code {ret_code}, "
                 f"Retry-After {retry_after})", retry_after_s=retry_after, ret_code=ret_code,
                 http_status=status, err_msg=err_msg)
-        if not 200 <= status < 300:
-            # a 4xx that names a permanent ret_code is that error, not a retryable HTTP status
-            if ret_code is not None and status < 500 and (
-                    ret_code in REJECTED_RET_CODES or ret_code in CREDENTIALS_RET_CODES):
-                return _ret_code_error(ret_code, err_msg or "", status)
+        if kind == "http_status":
             return HttpStatusError(f"TPNS answered HTTP {status}", code=f"http_{status}",
                                    ret_code=ret_code, http_status=status, err_msg=err_msg)
-        if parsed is None:
+        if parsed is None or ret_code is None:
             return BadResponseError(
                 f"TPNS answered HTTP {status} with a body that is not a JSON object with an "
                 f"integer ret_code ({len(content)} bytes)", http_status=status)
-        assert ret_code is not None and err_msg is not None
-        if ret_code in ITEM_LEVEL_RET_CODES:
+        err_msg = err_msg or ""
+        if kind == "accepted":
             result = parsed[2]
             if result is None:
                 return BadResponseError(f"TPNS answered ret_code {ret_code} with a `result` "
@@ -355,7 +337,7 @@ class TpnsClient:
                                         http_status=status, err_msg=err_msg)
             return CallResult(ret_code=ret_code, err_msg=err_msg, result=result,
                               http_status=status, attempts=attempt, latency_ms=latency_ms)
-        return _ret_code_error(ret_code, err_msg, status)
+        return _ret_code_error(kind, ret_code, err_msg, status)
 
     def _redact(self, text: str) -> str:
         """A server's message should never echo credentials; make sure ours cannot leak."""
@@ -364,14 +346,15 @@ class TpnsClient:
         return text
 
 
-def _ret_code_error(ret_code: int, err_msg: str, status: int) -> TpnsError:
+def _ret_code_error(kind: str, ret_code: int, err_msg: str, status: int) -> TpnsError:
+    """The error of a ``ret_code`` that ``classify_call`` found to be of ``kind``."""
     message = f"TPNS answered ret_code {ret_code} ({err_msg!r})"
     kw: dict[str, Any] = {"ret_code": ret_code, "http_status": status, "err_msg": err_msg}
-    if ret_code in REJECTED_RET_CODES:
+    if kind == "rejected":
         return RejectedError(message, code=f"rejected:{ret_code}", **kw)
-    if ret_code in CREDENTIALS_RET_CODES:
+    if kind == "credentials":
         return CredentialsError(message, code=f"credentials:{ret_code}", **kw)
-    if ret_code == SERVICE_ERROR_RET_CODE:
+    if kind == "service_error":
         return ServiceError(message, **kw)
     return UnexpectedRetCodeError(message, code=f"ret_{ret_code}", **kw)
 

@@ -13,19 +13,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .client import CallResult, TpnsClient
-from .errors import (
-    CredentialsError,
-    LeaseSpentError,
-    LeaseUnconfirmedError,
-    RateLimitedError,
-    RejectedError,
-    TpnsError,
-)
+from .client import TpnsClient
+from .errors import LeaseSpentError, LeaseUnconfirmedError
 from .model import BatchItem
-from .outcomes import BatchReport, run_batch
+from .outcomes import BatchReport, call_class, run_batch
 from .settings import Settings
 from .store import Claim, Completion, Store, Wake, unavailable
+from .tpns_codes import RETRY_AFTER_CAP_S
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +188,7 @@ class Flusher:
                          app, self.settings.pause_s, report.pause.ret_code, report.pause.code)
             self.store.pause(app, self.settings.pause_s, report.pause.code)
         if report.retry_after_s:
-            self.store.set_backoff(app, min(report.retry_after_s, 30.0))
+            self.store.set_backoff(app, min(report.retry_after_s, RETRY_AFTER_CAP_S))
         # items_sent counts each item once per batch; halving shows up as extra calls
         sent = len(items) if report.calls else 0
         # vars(), not dataclasses.asdict(): the fields are flat, and asdict's deep copy of every
@@ -250,14 +244,13 @@ class Flusher:
 
     def _successor(self, app: str, op: int, left: int, wait_ms: int) -> None:
         if left >= self.settings.max_items_per_call or wait_ms <= 0:
-            if self.store.redis.set(self.store.key("wake", app, op), "1", nx=True, px=2000):
+            if self.store.claim_wake(app, op):
                 self.wake([Wake(app, op, "now")])
         else:
             self._linger_wake(app, op, wait_ms)
 
     def _linger_wake(self, app: str, op: int, wait_ms: int) -> None:
-        if self.store.redis.set(self.store.key("wakel", app, op), "1", nx=True,
-                                px=max(1, wait_ms)):
+        if self.store.claim_linger_wake(app, op, wait_ms):
             self.wake_after(app, op, wait_ms / 1000)
 
     def wake_after(self, app: str, op: int, delay_s: float) -> None:
@@ -269,9 +262,7 @@ class Flusher:
 
         Runs every second from beat; a Redis lock makes extra beats (two workers with beat) skip.
         """
-        # every run counts (skipped ones too): runs per second show how many beats are scheduling
-        self.store.redis.hincrby(self.store.key("n"), "sweeps", 1)
-        if not self.store.redis.set(self.store.key("sweep"), "1", nx=True, px=800):
+        if not self.store.claim_sweep():
             return {"skipped": 1}
         reclaimed, wakes = self.store.reap()
         if reclaimed:
@@ -280,23 +271,9 @@ class Flusher:
         sent = list(wakes)
         apps = set(self.settings.apps) | self.store.known_apps()
         for (app, op), (ready, _retrying) in self.store.ready_counts(apps).items():
-            if self.store.redis.set(self.store.key("wake", app, op), "1", nx=True, px=2000):
+            if self.store.claim_wake(app, op):
                 sent.append(Wake(app, op, "now" if ready else "linger"))
         if sent:
             self.wake(sent)
         return {"reclaimed": reclaimed, "wakes": len(sent)}
 
-
-def call_class(call: CallResult | TpnsError) -> tuple[str, float]:
-    """(result class, latency ms or -1) of one call, as the metrics hash counts them."""
-    if isinstance(call, CallResult):
-        cls = {0: "ok", 1008026: "partly_failed", 1008027: "all_failed"}.get(call.ret_code,
-                                                                           "unexpected")
-        return cls, call.latency_ms
-    if isinstance(call, RejectedError):
-        return "rejected", -1.0
-    if isinstance(call, CredentialsError):
-        return "credentials", -1.0
-    if isinstance(call, RateLimitedError):
-        return "rate_limited", -1.0
-    return "transient", -1.0

@@ -15,11 +15,8 @@ from typing import Any
 
 import redis
 
+from .keys import WORKER_TTL_S
 from .store import Store
-
-#: a worker counts as alive when its heartbeat is at most this old (monitor.overview agrees;
-#: both take it from keys.py once that module lands)
-WORKER_TTL_S = 30
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,11 @@ from .errors import IntentError
 from .jsonin import BadNumber, Duplicated, iter_lines
 from .jsonin import decode_line as parse_line
 from .model import Account, Intent
+from .tpns_codes import ACCOUNT_TYPES, ACCOUNT_TYPES_TEXT, PHONE_ACCOUNT_TYPE
 
 __all__ = ["ACCOUNT_TYPES", "check_account", "check_account_type", "check_token", "is_id",
            "iter_lines", "parse_line", "validate"]
 
-#: the service's account type table (SPEC §4): the current table (0, 1-16, 991, 992, 997-999,
-#: 1002-1015) plus the types some revisions list (989, 990, 993-996, 1000, 1001)
-ACCOUNT_TYPES = frozenset({0, *range(1, 17), *range(989, 1016)})
-ACCOUNT_TYPES_TEXT = "0, 1-16, 989-1015"
-PHONE_TYPE = 1002
 MAX_TOKEN_BYTES = 64
 MAX_ACCOUNT_CHARS = 100
 MAX_ACCOUNTS = 20
@@ -144,7 +140,7 @@ def check_account_type(value: Any, field: str) -> int:
 def _account(account: Any, account_type: Any, field: str, type_field: str) -> Account:
     name = check_account(account, field)
     kind = 0 if account_type is _ABSENT else check_account_type(account_type, type_field)
-    if kind == PHONE_TYPE and not _E164.fullmatch(name):
+    if kind == PHONE_ACCOUNT_TYPE and not _E164.fullmatch(name):
         raise IntentError(field, "a phone number (account_type 1002) must be in E.164 form: "
                                  "+ then 6-15 digits")
     return Account(name, kind)

@@ -8,6 +8,8 @@ from typing import Any
 #: states of an intent; ``succeeded`` and ``failed`` are terminal
 STATES = ("queued", "sending", "retrying", "succeeded", "failed")
 TERMINAL_STATES = frozenset({"succeeded", "failed"})
+#: states of an intent still to be decided (what ``TPNS_MAX_PENDING`` counts)
+PENDING_STATES = tuple(s for s in STATES if s not in TERMINAL_STATES)
 OPERATOR_TYPES = (1, 2, 3, 4, 5)
 
 

@@ -1,8 +1,9 @@
 """The outcome rules of SPEC §6 as plain functions: what one claimed batch's calls did to its items.
 
-No Celery, no Redis: ``run_batch`` takes the call to make (``TpnsClient.batchoperate`` in the
-worker), makes it (and, for a rejected call, its halves), and returns one ``ItemOutcome`` per item
-for the store to record. Nothing here sleeps or reads the clock; ``now_ms`` and ``rng`` come in.
+No Celery, no Redis, no HTTP (the codes and their tables are ``worker.tpns_codes``): ``run_batch``
+takes the call to make (``TpnsClient.batchoperate`` in the worker), makes it (and, for a rejected
+call, its halves), and returns one ``ItemOutcome`` per item for the store to record. Nothing here
+sleeps or reads the clock; ``now_ms`` and ``rng`` come in.
 """
 
 from __future__ import annotations
@@ -12,20 +13,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .client import ITEM_LEVEL_RET_CODES, CallResult
 from .errors import CredentialsError, RateLimitedError, RejectedError, TpnsError
 from .model import BatchItem
+from .tpns_codes import (
+    ACCEPTED_CLASSES,
+    FAILED_ITEM_CODES,
+    ITEM_LEVEL_RET_CODES,
+    MAX_RETRY_DELAY_S,
+    SUCCESS_ITEM_CODES,
+    CallResult,
+    item_verdict,
+)
 
-#: the per-item result codes that mean success
-SUCCESS_ITEM_CODES = frozenset({"0", "ok"})
-#: per-item codes that fail the item for good, and the ``error`` they write
-FAILED_ITEM_CODES: dict[str, str] = {
-    "1008006": "invalid_token",
-    "1008029": "invalid_token",
-    "10110008": "no_token_or_account",
-}
-#: cap of the between-calls backoff, seconds (SPEC §6)
-MAX_RETRY_DELAY_S = 300.0
+# the tables are SPEC §6's, in worker.tpns_codes; these names stay importable from here
+__all__ = ["FAILED_ITEM_CODES", "MAX_RETRY_DELAY_S", "SUCCESS_ITEM_CODES", "BatchReport",
+           "ItemOutcome", "call_class", "judge_items", "retry_delay_s", "retry_or_exhausted",
+           "run_batch"]
 
 State = Literal["succeeded", "failed", "retry", "requeue"]
 
@@ -104,13 +107,11 @@ def judge_items(result: CallResult, items: Sequence[BatchItem], *, now_ms: int, 
                                               rng=rng, ret_code=ret_code, err_msg=err_msg))
             continue
         code = result.result[index]
-        if code in SUCCESS_ITEM_CODES:
-            out.append(ItemOutcome(item.id, "succeeded", code, ret_code, err_msg))
-        elif code in FAILED_ITEM_CODES:
-            out.append(ItemOutcome(item.id, "failed", code, ret_code, err_msg,
-                                   FAILED_ITEM_CODES[code]))
+        state, error = item_verdict(code)
+        if state != "retry":
+            out.append(ItemOutcome(item.id, state, code, ret_code, err_msg, error))
         else:
-            out.append(retry_or_exhausted(item, f"item_{code}", now_ms=now_ms,
+            out.append(retry_or_exhausted(item, error or code, now_ms=now_ms,
                                           max_attempts=max_attempts, max_age_s=max_age_s,
                                           rng=rng, ret_code=ret_code, err_msg=err_msg,
                                           result_code=code))
@@ -186,3 +187,17 @@ def run_batch(client_call: Callable[[int, Sequence[BatchItem]], CallResult], ope
                                   pause.code)
         outcomes.append(outcome)
     return BatchReport(outcomes=outcomes, calls=calls, pause=pause, retry_after_s=retry_after)
+
+
+def call_class(call: CallResult | TpnsError) -> tuple[str, float]:
+    """(result class, latency ms or -1) of one call, as the metrics hash counts them (the classes
+    are ``worker.tpns_codes.CALL_CLASSES``)."""
+    if isinstance(call, CallResult):
+        return ACCEPTED_CLASSES.get(call.ret_code, "unexpected"), call.latency_ms
+    if isinstance(call, RejectedError):
+        return "rejected", -1.0
+    if isinstance(call, CredentialsError):
+        return "credentials", -1.0
+    if isinstance(call, RateLimitedError):
+        return "rate_limited", -1.0
+    return "transient", -1.0

@@ -1,20 +1,9 @@
 """The intent store in Redis: enqueue, claim, complete, reap, requeue, status and counters.
 
 Every state change is one Lua script call (``worker/lua/*.lua``, loaded once and run by SHA), so a
-change, its counters and its place in the queues move together or not at all. Key layout, under
-the configurable prefix ``P`` (default ``tpns:``):
-
-    P i:{id}             the intent's record (JSON string; a TTL once terminal)
-    P ko:{shard}         hashes: digest of a key (app+token, app+account+type) -> latest pending holder
-    P q:{app}:{op}       list: ids eligible now, oldest first
-    P d:{app}:{op}       zset: retrying ids by the time their backoff ends
-    P batches, P leases  hash batch_id -> its ids; zset batch_id -> lease deadline
-    P n                  hash of counters: "<state>:<op>", "enqueued:<op>", calls, items_sent, ...
-    P m                  hash of call metrics: calls by op and class, latency and batch-size buckets
-    P failed             zset of failed ids (trimmed to the status TTL)
-    P pause:{app}        set while sending for an app is paused (PX = the pause)
-    P wake:/wakel:{app}:{op}, P rate:{app}, P backoff:{app}, P seq, P apps, P workers
-    P probe:{host}:{pid} a worker watchdog's write probe (10 s TTL)
+change, its counters and its place in the queues move together or not at all. Every key name,
+TTL and flag is in ``worker/keys.py`` (its docstring has the key layout); the scripts get them
+from there too, through a generated prelude, and the keys a script knows up front in ``KEYS``.
 
 Per-key order: an intent waits for the latest pending intent that holds any of its keys (a chain
 along ``P ko:*``), and only intents with nothing to wait for enter ``P q:...``. A claim therefore never
@@ -34,9 +23,17 @@ from typing import Any, Literal
 import redis
 
 from .errors import StoreError
-from .model import OPERATOR_TYPES, Account, BatchItem, Intent, Status
+from .keys import (
+    DEFAULT_PREFIX,
+    RECORD_STATES,
+    SWEEP_LOCK_MS,
+    WAKE_FLAG_MS,
+    WORKER_TTL_S,
+    Keys,
+    lua_prelude,
+)
+from .model import OPERATOR_TYPES, STATES, Account, BatchItem, Intent, Status
 
-_STATE = {"q": "queued", "s": "sending", "r": "retrying", "ok": "succeeded", "f": "failed"}
 _OUTCOME = {"succeeded": "ok", "failed": "f", "retry": "r", "requeue": "q"}
 #: intents per script call when enqueueing; a few hundred keeps Redis responsive between calls
 ENQUEUE_CHUNK = 500
@@ -148,9 +145,10 @@ class Completion:
 
 
 def _load_script(name: str) -> str:
+    """The prelude of names and constants from ``worker.keys``, ``lib.lua``, then the script."""
     lib = resources.files("worker").joinpath("lua/lib.lua").read_text(encoding="utf-8")
     body = resources.files("worker").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
-    return lib + "\n" + body
+    return lua_prelude() + lib + "\n" + body
 
 
 def _wakes(raw: Iterable[Any]) -> tuple[Wake, ...]:
@@ -189,9 +187,10 @@ class Layout:
     """The store's prefix and limits, and the arguments its script calls take: written once for
     the sync ``Store`` and the asyncio ``worker.astore.AsyncStore``, which send the same calls."""
 
-    def __init__(self, prefix: str = "tpns:", *, max_items: int = 20, linger_ms: int = 250,
+    def __init__(self, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20, linger_ms: int = 250,
                  lease_s: float = 60.0, status_ttl_s: int = 604800) -> None:
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.max_items = max_items
         self.linger_ms = linger_ms
         self.lease_ms = int(lease_s * 1000)
@@ -207,8 +206,18 @@ class Layout:
         return [head + [intent_arg(i, it) for i, it in block[k:k + ENQUEUE_CHUNK]]
                 for k in range(0, len(block), ENQUEUE_CHUNK)]
 
+    @property
+    def enqueue_keys(self) -> list[str]:
+        """The ``KEYS`` of every ``enqueue.lua`` call."""
+        return [self.keys.counters]
+
     def requeue_failed_args(self, error: str | None, limit: int) -> list[Any]:
         return [self.prefix, error or "", limit, self.max_items, self.linger_ms]
+
+    @property
+    def requeue_failed_keys(self) -> list[str]:
+        """The ``KEYS`` of a ``requeue_failed.lua`` call."""
+        return [self.keys.counters, self.keys.failed]
 
 
 def requeued(raw: Any) -> tuple[list[str], tuple[Wake, ...]]:
@@ -219,7 +228,7 @@ def requeued(raw: Any) -> tuple[list[str], tuple[Wake, ...]]:
 class Store(Layout):
     """The Redis side of tpns-batcher. Thread-safe as far as the given redis client is."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "tpns:", *, max_items: int = 20,
+    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20,
                  linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800) -> None:
         super().__init__(prefix, max_items=max_items, linger_ms=linger_ms, lease_s=lease_s,
                          status_ttl_s=status_ttl_s)
@@ -256,6 +265,7 @@ class Store(Layout):
         same round trip, and ``Round.replicas`` says how many acknowledged it.
         """
         sha = self._scripts["enqueue"].sha
+        keys = self.enqueue_keys
         per_round = ENQUEUE_CHUNK * 10
         for start in range(0, len(intents), per_round):
             block = intents[start:start + per_round]
@@ -268,7 +278,7 @@ class Store(Layout):
                     pipe.connection = self.redis.connection_pool.get_connection()
                     sent = True
                     for args in calls:
-                        pipe.evalsha(sha, 0, *args)
+                        pipe.evalsha(sha, len(keys), *keys, *args)
                     if min_replicas > 0:
                         pipe.execute_command("WAIT", min_replicas, wait_ms)  # type: ignore[no-untyped-call]
                     replies = pipe.execute(raise_on_error=False)
@@ -299,14 +309,17 @@ class Store(Layout):
         # and the lease checks must not take the other claim's lease for their own
         args: list[Any] = [self.prefix, app, operator_type, self.max_items, self.linger_ms,
                            self.lease_ms, secrets.token_hex(4)]
+        keys = [self.keys.counters, self.keys.ready(app, operator_type),
+                self.keys.delayed(app, operator_type), self.keys.pause(app), self.keys.seq,
+                self.keys.batches, self.keys.leases]
         backoff_ms = 0
         if not clear_wake and not read_backoff:
-            raw = self._scripts["claim"](args=args)
+            raw = self._scripts["claim"](keys=keys, args=args)
         else:
-            calls: list[tuple[str, list[Any]]] = [("claim", args)]
+            calls: list[tuple[str, list[Any], list[Any]]] = [("claim", keys, args)]
             if read_backoff:
-                calls.append(("throttle", [self.prefix, app, 0]))
-            before = [self.key("wake", app, operator_type)] if clear_wake else []
+                calls.append(("throttle", self._throttle_keys(app), [self.prefix, app, 0]))
+            before = [self.keys.wake(app, operator_type)] if clear_wake else []
             replies = self._evalsha_pipeline(calls, delete=before)
             raw = replies[0]
             if read_backoff:
@@ -330,9 +343,9 @@ class Store(Layout):
                      oldest_eligible_ms=int(raw[6]),
                      reason="full" if eligible >= self.max_items else "linger")
 
-    def _evalsha_pipeline(self, calls: Sequence[tuple[str, list[Any]]],
+    def _evalsha_pipeline(self, calls: Sequence[tuple[str, list[Any], list[Any]]],
                           delete: Sequence[str] = ()) -> list[Any]:
-        """``DEL delete…`` then each ``(script name, args)`` in one round trip; their replies.
+        """``DEL delete…`` then each ``(script name, keys, args)`` in one round trip; replies.
 
         By SHA in a plain pipeline: redis-py's script-aware pipeline would add a ``SCRIPT
         EXISTS`` round trip to every execute. On a server that lost its scripts (a restart),
@@ -341,14 +354,14 @@ class Store(Layout):
         pipe = self.redis.pipeline(transaction=False)
         if delete:
             pipe.delete(*delete)
-        for name, args in calls:
-            pipe.evalsha(self._scripts[name].sha, 0, *args)
+        for name, keys, args in calls:
+            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
         replies = list(pipe.execute(raise_on_error=False))[1 if delete else 0:]
-        for k, reply in enumerate(replies):
+        for n, reply in enumerate(replies):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # only the calls that did not run go again (Script loads itself on NOSCRIPT)
-                name, args = calls[k]
-                replies[k] = self._scripts[name](args=args)
+                name, keys, args = calls[n]
+                replies[n] = self._scripts[name](keys=keys, args=args)
             elif isinstance(reply, Exception):
                 raise reply
         return replies
@@ -372,7 +385,9 @@ class Store(Layout):
             if out["state"] == "retry":
                 entry["dl"] = int(float(out.get("delay_s") or 0) * 1000)
             packed.append(entry)
-        raw = self._scripts["complete"](args=[
+        raw = self._scripts["complete"](keys=[
+            self.keys.counters, self.keys.metrics, self.keys.batches, self.keys.leases,
+            self.keys.failed], args=[
             self.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
             json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
             json.dumps({"op": operator_type, "bs": len(packed),
@@ -381,13 +396,16 @@ class Store(Layout):
 
     def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
         """Return the items of expired leases to their queues; (items reclaimed, wakes)."""
-        raw = self._scripts["reap"](args=[self.prefix, self.max_items, self.linger_ms, limit])
+        raw = self._scripts["reap"](
+            keys=[self.keys.counters, self.keys.leases, self.keys.batches],
+            args=[self.prefix, self.max_items, self.linger_ms, limit])
         return int(raw[0]), _wakes(raw[1])
 
     def requeue_failed(self, error: str | None = None,
                        limit: int = 100_000) -> tuple[list[str], tuple[Wake, ...]]:
         """Put failed intents (optionally only those with this ``error``) back into the queue."""
-        return requeued(self._scripts["requeue_failed"](args=self.requeue_failed_args(error, limit)))
+        return requeued(self._scripts["requeue_failed"](
+            keys=self.requeue_failed_keys, args=self.requeue_failed_args(error, limit)))
 
     def throttle(self, app: str, max_calls_per_s: float) -> float:
         """Reserve a call slot of the global rate limit; seconds to wait before sending."""
@@ -403,8 +421,11 @@ class Store(Layout):
         args: list[Any] = [self.prefix, app, interval_ms]
         if batch_id:
             args.append(batch_id)
-        wait_ms = int(self._scripts["throttle"](args=args))
+        wait_ms = int(self._scripts["throttle"](keys=self._throttle_keys(app), args=args))
         return None if wait_ms < 0 else wait_ms / 1000
+
+    def _throttle_keys(self, app: str) -> list[str]:
+        return [self.keys.leases, self.keys.backoff(app), self.keys.rate(app)]
 
     def lease_held(self, batch_id: str) -> bool:
         """Whether ``batch_id``'s lease is still in Redis and not expired."""
@@ -415,23 +436,23 @@ class Store(Layout):
         ms = max(1, int(seconds * 1000))
         now_s, now_us = self.redis.time()
         until = now_s * 1000 + now_us // 1000 + ms
-        self.redis.set(self.key("backoff", app), until, px=ms)
+        self.redis.set(self.keys.backoff(app), until, px=ms)
 
     def pause(self, app: str, seconds: float, reason: str) -> None:
         """Pause sending for ``app`` on every worker (credentials, billing, app gone)."""
         if seconds > 0:
-            self.redis.set(self.key("pause", app), reason, px=max(1, int(seconds * 1000)))
+            self.redis.set(self.keys.pause(app), reason, px=max(1, int(seconds * 1000)))
 
     def resume(self, app: str) -> None:
-        self.redis.delete(self.key("pause", app))
+        self.redis.delete(self.keys.pause(app))
 
     def pauses(self, apps: Iterable[str]) -> dict[str, tuple[float, str]]:
         """Apps paused now: app -> (seconds left, reason)."""
         apps = list(apps)
         pipe = self.redis.pipeline(transaction=False)
         for app in apps:
-            pipe.pttl(self.key("pause", app))
-            pipe.get(self.key("pause", app))
+            pipe.pttl(self.keys.pause(app))
+            pipe.get(self.keys.pause(app))
         res = pipe.execute()
         out = {}
         for k, app in enumerate(apps):
@@ -442,15 +463,35 @@ class Store(Layout):
 
     def clear_wake(self, app: str, operator_type: int) -> None:
         """A flush started: the next full batch may send a new immediate wake."""
-        self.redis.delete(self.key("wake", app, operator_type))
+        self.redis.delete(self.keys.wake(app, operator_type))
+
+    def claim_wake(self, app: str, operator_type: int) -> bool:
+        """Whether this caller should send the immediate wake for ``(app, operator_type)``:
+        true for the first caller while none is on its way (the same flag lib.lua sets)."""
+        return bool(self.redis.set(self.keys.wake(app, operator_type), "1", nx=True,
+                                   px=WAKE_FLAG_MS))
+
+    def claim_linger_wake(self, app: str, operator_type: int, wait_ms: int) -> bool:
+        """Whether this caller should send the wake due in ``wait_ms`` for a partial batch:
+        true for the first caller while none is on its way."""
+        return bool(self.redis.set(self.keys.wake_linger(app, operator_type), "1", nx=True,
+                                   px=max(1, wait_ms)))
+
+    def claim_sweep(self) -> bool:
+        """Count a sweep run; whether this one is the beat's (extra beats skip theirs)."""
+        # every run counts (skipped ones too): runs per second show how many beats are scheduling
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(self.keys.counters, "sweeps", 1)
+        pipe.set(self.keys.sweep_lock, "1", nx=True, px=SWEEP_LOCK_MS)
+        return bool(pipe.execute()[1])
 
     def ready_counts(self, apps: Iterable[str]) -> dict[tuple[str, int], tuple[int, int]]:
         """(app, op) -> (eligible now, retrying) for every pair with work."""
         pairs = [(a, op) for a in apps for op in OPERATOR_TYPES]
         pipe = self.redis.pipeline(transaction=False)
         for app, op in pairs:
-            pipe.llen(self.key("q", app, op))
-            pipe.zcard(self.key("d", app, op))
+            pipe.llen(self.keys.ready(app, op))
+            pipe.zcard(self.keys.delayed(app, op))
         res = pipe.execute()
         return {pair: (res[2 * k], res[2 * k + 1]) for k, pair in enumerate(pairs)
                 if res[2 * k] or res[2 * k + 1]}
@@ -461,23 +502,23 @@ class Store(Layout):
         """Workers publish the app names they serve, so producers need no configuration."""
         names = list(names)
         if names:
-            self.redis.sadd(self.key("apps"), *names)
+            self.redis.sadd(self.keys.apps, *names)
 
     def known_apps(self) -> set[str]:
-        return {_text(a) for a in self.redis.smembers(self.key("apps"))}
+        return {_text(a) for a in self.redis.smembers(self.keys.apps)}
 
-    def heartbeat(self, worker: str, ttl_s: int = 30) -> None:
+    def heartbeat(self, worker: str, ttl_s: int = WORKER_TTL_S) -> None:
         """Note that ``worker`` is alive (entries older than ``ttl_s`` are dropped)."""
         now_s = int(self.redis.time()[0])
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.key("workers"), {worker: now_s})
-        pipe.zremrangebyscore(self.key("workers"), "-inf", now_s - ttl_s)
+        pipe.zadd(self.keys.workers, {worker: now_s})
+        pipe.zremrangebyscore(self.keys.workers, "-inf", now_s - ttl_s)
         pipe.execute()
 
-    def workers(self, ttl_s: int = 30) -> dict[str, float]:
+    def workers(self, ttl_s: int = WORKER_TTL_S) -> dict[str, float]:
         """Workers seen in the last ``ttl_s`` seconds -> seconds since last seen."""
         now_s = int(self.redis.time()[0])
-        seen: Any = self.redis.zrangebyscore(self.key("workers"), now_s - ttl_s, "+inf",
+        seen: Any = self.redis.zrangebyscore(self.keys.workers, now_s - ttl_s, "+inf",
                                              withscores=True)
         return {_text(w): now_s - float(score) for w, score in seen}
 
@@ -491,24 +532,24 @@ class Store(Layout):
         """Statuses of many intents in one round trip (None for unknown ids)."""
         if not ids:
             return []
-        raws = self.redis.mget([self.key("i", i) for i in ids])
+        raws = self.redis.mget([self.keys.record(i) for i in ids])
         return [None if raw is None else record_to_status(i, json.loads(raw))
                 for i, raw in zip(ids, raws, strict=True)]
 
     def counters(self) -> dict[str, int]:
-        return {_text(k): int(v) for k, v in self.redis.hgetall(self.key("n")).items()}
+        return {_text(k): int(v) for k, v in self.redis.hgetall(self.keys.counters).items()}
 
     def call_metrics(self) -> dict[str, float]:
         """The raw metrics hash: ``call:<op>:<class>``, ``lat:<le ms>``, ``lat_sum_ms``,
         ``bs:<size>`` and ``retries:<op>`` (see complete.lua)."""
-        return {_text(k): float(v) for k, v in self.redis.hgetall(self.key("m")).items()}
+        return {_text(k): float(v) for k, v in self.redis.hgetall(self.keys.metrics).items()}
 
     def stats(self, apps: Iterable[str]) -> dict[str, Any]:
         """Counts per state and op, queue depth, oldest pending age, calls, items per call, pauses."""
         apps = sorted(set(apps) | self.known_apps())
         counters = self.counters()
         by_op: dict[str, dict[str, int]] = {}
-        totals = dict.fromkeys(("queued", "sending", "retrying", "succeeded", "failed"), 0)
+        totals = dict.fromkeys(STATES, 0)
         for op in OPERATOR_TYPES:
             row = {state: counters.get(f"{state}:{op}", 0) for state in totals}
             row["enqueued"] = counters.get(f"enqueued:{op}", 0)
@@ -522,8 +563,8 @@ class Store(Layout):
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
         for app, op in pairs:
-            pipe.llen(self.key("q", app, op))
-            pipe.lindex(self.key("q", app, op), 0)
+            pipe.llen(self.keys.ready(app, op))
+            pipe.lindex(self.keys.ready(app, op), 0)
         res = pipe.execute()
         now_ms = res[0][0] * 1000 + res[0][1] // 1000
         heads = [res[1 + 2 * k + 1] for k in range(len(pairs))]
@@ -531,7 +572,7 @@ class Store(Layout):
         head_ids = [_text(h) for h in heads if h is not None]
         oldest_ms = 0
         if head_ids:
-            for raw in self.redis.mget([self.key("i", h) for h in head_ids]):
+            for raw in self.redis.mget([self.keys.record(h) for h in head_ids]):
                 if raw is not None:
                     rec = json.loads(raw)
                     oldest_ms = max(oldest_ms, now_ms - int(rec.get("u", rec["c"])))
@@ -555,7 +596,7 @@ class Store(Layout):
 
     def recent_failures(self, limit: int = 20) -> list[Status]:
         """The most recently failed intents, newest first."""
-        ids = [_text(i) for i in self.redis.zrevrange(self.key("failed"), 0, limit - 1)]
+        ids = [_text(i) for i in self.redis.zrevrange(self.keys.failed, 0, limit - 1)]
         return [s for s in self.statuses(ids) if s is not None]
 
 
@@ -592,7 +633,7 @@ def record_to_status(intent_id: str, rec: Mapping[str, Any]) -> Status:
         app=rec.get("a", "default"),
         token=rec.get("t"),
         account_list=accounts,
-        state=_STATE[rec["s"]],
+        state=RECORD_STATES[rec["s"]],
         attempts=int(rec.get("n", 0)),
         result_code=rec.get("rc"),
         ret_code=rec.get("ret"),

@@ -12,9 +12,10 @@ from kombu.exceptions import OperationalError
 
 from .connections import redis_client
 from .flush import Flusher, FlushResult
+from .keys import FLUSH_TASK, SWEEP_TASK
 from .settings import Settings
 from .store import Store, unavailable
-from .wakeup import FLUSH_TASK, SWEEP_TASK, CeleryWaker
+from .wakeup import CeleryWaker
 from .watchdog import attach
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .celery_app import FLUSH_TASK, SWEEP_TASK, make_celery
+from .celery_app import make_celery
+from .keys import FLUSH_TASK, SWEEP_TASK
 from .settings import Settings
 from .store import Wake
 

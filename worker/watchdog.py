@@ -34,6 +34,7 @@ from redis.retry import Retry
 
 from . import liveness
 from .connections import is_redis_url, redis_client
+from .keys import PROBE_TTL_MS
 from .settings import redact_url
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 2.0
 #: seconds between two looks at the store's eligible work (for the stuck rule)
 WORK_LOOK_S = 2.0
-#: life of the store probe's key
-PROBE_KEY_TTL_MS = 10_000
 #: exit status of a worker that stayed stuck after an in-process rebuild (EX_SOFTWARE)
 EXIT_STUCK = 70
 
@@ -90,7 +89,7 @@ def redis_probe(url: str, write_key: str | None = None) -> Probe:
         if write_key is None:
             client.ping()
         else:
-            client.set(write_key, "1", px=PROBE_KEY_TTL_MS)
+            client.set(write_key, "1", px=PROBE_TTL_MS)
 
     return probe
 

@@ -1,3 +1,4 @@
+-- KEYS: counters, metrics, batches, leases, failed
 -- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, calls, items_sent,
 --       metrics_json
 -- outcomes: [{i, s = ok|f|r|q, rc?, ret?, m?, er?, dl? (retry delay ms)}]
@@ -6,19 +7,18 @@
 -- An outcome applies only while the intent is still 'sending' in this very batch: a worker whose
 -- lease was reaped (and whose items went to another batch) cannot overwrite the newer outcome.
 -- Returns {applied, stale, wakes}.
+local N, mk, batches_key, leases_key, failed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local batch_id, ttl = ARGV[2], tonumber(ARGV[3])
 local max_items, linger_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local outcomes = cjson.decode(ARGV[6])
 local now = now_ms()
 local counts, woken = {}, {}
 local applied, stale = 0, 0
-redis.call('HDEL', P .. 'batches', batch_id)
-redis.call('ZREM', P .. 'leases', batch_id)
-redis.call('HINCRBY', P .. 'n', 'calls', tonumber(ARGV[7]))
-redis.call('HINCRBY', P .. 'n', 'items_sent', tonumber(ARGV[8]))
-local LAT_BUCKETS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}
+redis.call('HDEL', batches_key, batch_id)
+redis.call('ZREM', leases_key, batch_id)
+redis.call('HINCRBY', N, 'calls', tonumber(ARGV[7]))
+redis.call('HINCRBY', N, 'items_sent', tonumber(ARGV[8]))
 local metrics = cjson.decode(ARGV[9])
-local mk = P .. 'm'
 redis.call('HINCRBY', mk, 'bs:' .. metrics.bs, 1)
 for _, call in ipairs(metrics.c) do
   redis.call('HINCRBY', mk, 'call:' .. metrics.op .. ':' .. call[1], 1)
@@ -57,7 +57,7 @@ for _, out in ipairs(outcomes) do
       else
         bump(counts, 'failed', op, 1)
         bump(counts, 'done_failed', op, 1)
-        redis.call('ZADD', P .. 'failed', now, out.i)
+        redis.call('ZADD', failed_key, now, out.i)
       end
     elseif out.s == 'r' then
       redis.call('HINCRBY', mk, 'retries:' .. op, 1)
@@ -79,6 +79,6 @@ for _, out in ipairs(outcomes) do
   end
 end
 -- failed ids are kept as long as their records, for `requeue-failed` and the status page
-redis.call('ZREMRANGEBYSCORE', P .. 'failed', '-inf', now - ttl * 1000)
-flush_counts(counts)
+redis.call('ZREMRANGEBYSCORE', failed_key, '-inf', now - ttl * 1000)
+flush_counts(N, counts)
 return {applied, stale, wakes(woken, max_items, linger_ms)}

@@ -1,3 +1,4 @@
+-- KEYS: counters
 -- ARGV: prefix, max_items, linger_ms, max_pending (0 = none), then one JSON intent per argument:
 -- {i, a, o, t?, l?}
 -- Returns {codes, wakes}: codes[k] is 1 (stored), 0 (same id and payload already stored), -1 (same
@@ -6,6 +7,7 @@
 -- once, and the second run answers 0 for it, so ids are assigned by the client, never here.
 -- Nothing is written before the first new intent is known to fit: under Redis's maxmemory the
 -- first write of a script is refused with OOM, and then nothing at all was written.
+local N = KEYS[1]
 local max_items, linger_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_pending = tonumber(ARGV[4])
 local now = now_ms()
@@ -15,10 +17,10 @@ local codes, counts, woken = {}, {}, {}
 local pending = 0
 if max_pending > 0 then
   local fields = {}
-  for _, state in ipairs({'queued', 'retrying', 'sending', 'verifying'}) do
-    for op = 1, 5 do fields[#fields + 1] = state .. ':' .. op end
+  for _, state in ipairs(PENDING_STATES) do
+    for _, op in ipairs(OPERATOR_TYPES) do fields[#fields + 1] = state .. ':' .. op end
   end
-  for _, v in ipairs(redis.call('HMGET', P .. 'n', unpack(fields))) do
+  for _, v in ipairs(redis.call('HMGET', N, unpack(fields))) do
     if v then pending = pending + tonumber(v) end
   end
 end
@@ -56,5 +58,5 @@ for k = 5, #ARGV do
     codes[#codes + 1] = 1
   end
 end
-flush_counts(counts)
+flush_counts(N, counts)
 return {codes, wakes(woken, max_items, linger_ms)}

@@ -1,21 +1,20 @@
--- Shared by every script (prepended at load time). ARGV[1] is always the key prefix.
+-- Shared by every script (prepended at load time, after the prelude that worker/keys.py
+-- generates: P = ARGV[1], the key prefix, and the K_* key names, WAKE_FLAG_MS, LAT_BUCKETS,
+-- STATE_NAME, PENDING_STATES, OPERATOR_TYPES). The keys a script knows up front come in KEYS.
 -- Record of intent ID at P.."i:"..ID, a JSON string with short fields:
 --   o op, a app, t token (ops 1-4), l [[account, type], ...], c created ms, u updated ms (absent = c),
 --   s state (q sending r ok f), n attempts, d predecessors still pending (absent = 0),
 --   w ids waiting on this one, b batch id, rc/ret/m/er result code, ret_code, err_msg, error.
 -- P.."ko:<shard>" maps a 10-hex digest of each key (app + token, app + account + type) to the
 -- latest pending intent holding it: per-key order is a chain of "waits for" edges along it.
-local P = ARGV[1]
-local STATE_NAME = {q = 'queued', s = 'sending', r = 'retrying', ok = 'succeeded', f = 'failed'}
-
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function rec_key(id) return P .. 'i:' .. id end
-local function ready_key(app, op) return P .. 'q:' .. app .. ':' .. op end
-local function delayed_key(app, op) return P .. 'd:' .. app .. ':' .. op end
+local function rec_key(id) return P .. K_RECORD .. id end
+local function ready_key(app, op) return P .. K_READY .. app .. ':' .. op end
+local function delayed_key(app, op) return P .. K_DELAYED .. app .. ':' .. op end
 
 -- the app is left out of a record when it is 'default' (bytes per pending intent count)
 local function load(id)
@@ -41,7 +40,7 @@ end
 -- the key index is sharded into 4096 small hashes so that each stays a compact listpack:
 -- shard = the digest's first 3 hex digits, field = the next 7 (a collision only makes two
 -- unrelated intents wait for each other, which is safe)
-local function ko_key(d) return P .. 'ko:' .. string.sub(d, 1, 3) end
+local function ko_key(d) return P .. K_KEY_INDEX .. string.sub(d, 1, 3) end
 local function ko_field(d) return string.sub(d, 4) end
 
 -- the digests of an intent's keys: its token (ops 1-4) and each account with its type (ops 1-3, 5)
@@ -64,9 +63,10 @@ local function bump(counts, name, op, by)
   counts[f] = (counts[f] or 0) + by
 end
 
-local function flush_counts(counts)
+-- into the counters hash N (each counting script's KEYS[1])
+local function flush_counts(N, counts)
   for f, v in pairs(counts) do
-    if v ~= 0 then redis.call('HINCRBY', P .. 'n', f, v) end
+    if v ~= 0 then redis.call('HINCRBY', N, f, v) end
   end
 end
 
@@ -123,10 +123,12 @@ local function wake_kind(app, op, max_items, linger_ms)
   local n = redis.call('LLEN', ready_key(app, op))
   if n == 0 then return '' end
   if n >= max_items then
-    if redis.call('SET', P .. 'wake:' .. app .. ':' .. op, '1', 'NX', 'PX', 2000) then return 'now' end
+    if redis.call('SET', P .. K_WAKE .. app .. ':' .. op, '1', 'NX', 'PX', WAKE_FLAG_MS) then
+      return 'now'
+    end
     return ''
   end
-  if redis.call('SET', P .. 'wakel:' .. app .. ':' .. op, '1', 'NX', 'PX', math.max(linger_ms, 1)) then
+  if redis.call('SET', P .. K_WAKE_LINGER .. app .. ':' .. op, '1', 'NX', 'PX', math.max(linger_ms, 1)) then
     return 'linger'
   end
   return ''

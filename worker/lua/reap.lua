@@ -1,15 +1,17 @@
+-- KEYS: counters, leases, batches
 -- ARGV: prefix, max_items, linger_ms, limit
 -- Batches whose lease ran out (a worker died or hung mid-call) go back to their queues; their
 -- attempt stays counted since the call may have been made. Returns {reclaimed_items, wakes}.
+local N, leases_key, batches_key = KEYS[1], KEYS[2], KEYS[3]
 local max_items, linger_ms, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 local counts, woken = {}, {}
 local reclaimed = 0
-for _, batch_id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, limit)) do
-  local raw = redis.call('HGET', P .. 'batches', batch_id)
-  redis.call('HDEL', P .. 'batches', batch_id)
-  redis.call('ZREM', P .. 'leases', batch_id)
-  redis.call('HINCRBY', P .. 'n', 'leases_reclaimed', 1)
+for _, batch_id in ipairs(redis.call('ZRANGEBYSCORE', leases_key, '-inf', now, 'LIMIT', 0, limit)) do
+  local raw = redis.call('HGET', batches_key, batch_id)
+  redis.call('HDEL', batches_key, batch_id)
+  redis.call('ZREM', leases_key, batch_id)
+  redis.call('HINCRBY', N, 'leases_reclaimed', 1)
   if raw then
     local b = cjson.decode(raw)
     for k = #b.i, 1, -1 do
@@ -29,5 +31,5 @@ for _, batch_id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now
     end
   end
 end
-flush_counts(counts)
+flush_counts(N, counts)
 return {reclaimed, wakes(woken, max_items, linger_ms)}

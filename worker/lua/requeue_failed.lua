@@ -1,17 +1,19 @@
+-- KEYS: counters, failed
 -- ARGV: prefix, error_filter ('' = all), limit, max_items, linger_ms
 -- Failed intents go back to the queue as if newly enqueued (behind the pending holders of their
 -- keys), with a fresh retry budget. Returns {ids, wakes}.
+local N, failed_key = KEYS[1], KEYS[2]
 local filter, limit = ARGV[2], tonumber(ARGV[3])
 local max_items, linger_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
 local counts, woken, moved = {}, {}, {}
-for _, id in ipairs(redis.call('ZRANGE', P .. 'failed', 0, -1)) do
+for _, id in ipairs(redis.call('ZRANGE', failed_key, 0, -1)) do
   if #moved >= limit then break end
   local rec = load(id)
   if not rec or rec.s ~= 'f' then
-    redis.call('ZREM', P .. 'failed', id)
+    redis.call('ZREM', failed_key, id)
   elseif filter == '' or rec.er == filter then
-    redis.call('ZREM', P .. 'failed', id)
+    redis.call('ZREM', failed_key, id)
     rec.s = 'q'
     rec.n = 0
     rec.c = now
@@ -27,5 +29,5 @@ for _, id in ipairs(redis.call('ZRANGE', P .. 'failed', 0, -1)) do
     moved[#moved + 1] = id
   end
 end
-flush_counts(counts)
+flush_counts(N, counts)
 return {moved, wakes(woken, max_items, linger_ms)}

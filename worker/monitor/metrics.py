@@ -28,18 +28,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..errors import StoreUnavailableError
+from ..keys import LATENCY_BUCKETS_MS
 from ..model import OPERATOR_TYPES, STATES
 from ..store import Store
+from ..tpns_codes import CALL_CLASSES
 
 logger = logging.getLogger(__name__)
 
-#: upper bounds (ms) of the latency buckets that complete.lua counts, non-cumulatively
-LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 #: upper bounds of the batch-size histogram (items per claimed batch)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 15, 19, 20)
-#: the call result classes of ``worker.flush.call_class``
-CALL_CLASSES = ("ok", "partly_failed", "all_failed", "unexpected", "rejected", "credentials",
-                "rate_limited", "transient")
 
 
 class ClusterCollector(Collector):

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..keys import WORKER_TTL_S
 from ..store import Store
 
 #: failures shown by the live views
 RECENT_FAILURES = 10
-#: a worker counts as alive when its heartbeat is at most this old (the CLI's ``health`` agrees)
-WORKER_TTL_S = 30
 
 
 def call_classes(metrics: Mapping[str, float]) -> dict[str, int]:

@@ -11,22 +11,21 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from ..model import OPERATOR_TYPES
+from ..model import OPERATOR_TYPES, STATES
 from .overview import failure_reason
 
 
 def stats_table(figures: dict[str, Any]) -> Table:
     """The ``stats`` figures as a table: one row per operator_type, then the totals."""
-    states = ("queued", "sending", "retrying", "succeeded", "failed")
     table = Table(title="tpns-batcher", caption=_caption(figures))
     table.add_column("op", justify="right")
-    for state in (*states, "enqueued"):
+    for state in (*STATES, "enqueued"):
         table.add_column(state, justify="right")
     for op in OPERATOR_TYPES:
         row = figures["by_operator_type"][str(op)]
-        table.add_row(str(op), *(str(row[s]) for s in (*states, "enqueued")))
+        table.add_row(str(op), *(str(row[s]) for s in (*STATES, "enqueued")))
     totals = figures["states"]
-    table.add_row("all", *(str(totals[s]) for s in states), "", style="bold")
+    table.add_row("all", *(str(totals[s]) for s in STATES), "", style="bold")
     return table
 
 

@@ -1,0 +1,197 @@
+"""Every name tpns-batcher gives a thing in Redis and in the broker, every TTL and flag: one place.
+
+Key layout under the configurable prefix ``P`` (default ``tpns:``):
+
+    P i:{id}             the intent's record (JSON string; a TTL once terminal)
+    P ko:{shard}         hashes: digest of a key (app+token, app+account+type) -> latest pending holder
+    P q:{app}:{op}       list: ids eligible now, oldest first
+    P d:{app}:{op}       zset: retrying ids by the time their backoff ends
+    P batches, P leases  hash batch_id -> its ids; zset batch_id -> lease deadline
+    P seq                the batch sequence number
+    P n                  hash of counters: "<state>:<op>", "enqueued:<op>", calls, items_sent, ...
+    P m                  hash of call metrics: calls by op and class, latency and batch-size buckets
+    P failed             zset of failed ids (trimmed to the status TTL)
+    P pause:{app}        set while sending for an app is paused (PX = the pause)
+    P backoff:{app}      epoch ms until which nobody sends for the app (after a 429 / 1008028)
+    P rate:{app}         the global rate limit's next free slot (GCRA)
+    P wake:{app}:{op}    a full batch's wake is on its way (PX ``WAKE_FLAG_MS``)
+    P wakel:{app}:{op}   a linger wake is on its way (PX the linger, or the wait left)
+    P apps, P workers    set of app names workers serve; zset worker -> last heartbeat (s)
+    P sweep              the sweep's lock (PX ``SWEEP_LOCK_MS``): one sweep per beat
+    P probe:{host}:{pid} a worker watchdog's write probe (PX ``PROBE_TTL_MS``)
+    P flush              the Celery queue of wake-ups; the broker's own keys under ``P celery:``
+
+The Lua scripts do not spell these names: ``lua_prelude()`` renders them (and the TTLs, buckets
+and states the scripts need) as Lua locals, which the store puts in front of every script.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .model import OPERATOR_TYPES, PENDING_STATES
+
+DEFAULT_PREFIX = "tpns:"
+
+#: the part after the prefix of each key (a trailing ``:`` is followed by the key's own parts)
+RECORD = "i:"
+KEY_INDEX = "ko:"
+READY = "q:"
+DELAYED = "d:"
+BATCHES = "batches"
+LEASES = "leases"
+SEQ = "seq"
+COUNTERS = "n"
+METRICS = "m"
+FAILED = "failed"
+PAUSE = "pause:"
+BACKOFF = "backoff:"
+RATE = "rate:"
+WAKE = "wake:"
+WAKE_LINGER = "wakel:"
+APPS = "apps"
+WORKERS = "workers"
+SWEEP_LOCK = "sweep"
+PROBE = "probe:"
+FLUSH_QUEUE = "flush"
+CELERY = "celery:"
+
+#: life of a full batch's wake flag: at most one immediate wake per (app, op) in this window
+#: while no flush clears it (a flush that starts clears it, so the next full batch wakes again)
+WAKE_FLAG_MS = 2000
+#: life of the sweep's lock: extra beats (two workers running beat) skip their sweep
+SWEEP_LOCK_MS = 800
+#: a worker counts as alive when its heartbeat is at most this old (health, status, overview)
+WORKER_TTL_S = 30
+#: how often a worker process writes its heartbeat (well inside ``WORKER_TTL_S``)
+HEARTBEAT_INTERVAL_S = 5.0
+#: life of a worker watchdog's write probe
+PROBE_TTL_MS = 10_000
+#: upper bounds (ms) of the call latency buckets complete.lua counts, non-cumulatively
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+#: a record's short state code -> the state's name (``worker.model.STATES``)
+RECORD_STATES = {"q": "queued", "s": "sending", "r": "retrying", "ok": "succeeded", "f": "failed"}
+
+#: the Celery task names (wake-ups name the flush task; beat runs the sweep)
+FLUSH_TASK = "tpns.flush"
+SWEEP_TASK = "tpns.sweep"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key names under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def record(self, intent_id: str) -> str:
+        return f"{self.prefix}{RECORD}{intent_id}"
+
+    def ready(self, app: str, operator_type: int) -> str:
+        return f"{self.prefix}{READY}{app}:{operator_type}"
+
+    def delayed(self, app: str, operator_type: int) -> str:
+        return f"{self.prefix}{DELAYED}{app}:{operator_type}"
+
+    def wake(self, app: str, operator_type: int) -> str:
+        return f"{self.prefix}{WAKE}{app}:{operator_type}"
+
+    def wake_linger(self, app: str, operator_type: int) -> str:
+        return f"{self.prefix}{WAKE_LINGER}{app}:{operator_type}"
+
+    def pause(self, app: str) -> str:
+        return f"{self.prefix}{PAUSE}{app}"
+
+    def backoff(self, app: str) -> str:
+        return f"{self.prefix}{BACKOFF}{app}"
+
+    def rate(self, app: str) -> str:
+        return f"{self.prefix}{RATE}{app}"
+
+    def probe(self, host: str, pid: int) -> str:
+        return f"{self.prefix}{PROBE}{host}:{pid}"
+
+    @property
+    def counters(self) -> str:
+        return self.prefix + COUNTERS
+
+    @property
+    def metrics(self) -> str:
+        return self.prefix + METRICS
+
+    @property
+    def failed(self) -> str:
+        return self.prefix + FAILED
+
+    @property
+    def batches(self) -> str:
+        return self.prefix + BATCHES
+
+    @property
+    def leases(self) -> str:
+        return self.prefix + LEASES
+
+    @property
+    def seq(self) -> str:
+        return self.prefix + SEQ
+
+    @property
+    def apps(self) -> str:
+        return self.prefix + APPS
+
+    @property
+    def workers(self) -> str:
+        return self.prefix + WORKERS
+
+    @property
+    def sweep_lock(self) -> str:
+        return self.prefix + SWEEP_LOCK
+
+    @property
+    def flush_queue(self) -> str:
+        """The Celery queue the wake-ups travel on."""
+        return self.prefix + FLUSH_QUEUE
+
+    @property
+    def celery_prefix(self) -> str:
+        """The prefix of a Redis broker's own keys (Celery's ``global_keyprefix``)."""
+        return self.prefix + CELERY
+
+
+def _lua(value: object) -> str:
+    """``value`` as a Lua literal: strings (JSON's escapes are Lua's for these), numbers, and
+    tables from mappings and sequences."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"[{_lua(k)}] = {_lua(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Iterable):
+        return "{" + ", ".join(_lua(v) for v in value) + "}"
+    raise TypeError(f"no Lua literal for {value!r}")
+
+
+#: what every script sees as Lua locals (names as in the scripts)
+LUA_CONSTANTS: dict[str, object] = {
+    "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_READY": READY, "K_DELAYED": DELAYED,
+    "K_PAUSE": PAUSE, "K_BACKOFF": BACKOFF, "K_RATE": RATE, "K_WAKE": WAKE,
+    "K_WAKE_LINGER": WAKE_LINGER,
+    "WAKE_FLAG_MS": WAKE_FLAG_MS,
+    "LAT_BUCKETS": LATENCY_BUCKETS_MS,
+    "STATE_NAME": RECORD_STATES,
+    "PENDING_STATES": PENDING_STATES,
+    "OPERATOR_TYPES": OPERATOR_TYPES,
+}
+
+
+def lua_prelude() -> str:
+    """The Lua lines the store puts before ``lib.lua`` and each script: the key prefix (ARGV[1])
+    and every name and constant the scripts share with Python, declared once, here."""
+    lines = ["-- generated from worker/keys.py at load time: do not spell these in the scripts",
+             "local P = ARGV[1]"]
+    lines += [f"local {name} = {_lua(value)}" for name, value in LUA_CONSTANTS.items()]
+    return "\n".join(lines) + "\n"
