@@ -6,7 +6,7 @@ import worker.errors
 
 def test_the_package_exports_exactly_its_public_api() -> None:
     assert sorted(worker.__all__) == [
-        "Account", "BulkResult", "ConfigError", "CredentialsError", "IdConflictError", "Intent",
+        "Account", "AsyncProducer", "BulkResult", "ConfigError", "CredentialsError", "IdConflictError", "Intent",
         "IntentError", "PermanentError", "Producer", "QueueFullError", "Settings", "Status",
         "StoreUnavailableError", "TpnsBatcherError", "TpnsError", "TransientError",
     ]

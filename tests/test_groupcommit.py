@@ -82,7 +82,10 @@ def records(client: redis.Redis, prefix: str) -> set[str]:
 
 
 def test_concurrent_submits_each_get_their_own_id_in_one_script_call(tmp_path: Path) -> None:
-    """On a private Redis, so that its command statistics count our script calls alone."""
+    """On a private Redis, so that its command statistics count our script calls alone.
+
+    The first commit is held until every other caller queued behind it, so there are one or
+    two commits (two when the first leader left before the others came in)."""
     with private_redis(tmp_path / "redis") as server:
         prefix = "tpnstest:gc:"
         producer = make_producer(server.url, prefix)
@@ -100,8 +103,9 @@ def test_concurrent_submits_each_get_their_own_id_in_one_script_call(tmp_path: P
         assert len(set(answers)) == n, "two callers got the same id"
         stored = records(client, prefix)
         assert stored == {warm, *answers}
-        assert producer.group.commits == 3 and producer.group.items == n + 1
-        assert stats["cmdstat_evalsha"]["calls"] == 2, stats  # 40 intents, 2 script calls
+        # the gate lets the first commit go only once every other caller queued: at most two
+        assert producer.group.commits <= 3 and producer.group.items == n + 1
+        assert stats["cmdstat_evalsha"]["calls"] <= 2, stats  # 40 intents, 1 or 2 script calls
         assert client.hget(f"{prefix}n", "enqueued:4") == str(n + 1)  # each stored once
         assert sorted(client.get(f"{prefix}i:{a}") is not None for a in answers) == [True] * n
 

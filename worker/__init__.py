@@ -1,5 +1,6 @@
 """tpns-batcher: turn a stream of TPNS account bind/unbind intents into the fewest correct calls."""
 
+from .aproducer import AsyncProducer
 from .errors import (
     ConfigError,
     CredentialsError,
@@ -18,6 +19,7 @@ from .settings import Settings
 
 __all__ = [
     "Account",
+    "AsyncProducer",
     "BulkResult",
     "ConfigError",
     "CredentialsError",

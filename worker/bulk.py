@@ -10,7 +10,8 @@ raised when Redis did not take everything is built here too, with the ids groupe
 from __future__ import annotations
 
 import secrets
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,30 @@ from .store import NOT_WRITTEN, UNKNOWN, Round, unavailable
 
 #: seconds a caller refused for back-pressure is told to wait (``Retry-After``)
 RETRY_AFTER_S = 5
+#: seconds between two readings of the app names the workers registered in Redis
+APPS_TTL_S = 10.0
+
+
+class AppNames:
+    """The known app names: configured, or registered in Redis by running workers (read again
+    every ``APPS_TTL_S``). One object may serve several producers of a process (``serve``'s
+    two doors), so that what one read, the other knows."""
+
+    def __init__(self, configured: Iterable[str]) -> None:
+        self.configured = frozenset(configured)
+        self._names: frozenset[str] | None = None
+        self._read_at = 0.0
+
+    def fresh(self) -> frozenset[str] | None:
+        """The names, unless they must be read again (never read, or too old)."""
+        if self._names is None or time.monotonic() - self._read_at > APPS_TTL_S:
+            return None
+        return self._names
+
+    def update(self, registered: Iterable[str]) -> frozenset[str]:
+        names = self.configured | frozenset(registered)
+        self._names, self._read_at = names, time.monotonic()
+        return names
 
 
 def new_id() -> str:

@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 from .errors import ConfigError
@@ -150,6 +152,18 @@ def _with_cert_reqs(url: str, spelling: dict[str, str] | None = None) -> str:
 
 def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     """A redis-py client for any accepted ``REDIS_URL`` (``kwargs`` go to the connections)."""
+    client: redis.Redis = _client(url, redis.Redis, Sentinel, kwargs)
+    return client
+
+
+def async_redis_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
+    """``redis_client`` on ``redis.asyncio`` (for ``AsyncProducer``): the same URLs, the same
+    options."""
+    client: redis.asyncio.Redis = _client(url, redis.asyncio.Redis, AsyncSentinel, kwargs)
+    return client
+
+
+def _client(url: str, client_class: Any, sentinel_class: Any, kwargs: dict[str, Any]) -> Any:
     scheme = scheme_of(url)
     if scheme in SENTINEL_SCHEMES:
         target = parse_sentinel_url(url)
@@ -162,18 +176,16 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
             tls = {"ssl": True, **dict(target.ssl_options)}
             conn.update(tls)
             sentinel_kwargs.update(tls)
-        sentinel = Sentinel(list(target.sentinels),  # type: ignore[no-untyped-call]
-                            sentinel_kwargs=sentinel_kwargs, **conn)
-        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.master, db=target.db, username=target.username, password=target.password)
-        return master
+        sentinel = sentinel_class(list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **conn)
+        return sentinel.master_for(target.master, db=target.db, username=target.username,
+                                   password=target.password)
     if scheme == "rediss":
         url = _with_cert_reqs(url)
     elif scheme == "unix":  # redis-py's unix socket connection refuses the TCP-only options
         kwargs = {k: v for k, v in kwargs.items() if k not in _TCP_ONLY}
     elif scheme != "redis":
         raise ConfigError("REDIS_URL", "must start with redis://, rediss://, unix:// or sentinel://")
-    return redis.Redis.from_url(url, **kwargs)
+    return client_class.from_url(url, **kwargs)
 
 
 #: redis-py ``ssl_cert_reqs`` -> the spelling kombu's URL parser maps to an ``ssl`` constant

@@ -25,7 +25,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from . import bulk
-from .bulk import BulkResult, Failure, Prepared, new_id
+from .bulk import AppNames, BulkResult, Failure, Prepared, new_id
 from .connections import redis_client
 from .embedded import resolve_redis_url
 from .errors import IntentError, StoreError, StoreUnavailableError
@@ -52,6 +52,54 @@ REPLY_TIMEOUT_S = 10.0
 RETRIES = 3
 #: after a wake-up could not be sent, wakes are skipped for this long (the sweep sends them)
 WAKE_PAUSE_S = 5.0
+
+
+class WakeSender:
+    """Sends wake-ups through ``hook`` (Celery's, made when first needed). A broker that cannot
+    take them is logged once, not raised: the intents are stored, and the workers' sweep wakes
+    their queues once the broker is back. Wakes are then skipped for ``WAKE_PAUSE_S``."""
+
+    def __init__(self, settings: Settings, redis_url: str, prefix: str,
+                 hook: WakeHook | None = None) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.hook = hook
+        #: monotonic time before which no wake is attempted (the broker failed just now)
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+
+    def due(self, wakes: Sequence[Wake]) -> bool:
+        """Whether there is anything to send now."""
+        return bool(wakes) and time.monotonic() >= self._paused_until
+
+    def __call__(self, wakes: Sequence[Wake]) -> None:
+        if not self.due(wakes):
+            return
+        if self.hook is None:
+            from .wakeup import CeleryWaker
+
+            self.hook = CeleryWaker(self.settings, self.redis_url, self.prefix)
+        try:
+            self.hook(wakes)
+        except Exception as exc:  # kombu and the transports raise many types; none may escape
+            with self._lock:
+                first = self._paused_until == 0.0
+                self._paused_until = time.monotonic() + WAKE_PAUSE_S
+            if first:
+                logger.warning("wake-ups not sent: the broker is unreachable (%s); the intents are "
+                               "stored and the workers' sweep wakes their queues once it is back",
+                               type(exc).__name__)
+            return
+        if self._paused_until:
+            with self._lock:
+                self._paused_until = 0.0
+            logger.info("wake-ups sent again: the broker is reachable")
+
+    def close(self) -> None:
+        closer = getattr(self.hook, "close", None)
+        if callable(closer):
+            closer()
 
 
 def _guarded(method: Callable[P, R]) -> Callable[P, R]:
@@ -86,12 +134,8 @@ class Producer:
         self.store = Store(self.redis, prefix or s.prefix,
                            max_items=s.max_items_per_call, linger_ms=s.linger_ms,
                            lease_s=s.lease_s, status_ttl_s=s.status_ttl_s)
-        self._wake = wake
-        self._apps: frozenset[str] | None = None
-        self._apps_read = 0.0
-        #: monotonic time before which no wake is attempted (the broker failed just now)
-        self._wakes_paused_until = 0.0
-        self._wake_lock = threading.Lock()
+        self.wakes = WakeSender(s, url, self.store.prefix, wake)
+        self.app_names = AppNames(s.apps)
         #: concurrent ``submit`` calls share one enqueue call (``worker.groupcommit``)
         self.group: GroupCommit[tuple[str, Intent], str] = GroupCommit(self._commit_group)
 
@@ -105,10 +149,7 @@ class Producer:
     @_guarded
     def apps(self) -> frozenset[str]:
         """Known app names: configured here, or registered in Redis by running workers."""
-        if self._apps is None or time.monotonic() - self._apps_read > 10:
-            self._apps = frozenset(self.settings.apps) | frozenset(self.store.known_apps())
-            self._apps_read = time.monotonic()
-        return self._apps
+        return self.app_names.fresh() or self.app_names.update(self.store.known_apps())
 
     def unavailable(self, exc: BaseException, **groups: Any) -> StoreUnavailableError | StoreError:
         """The typed error for a Redis error ``exc`` (``groups``: stored, refused, in_doubt,
@@ -116,29 +157,7 @@ class Producer:
         return bulk.error_for(redact_url(self.redis_url) or "", exc, **groups)
 
     def _send_wakes(self, wakes: Sequence[Wake]) -> None:
-        """Send wake-ups; a broker that cannot take them is logged once, not raised: the intents
-        are stored, and the workers' sweep wakes their queues once the broker is back."""
-        if not wakes or time.monotonic() < self._wakes_paused_until:
-            return
-        if self._wake is None:
-            from .wakeup import CeleryWaker
-
-            self._wake = CeleryWaker(self.settings, self.redis_url, self.store.prefix)
-        try:
-            self._wake(wakes)
-        except Exception as exc:  # kombu and the transports raise many types; none may escape
-            with self._wake_lock:
-                first = self._wakes_paused_until == 0.0
-                self._wakes_paused_until = time.monotonic() + WAKE_PAUSE_S
-            if first:
-                logger.warning("wake-ups not sent: the broker is unreachable (%s); the intents are "
-                               "stored and the workers' sweep wakes their queues once it is back",
-                               type(exc).__name__)
-            return
-        if self._wakes_paused_until:
-            with self._wake_lock:
-                self._wakes_paused_until = 0.0
-            logger.info("wake-ups sent again: the broker is reachable")
+        self.wakes(wakes)
 
     # -- enqueue -----------------------------------------------------------------------------
 
@@ -248,16 +267,16 @@ class Producer:
     def statuses(self, ids: Sequence[str]) -> list[Status | None]:
         return self.store.statuses(ids)
 
-    @_guarded
     def wait(self, ids: Sequence[str], timeout_s: float = 30.0,
              poll_s: float = 0.05) -> list[Status | None]:
         """Poll until every known id is terminal; raises ``TimeoutError`` past ``timeout_s``.
 
         Unknown ids come back as None at once (they will never become terminal).
         """
+        # not guarded as a whole: TimeoutError is an OSError, and would pass for an outage
         deadline = time.monotonic() + timeout_s
         while True:
-            statuses = self.store.statuses(ids)
+            statuses = self.statuses(ids)
             if all(s is None or s.terminal for s in statuses):
                 return statuses
             if time.monotonic() >= deadline:
@@ -272,9 +291,7 @@ class Producer:
 
     def close(self) -> None:
         """Close the Redis connections (and the broker's, if wakes were sent)."""
-        closer = getattr(self._wake, "close", None)
-        if callable(closer):
-            closer()
+        self.wakes.close()
         self.redis.close()
 
     def __enter__(self) -> Producer:

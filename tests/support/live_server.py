@@ -19,7 +19,7 @@ def serving(app: ASGIApp, timeout_s: float = 10.0) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, ws="none", lifespan="off",
+    config = uvicorn.Config(app, log_config=None, ws="none", lifespan="auto",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},

@@ -25,8 +25,11 @@ being unreachable, or back-pressure (``queue_full``), is a 503 with ``Retry-Afte
 error whose ``stored``, ``refused`` and ``in_doubt`` list the ids of the request's intents by fate;
 the server keeps serving, and the next request succeeds once Redis is back.
 
-Every Redis call is blocking, so it runs in Starlette's threadpool (sync endpoints, or
-``run_in_threadpool``): the event loop never waits on Redis.
+A request carrying one intent — the common case of a service posting each event as it
+happens — goes through ``AsyncProducer`` on the event loop: concurrent requests share one
+enqueue call (group commit, ``worker.groupcommit``), each still answered with its own id or
+refusal. Other requests and the other routes use the blocking ``Producer`` in Starlette's
+threadpool (sync endpoints, or ``run_in_threadpool``): the event loop never waits on Redis.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import click
@@ -48,6 +53,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..aproducer import AsyncProducer
 from ..errors import ConfigError, IntentError, StoreUnavailableError
 from ..health import check
 from ..intents import is_id
@@ -70,12 +76,30 @@ from .openapi import openapi_schema
 from .page import render_page
 
 # Re-exported: tests and callers have imported these from here since before the split.
-__all__ = ["MAX_BODY_BYTES", "MAX_INTENTS", "BodyError", "ParsedBody", "create_app",
-           "enqueue_parsed", "media_type", "openapi_schema", "parse_body",
-           "serve_command", "unavailable_response"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_INTENTS",
+    "UVICORN_OPTIONS",
+    "BodyError",
+    "ParsedBody",
+    "create_app",
+    "enqueue_parsed",
+    "enqueue_single",
+    "media_type",
+    "openapi_schema",
+    "parse_body",
+    "serve_command",
+    "unavailable_response",
+]
 
 logger = logging.getLogger(__name__)
 
+#: how ``serve`` runs uvicorn (and ``bench --ingest`` its bare endpoint, for a fair ratio):
+#: uvloop and httptools when installed (``uvicorn[standard]``, a dependency; "auto" falls back
+#: to asyncio and h11 where they are not built), no websockets, the lifespan that closes the
+#: asyncio Redis connections
+UVICORN_OPTIONS: dict[str, Any] = {"loop": "auto", "http": "auto", "ws": "none", "lifespan": "on",
+                                   "log_config": None, "server_header": False}
 #: paths that answer without the bearer token (load balancers and orchestrators probe them)
 OPEN_PATHS = frozenset({"/healthz"})
 _HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
@@ -87,12 +111,25 @@ def enqueue_parsed(producer: Producer, parsed: ParsedBody) -> dict[str, Any]:
 
     Raises ``StoreUnavailableError`` as the producer does; ``unavailable_body`` answers it.
     """
-    ids: list[str | None] = [None] * parsed.count
-    errors: dict[int, IntentError] = dict(parsed.refused)
+    result = None
     if parsed.objs:
         numbers = ([parsed.lines[k] for k in parsed.positions] if parsed.lines is not None
                    else None)
         result = producer.enqueue(parsed.objs, line_numbers=numbers)
+    return _answer(parsed, result)
+
+
+async def enqueue_single(producer: AsyncProducer, parsed: ParsedBody) -> dict[str, Any]:
+    """``enqueue_parsed`` for a body of one readable intent, through the group commit."""
+    line = parsed.lines[0] if parsed.lines is not None else None
+    return _answer(parsed, await producer.enqueue_one(parsed.objs[0], line=line))
+
+
+def _answer(parsed: ParsedBody, result: BulkResult | None) -> dict[str, Any]:
+    """The response body of ``POST /v1/intents``: ``result`` is the enqueue of ``parsed.objs``."""
+    ids: list[str | None] = [None] * parsed.count
+    errors: dict[int, IntentError] = dict(parsed.refused)
+    if result is not None:
         for k, index in enumerate(parsed.positions):
             ids[index] = result.ids[k]
             if k in result.errors:
@@ -150,26 +187,46 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
-def create_app(producer: Producer, settings: Settings) -> Starlette:
-    """The Starlette application over ``producer`` (its Redis, prefix and known apps)."""
+async def post_intents_with(request: Request, producer: Producer,
+                            doors: AsyncProducer) -> Response:
+    """``POST /v1/intents``: one readable intent through ``doors`` (group commit), any other
+    body through ``producer`` in the threadpool."""
+    kind = media_type(request.headers.get("content-type"))
+    try:
+        if kind not in JSON_TYPES and kind not in JSON_LINES_TYPES:
+            raise BodyError(415, "send application/json (an object or an array) or "
+                                 "application/x-ndjson (JSON Lines)")
+        parsed = parse_body(await read_limited(request), kind)
+    except BodyError as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    try:
+        if parsed.count == 1 and parsed.objs:
+            return JSONResponse(await enqueue_single(doors, parsed))
+        return JSONResponse(await run_in_threadpool(enqueue_parsed, producer, parsed))
+    except StoreUnavailableError as exc:
+        logger.warning("POST /v1/intents: %s", exc)
+        return unavailable_response(exc, parsed)
+
+
+def create_app(producer: Producer, settings: Settings,
+               aproducer: AsyncProducer | None = None) -> Starlette:
+    """The Starlette application over ``producer`` (its Redis, prefix and known apps) and, for
+    single-intent posts, ``aproducer`` (by default one on the same Redis, prefix and wakes; its
+    connections belong to the serving event loop, and are closed at the app's shutdown)."""
     # Over 60 lines on purpose: one closure of a few lines per route over ``producer``, read
     # together with the route table at the end.
     registry = make_registry(producer.store, producer.apps)
+    doors = aproducer or AsyncProducer(producer.redis_url, producer.store.prefix,
+                                       settings=producer.settings, wake=producer.wakes)
+    doors.app_names = producer.app_names  # what one door read, the other knows
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await doors.redis.aclose()  # the wakes are the producer's: it closes them
 
     async def post_intents(request: Request) -> Response:
-        kind = media_type(request.headers.get("content-type"))
-        try:
-            if kind not in JSON_TYPES and kind not in JSON_LINES_TYPES:
-                raise BodyError(415, "send application/json (an object or an array) or "
-                                     "application/x-ndjson (JSON Lines)")
-            parsed = parse_body(await read_limited(request), kind)
-        except BodyError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
-        try:
-            return JSONResponse(await run_in_threadpool(enqueue_parsed, producer, parsed))
-        except StoreUnavailableError as exc:
-            logger.warning("POST /v1/intents: %s", exc)
-            return unavailable_response(exc, parsed)
+        return await post_intents_with(request, producer, doors)
 
     def get_intent(request: Request) -> Response:
         intent_id = request.path_params["intent_id"]
@@ -216,7 +273,7 @@ def create_app(producer: Producer, settings: Settings) -> Starlette:
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/", status_page, methods=["GET"]),
     ]
-    return Starlette(routes=routes,
+    return Starlette(routes=routes, lifespan=lifespan,
                      middleware=[Middleware(BearerAuth, token=settings.api_token)],
                      exception_handlers={redis.RedisError: redis_down,
                                          StoreUnavailableError: redis_down})
@@ -256,7 +313,7 @@ def serve_command(host: str, port: int) -> None:
         logger.warning("serving on %s without TPNS_API_TOKEN: anyone who can reach it may "
                        "enqueue intents", host)
     config = uvicorn.Config(create_app(producer, settings), host=host, port=port,
-                            log_config=None, ws="none", lifespan="off", server_header=False)
+                            **UVICORN_OPTIONS)
     try:
         uvicorn.Server(config).run()
     finally:

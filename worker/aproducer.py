@@ -1,0 +1,242 @@
+"""``AsyncProducer``: the producer API as coroutines, for asyncio applications (SPEC §8).
+
+For services on an event loop (FastAPI, aiohttp, Starlette) that enqueue intents as they serve
+requests, such as a bind at login: ``await producer.submit(intent)`` never blocks the loop.
+It runs on ``redis.asyncio`` with the same scripts, the same rules and the same errors as
+``Producer`` (``worker.bulk`` holds what both do to each intent; ``worker.astore`` sends the
+same script calls as ``worker.store``). Concurrent ``submit`` calls from many tasks share one
+enqueue call (group commit, ``worker.groupcommit``), each task still getting its own id or error.
+
+Wake-ups go through Celery, whose client is blocking: they are sent from a worker thread, at
+most one per batch per linger window, and a broker that cannot take them is not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from . import bulk
+from .astore import AsyncStore
+from .bulk import AppNames, BulkResult, Failure, Prepared
+from .connections import async_redis_client
+from .embedded import resolve_redis_url
+from .errors import IdConflictError, IntentError, StoreError, StoreUnavailableError
+from .groupcommit import AsyncGroupCommit
+from .intents import validate
+from .model import Intent, Status
+from .producer import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, RETRIES, WakeHook, WakeSender
+from .settings import Settings, redact_url
+from .store import Wake, merge_wakes
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _guarded(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn the Redis errors of a coroutine method into ``StoreUnavailableError``."""
+
+    @functools.wraps(method)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (redis.RedisError, OSError) as exc:
+            producer = args[0]
+            assert isinstance(producer, AsyncProducer)
+            raise producer.unavailable(exc) from exc
+
+    return guarded
+
+
+class AsyncProducer:
+    """Enqueue intents and read their statuses from asyncio code; ``Producer``'s methods as
+    coroutines. Use it from one event loop (``async with AsyncProducer.from_env() as p:``)."""
+
+    def __init__(self, redis_url: str | None = None, prefix: str | None = None, *,
+                 settings: Settings | None = None, client: redis.asyncio.Redis | None = None,
+                 wake: WakeHook | None = None) -> None:
+        self.settings = s = settings or Settings.from_env()
+        url = redis_url or resolve_redis_url(s.redis_url, s.data_dir)
+        self.redis_url = url
+        self.redis = client or async_redis_client(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=REPLY_TIMEOUT_S + (s.enqueue_wait_ms / 1000 if s.enqueue_min_replicas else 0),
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), RETRIES))
+        self.store = AsyncStore(self.redis, prefix or s.prefix, max_items=s.max_items_per_call,
+                                linger_ms=s.linger_ms, lease_s=s.lease_s,
+                                status_ttl_s=s.status_ttl_s)
+        self.wakes = WakeSender(s, url, self.store.prefix, wake)
+        self.app_names = AppNames(s.apps)
+        #: concurrent ``submit`` calls share one enqueue call
+        self.group: AsyncGroupCommit[tuple[str, Intent], str] = AsyncGroupCommit(self._commit_group)
+
+    @classmethod
+    def from_env(cls, **kw: Any) -> AsyncProducer:
+        """A producer configured like every command: environment, then ``config/``, then defaults."""
+        return cls(settings=Settings.from_env(), **kw)
+
+    def unavailable(self, exc: BaseException, **groups: Any) -> StoreUnavailableError | StoreError:
+        """The typed error for a Redis error ``exc``, as ``Producer.unavailable``."""
+        return bulk.error_for(self._url, exc, **groups)
+
+    @property
+    def _url(self) -> str:
+        return redact_url(self.redis_url) or ""
+
+    @_guarded
+    async def apps(self) -> frozenset[str]:
+        """Known app names: configured here, or registered in Redis by running workers."""
+        return self.app_names.fresh() or self.app_names.update(await self.store.known_apps())
+
+    async def validate(self, obj: Any) -> Intent:
+        """Check one intent (SPEC §4) without storing it."""
+        return validate(obj, await self.apps(), self.settings.default_app)
+
+    async def _send_wakes(self, wakes: Sequence[Wake]) -> None:
+        if self.wakes.due(wakes):
+            await asyncio.to_thread(self.wakes, wakes)  # Celery's client blocks
+
+    # -- enqueue -----------------------------------------------------------------------------
+
+    async def submit(self, intent: Any) -> str:
+        """Enqueue one intent; returns its id. Raises ``IntentError`` and stores nothing if
+        invalid. Concurrent calls share one enqueue call, each with its own answer."""
+        result = await self.enqueue_one(intent)
+        if result.errors:
+            raise result.errors[0]
+        return result.ids[0]  # type: ignore[return-value]
+
+    async def enqueue_one(self, intent: Any, *, line: int | None = None) -> BulkResult:
+        """``enqueue([intent])`` through the group commit: refusals are reported, not raised
+        (``line``: where the intent was read, for the refusal)."""
+        prepared = await self._prepare([intent], None if line is None else [line])
+        if not prepared.valid:
+            return prepared.result
+        try:
+            await self.group.run(prepared.valid[0])
+        except IdConflictError as exc:
+            prepared.result.ids[0] = None
+            prepared.result.errors[0] = IdConflictError(exc.intent_id, line)
+        return prepared.result
+
+    async def _commit_group(self, valid: list[tuple[str, Intent]]) -> list[str | BaseException]:
+        prepared = Prepared(BulkResult(ids=[i for i, _ in valid]), valid, list(range(len(valid))))
+        failure = await self._store(prepared, None)
+        return bulk.per_caller(prepared, failure, self._url)
+
+    async def submit_many(self, intents: Iterable[Any], *, strict: bool = False) -> list[str | None]:
+        """Enqueue many intents, pipelined. Returns ids in input order, None for refused ones.
+
+        With ``strict=True`` the first invalid intent raises ``IntentError`` and nothing is stored.
+        """
+        items = _listed(intents)
+        if strict:
+            apps = await self.apps()
+            for obj in items:
+                validate(obj, apps, self.settings.default_app)
+        return (await self.enqueue(items)).ids
+
+    async def enqueue(self, intents: Iterable[Any], *,
+                      line_numbers: Sequence[int] | None = None) -> BulkResult:
+        """Validate and store each intent on its own; refused ones are reported, not stored.
+
+        Raises ``StoreUnavailableError`` (``QueueFullError`` for back-pressure) when Redis did
+        not take all of them; its ``result`` is this call's ``BulkResult`` so far.
+        """
+        items = _listed(intents)
+        prepared = await self._prepare(items, line_numbers)
+        if prepared.valid:
+            failure = await self._store(prepared, line_numbers)
+            if failure is not None:
+                error = bulk.failure_error(self._url, failure, prepared.result)
+                cause = failure.cause if isinstance(failure.cause, BaseException) else None
+                raise error from cause
+        return prepared.result
+
+    async def _prepare(self, items: Sequence[Any], line_numbers: Sequence[int] | None) -> Prepared:
+        try:
+            apps = await self.apps()
+        except StoreUnavailableError as exc:  # nothing was sent
+            raise bulk.unread(items, exc) from exc.__cause__
+        return bulk.prepare(items, apps, self.settings.default_app, line_numbers)
+
+    async def _store(self, prepared: Prepared, line_numbers: Sequence[int] | None) -> Failure | None:
+        """``Producer._store`` on asyncio: each intent's fate in ``prepared``; what went wrong."""
+        s = self.settings
+        failure: Failure | None = None
+        done = 0
+        wakes: list[Wake] = []
+        async for rnd in self.store.enqueue_rounds(prepared.valid, max_pending=s.max_pending,
+                                                   min_replicas=s.enqueue_min_replicas,
+                                                   wait_ms=s.enqueue_wait_ms):
+            done = rnd.start + rnd.size
+            wakes.extend(rnd.wakes)
+            failure = bulk.apply_round(rnd, prepared, line_numbers, s.enqueue_min_replicas,
+                                       s.max_pending, s.enqueue_wait_ms)
+            if failure is not None:
+                break
+        bulk.unsent(prepared, done)
+        await self._send_wakes(merge_wakes(wakes))
+        return failure
+
+    @_guarded
+    async def requeue_failed(self, error: str | None = None) -> list[str]:
+        """Put failed intents (optionally only those that failed with ``error``) back into the
+        queue with a fresh retry budget; returns their ids."""
+        ids, wakes = await self.store.requeue_failed(error)
+        await self._send_wakes(wakes)
+        return ids
+
+    # -- status ------------------------------------------------------------------------------
+
+    @_guarded
+    async def status(self, intent_id: str) -> Status | None:
+        """The status of one intent, or None when the id is unknown."""
+        return (await self.store.statuses([intent_id]))[0]
+
+    @_guarded
+    async def statuses(self, ids: Sequence[str]) -> list[Status | None]:
+        return await self.store.statuses(ids)
+
+    async def wait(self, ids: Sequence[str], timeout_s: float = 30.0,
+                   poll_s: float = 0.05) -> list[Status | None]:
+        """Poll until every known id is terminal; raises ``TimeoutError`` past ``timeout_s``.
+
+        Unknown ids come back as None at once (they will never become terminal).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            statuses = await self.statuses(ids)
+            if all(st is None or st.terminal for st in statuses):
+                return statuses
+            if time.monotonic() >= deadline:
+                pending = sum(1 for st in statuses if st is not None and not st.terminal)
+                raise TimeoutError(f"{pending} of {len(ids)} intents not terminal after "
+                                   f"{timeout_s:g} s")
+            await asyncio.sleep(poll_s)
+
+    async def aclose(self) -> None:
+        """Close the Redis connections (and the broker's, if wakes were sent)."""
+        await asyncio.to_thread(self.wakes.close)
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncProducer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _listed(intents: Iterable[Any]) -> list[Any]:
+    try:
+        return list(intents)
+    except TypeError:
+        raise IntentError("intents", "must be an iterable of intents") from None

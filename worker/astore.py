@@ -1,0 +1,96 @@
+"""The producer's side of the store on ``redis.asyncio``, for ``AsyncProducer``.
+
+The same Lua scripts, the same calls: the arguments come from ``store.Layout`` and the replies
+are read by ``store.round_of`` and ``store.requeued``, so the sync and the asyncio doors cannot
+drift apart. Only what a producer needs is here (enqueue, requeue, statuses, known apps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from .model import Intent, Status
+from .store import (
+    ENQUEUE_CHUNK,
+    SCRIPTS,
+    Layout,
+    Round,
+    Wake,
+    _load_script,
+    _text,
+    record_to_status,
+    requeued,
+    round_of,
+)
+
+#: intents per round trip: as the sync store (``ENQUEUE_CHUNK`` per script call, ten calls)
+PER_ROUND = ENQUEUE_CHUNK * 10
+
+
+class AsyncStore(Layout):
+    """Enqueue, requeue and read statuses through a ``redis.asyncio`` client."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str = "tpns:", **limits: Any) -> None:
+        super().__init__(prefix, **limits)
+        self.redis = client
+        self._sources = {name: _load_script(name) for name in SCRIPTS}
+        self._shas = {name: hashlib.sha1(src.encode("utf-8")).hexdigest()
+                      for name, src in self._sources.items()}
+
+    async def _run(self, name: str, args: Sequence[Any]) -> Any:
+        """One script call by SHA, loading the script when the server does not have it."""
+        try:
+            return await self.redis.evalsha(self._shas[name], 0, *args)
+        except redis.exceptions.NoScriptError:
+            await self.redis.script_load(self._sources[name])
+            return await self.redis.evalsha(self._shas[name], 0, *args)
+
+    async def enqueue_rounds(self, intents: Sequence[tuple[str, Intent]], *, max_pending: int = 0,
+                             min_replicas: int = 0, wait_ms: int = 1000) -> AsyncIterator[Round]:
+        """``Store.enqueue_rounds`` on asyncio: the same rounds, the same ``Round`` answers."""
+        for start in range(0, len(intents), PER_ROUND):
+            block = intents[start:start + PER_ROUND]
+            calls = self.enqueue_calls(block, max_pending)
+            sent = False
+            try:
+                for _attempt in range(2):
+                    pipe = self.redis.pipeline(transaction=False)
+                    # connect first: a failure here means nothing of this round left the process
+                    pipe.connection = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+                    sent = True
+                    for args in calls:
+                        pipe.evalsha(self._shas["enqueue"], 0, *args)
+                    if min_replicas > 0:
+                        pipe.execute_command("WAIT", min_replicas, wait_ms)
+                    replies = await pipe.execute(raise_on_error=False)
+                    if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                        break
+                    # a restarted server lost its scripts (then none of the calls ran): load, redo
+                    await self.redis.script_load(self._sources["enqueue"])
+            except (redis.RedisError, OSError) as exc:
+                yield Round(start, len(block), error=exc, sent=sent)
+                return
+            done = round_of(start, block, calls, replies, min_replicas)
+            yield done
+            if done.error is not None:
+                return
+
+    async def requeue_failed(self, error: str | None = None,
+                             limit: int = 100_000) -> tuple[list[str], tuple[Wake, ...]]:
+        return requeued(await self._run("requeue_failed", self.requeue_failed_args(error, limit)))
+
+    async def statuses(self, ids: Sequence[str]) -> list[Status | None]:
+        if not ids:
+            return []
+        raws = await self.redis.mget([self.key("i", i) for i in ids])
+        return [None if raw is None else record_to_status(i, json.loads(raw))
+                for i, raw in zip(ids, raws, strict=True)]
+
+    async def known_apps(self) -> set[str]:
+        return {_text(a) for a in await self.redis.smembers(self.key("apps"))}
