@@ -43,17 +43,18 @@ class AsyncStore(Layout):
         self._shas = {name: hashlib.sha1(src.encode("utf-8")).hexdigest()
                       for name, src in self._sources.items()}
 
-    async def _run(self, name: str, args: Sequence[Any]) -> Any:
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """One script call by SHA, loading the script when the server does not have it."""
         try:
-            return await self.redis.evalsha(self._shas[name], 0, *args)
+            return await self.redis.evalsha(self._shas[name], len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             await self.redis.script_load(self._sources[name])
-            return await self.redis.evalsha(self._shas[name], 0, *args)
+            return await self.redis.evalsha(self._shas[name], len(keys), *keys, *args)
 
     async def enqueue_rounds(self, intents: Sequence[tuple[str, Intent]], *, max_pending: int = 0,
                              min_replicas: int = 0, wait_ms: int = 1000) -> AsyncIterator[Round]:
         """``Store.enqueue_rounds`` on asyncio: the same rounds, the same ``Round`` answers."""
+        keys = self.enqueue_keys
         for start in range(0, len(intents), PER_ROUND):
             block = intents[start:start + PER_ROUND]
             calls = self.enqueue_calls(block, max_pending)
@@ -65,7 +66,7 @@ class AsyncStore(Layout):
                     pipe.connection = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
                     sent = True
                     for args in calls:
-                        pipe.evalsha(self._shas["enqueue"], 0, *args)
+                        pipe.evalsha(self._shas["enqueue"], len(keys), *keys, *args)
                     if min_replicas > 0:
                         pipe.execute_command("WAIT", min_replicas, wait_ms)
                     replies = await pipe.execute(raise_on_error=False)
@@ -83,14 +84,15 @@ class AsyncStore(Layout):
 
     async def requeue_failed(self, error: str | None = None,
                              limit: int = 100_000) -> tuple[list[str], tuple[Wake, ...]]:
-        return requeued(await self._run("requeue_failed", self.requeue_failed_args(error, limit)))
+        return requeued(await self._run("requeue_failed", self.requeue_failed_keys,
+                                        self.requeue_failed_args(error, limit)))
 
     async def statuses(self, ids: Sequence[str]) -> list[Status | None]:
         if not ids:
             return []
-        raws = await self.redis.mget([self.key("i", i) for i in ids])
+        raws = await self.redis.mget([self.keys.record(i) for i in ids])
         return [None if raw is None else record_to_status(i, json.loads(raw))
                 for i, raw in zip(ids, raws, strict=True)]
 
     async def known_apps(self) -> set[str]:
-        return {_text(a) for a in await self.redis.smembers(self.key("apps"))}
+        return {_text(a) for a in await self.redis.smembers(self.keys.apps)}
