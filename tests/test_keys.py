@@ -68,7 +68,7 @@ def test_the_prelude_is_valid_lua_with_the_values_of_keys(rconn: redis.Redis) ->
         " STATE_NAME['ok'], #PENDING_STATES, PENDING_STATES[1], #OPERATOR_TYPES, P}")
     got = rconn.eval(script, 0, "pfx:")
     assert got == [keys.RECORD, keys.WAKE_LINGER, keys.WAKE_FLAG_MS, len(keys.LATENCY_BUCKETS_MS),
-                   keys.LATENCY_BUCKETS_MS[-1], "succeeded", 3, "queued", 5, "pfx:"]
+                   keys.LATENCY_BUCKETS_MS[-1], "succeeded", 4, "queued", 5, "pfx:"]
 
 
 def test_record_states_name_every_state() -> None:

@@ -166,7 +166,8 @@ def test_terminal_records_expire_and_pending_ones_do_not(client: redis.Redis, pr
     assert done is not None and done.to_dict() | {"created_at": "", "updated_at": ""} == {
         "id": "i1", "operator_type": 2, "token": "t1", "account_list": [{"account": "u1", "account_type": 0}],
         "state": "succeeded", "attempts": 1, "result_code": "0", "ret_code": 0, "err_msg": "NO_ERROR",
-        "error": None, "batch_id": claim.batch_id, "created_at": "", "updated_at": ""}
+        "error": None, "batch_id": claim.batch_id, "verified": None, "created_at": "",
+        "updated_at": ""}
     assert done.created_at.endswith("Z") and done.updated_at >= done.created_at
     assert store.status("nope") is None
 

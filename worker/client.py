@@ -53,6 +53,8 @@ from .tpns_codes import (
     CREDENTIALS_RET_CODES,
     ITEM_LEVEL_RET_CODES,
     MAX_ITEMS_PER_CALL,
+    NOTHING_BOUND,
+    QUERY_PATH,
     RATE_LIMITED_RET_CODE,
     REJECTED_RET_CODES,
     RETRY_AFTER_CAP_S,
@@ -177,6 +179,7 @@ class TpnsClient:
             raise ValueError("timeouts and waits must be positive, wait_min_s <= wait_max_s")
         self.app = app
         self.url = app.base_url.rstrip("/") + BATCHOPERATE_PATH
+        self.query_url = app.base_url.rstrip("/") + QUERY_PATH
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.wait_min_s = wait_min_s
@@ -219,14 +222,24 @@ class TpnsClient:
         ``TransientError`` (see ``worker.errors``). ``ValueError`` for a batch that
         ``build_body`` refuses.
         """
-        body = encode_body(build_body(operator_type, items))
-        count = len(items)
+        return self._call(operator_type, len(items),
+                          encode_body(build_body(operator_type, items)), query=False)
+
+    def query(self, body: dict[str, Any]) -> CallResult:
+        """Send one ``/v3/device/account/query`` call (SPEC §6.1) with the same auth, in-call
+        retries and errors as ``batchoperate``; the answer's JSON is in ``CallResult.data``.
+        A ``retCode`` of 10110008 (nothing bound to any key asked) is an answer too."""
+        keys = body.get("account_list") or body.get("token_list") or []
+        return self._call(int(body["operator_type"]), len(keys), encode_body(body), query=True)
+
+    def _call(self, operator_type: int, count: int, body: bytes, *, query: bool) -> CallResult:
         attempts = 0
+        what = "query" if query else "batchoperate"
 
         def attempt() -> CallResult:
             nonlocal attempts
             attempts += 1
-            return self._send_once(operator_type, count, body, attempts)
+            return self._send_once(operator_type, count, body, attempts, query=query)
 
         stop: Any = stop_after_attempt(self.max_attempts)
         if self.budget_s is not None:
@@ -235,7 +248,7 @@ class TpnsClient:
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
             code = exc.code if isinstance(exc, TpnsError) else type(exc).__name__
-            logger.warning("batchoperate op=%d items=%d attempt %d failed (%s); retrying in %.2fs",
+            logger.warning("%s op=%d items=%d attempt %d failed (%s); retrying in %.2fs", what,
                            operator_type, count, state.attempt_number, code, state.upcoming_sleep)
 
         retrying = Retrying(  # a fresh one per call: Retrying instances are not thread-safe
@@ -264,22 +277,25 @@ class TpnsClient:
             headers.update(sign_headers(self._access_id, self._secret, body, int(self._clock())))
         return headers
 
-    def _send_once(self, operator_type: int, count: int, body: bytes, attempt: int) -> CallResult:
+    def _send_once(self, operator_type: int, count: int, body: bytes, attempt: int, *,
+                   query: bool = False) -> CallResult:
         """One HTTP request: returns a ``CallResult`` or raises the classified ``TpnsError``."""
+        what = "query" if query else "batchoperate"
         if self._before_call is not None:
             self._before_call()
         started = time.perf_counter()
         response: requests.Response | None = None
         failure: TpnsError | None = None
         try:
-            response = self._session.post(self.url, data=body, headers=self._headers(body),
+            response = self._session.post(self.query_url if query else self.url, data=body,
+                                          headers=self._headers(body),
                                           timeout=(self.timeout_s, self.timeout_s), verify=True,
                                           allow_redirects=False)
         except requests.Timeout as exc:
-            failure = TransportError(f"batchoperate timed out after {self.timeout_s:g}s "
+            failure = TransportError(f"{what} timed out after {self.timeout_s:g}s "
                                      f"({type(exc).__name__})", code="timeout")
         except requests.RequestException as exc:
-            failure = TransportError(f"batchoperate connection failed ({type(exc).__name__})",
+            failure = TransportError(f"{what} connection failed ({type(exc).__name__})",
                                      code="connection_error")
         latency_ms = (time.perf_counter() - started) * 1000.0
         # raised outside the ``except`` blocks so that requests' exception (which holds the
@@ -287,7 +303,7 @@ class TpnsClient:
         if failure is None:
             assert response is not None
             try:
-                failure_or_result = self._classify(response, attempt, latency_ms)
+                failure_or_result = self._classify(response, attempt, latency_ms, query)
             finally:
                 response.close()
         else:
@@ -297,19 +313,19 @@ class TpnsClient:
                   "http_status": failure_or_result.http_status,
                   "latency_ms": round(latency_ms, 1), "attempt": attempt}
         if isinstance(failure_or_result, TpnsError):
-            logger.info("batchoperate op=%d items=%d ret_code=%s error=%s http_status=%s "
-                        "latency_ms=%.1f attempt=%d", operator_type, count,
+            logger.info("%s op=%d items=%d ret_code=%s error=%s http_status=%s "
+                        "latency_ms=%.1f attempt=%d", what, operator_type, count,
                         failure_or_result.ret_code, failure_or_result.code,
                         failure_or_result.http_status, latency_ms, attempt,
                         extra={**fields, "error": failure_or_result.code})
             raise failure_or_result
-        logger.info("batchoperate op=%d items=%d ret_code=%d http_status=%d latency_ms=%.1f "
-                    "attempt=%d", operator_type, count, failure_or_result.ret_code,
+        logger.info("%s op=%d items=%d ret_code=%d http_status=%d latency_ms=%.1f "
+                    "attempt=%d", what, operator_type, count, failure_or_result.ret_code,
                     failure_or_result.http_status, latency_ms, attempt, extra=fields)
         return failure_or_result
 
-    def _classify(self, response: requests.Response, attempt: int,
-                  latency_ms: float) -> CallResult | TpnsError:
+    def _classify(self, response: requests.Response, attempt: int, latency_ms: float,
+                  query: bool = False) -> CallResult | TpnsError:
         status = response.status_code
         content = response.content  # already read by post() (not streamed)
         parsed = _parse_body(content)
@@ -329,14 +345,15 @@ class TpnsClient:
                 f"TPNS answered HTTP {status} with a body that is not a JSON object with an "
                 f"integer ret_code ({len(content)} bytes)", http_status=status)
         err_msg = err_msg or ""
-        if kind == "accepted":
+        if kind == "accepted" or (query and ret_code == int(NOTHING_BOUND)):
             result = parsed[2]
             if result is None:
                 return BadResponseError(f"TPNS answered ret_code {ret_code} with a `result` "
                                         "that is not a list", ret_code=ret_code,
                                         http_status=status, err_msg=err_msg)
             return CallResult(ret_code=ret_code, err_msg=err_msg, result=result,
-                              http_status=status, attempts=attempt, latency_ms=latency_ms)
+                              http_status=status, attempts=attempt, latency_ms=latency_ms,
+                              data=parsed[3] if query else None)
         return _ret_code_error(kind, ret_code, err_msg, status)
 
     def _redact(self, text: str) -> str:
@@ -359,8 +376,9 @@ def _ret_code_error(kind: str, ret_code: int, err_msg: str, status: int) -> Tpns
     return UnexpectedRetCodeError(message, code=f"ret_{ret_code}", **kw)
 
 
-def _parse_body(content: bytes) -> tuple[int, str, tuple[str, ...] | None] | None:
-    """``(ret_code, err_msg, result)`` from a response body, or None when it is not TPNS JSON.
+def _parse_body(content: bytes) -> tuple[int, str, tuple[str, ...] | None, dict[str, Any]] | None:
+    """``(ret_code, err_msg, result, the whole object)`` from a response body, or None when it
+    is not TPNS JSON.
 
     ``retCode``/``errMsg`` (the query API's spelling) are accepted too. ``result`` is None when
     present but not a list, ``()`` when absent.
@@ -380,7 +398,7 @@ def _parse_body(content: bytes) -> tuple[int, str, tuple[str, ...] | None] | Non
     if raw is None:
         raw = []
     result = tuple(str(code) for code in raw) if isinstance(raw, list) else None
-    return ret_code, err_msg, result
+    return ret_code, err_msg, result, data
 
 
 def _retry_after_s(value: str | None, now: float) -> float | None:

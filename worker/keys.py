@@ -6,6 +6,7 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
     P ko:{shard}         hashes: digest of a key (app+token, app+account+type) -> latest pending holder
     P q:{app}:{op}       list: ids eligible now, oldest first
     P d:{app}:{op}       zset: retrying ids by the time their backoff ends
+    P v:{app}            zset: verifying ids by the time of their next check (SPEC §6.1)
     P batches, P leases  hash batch_id -> its ids; zset batch_id -> lease deadline
     P seq                the batch sequence number
     P n                  hash of counters: "<state>:<op>", "enqueued:<op>", calls, items_sent, ...
@@ -16,6 +17,7 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
     P rate:{app}         the global rate limit's next free slot (GCRA)
     P wake:{app}:{op}    a full batch's wake is on its way (PX ``WAKE_FLAG_MS``)
     P wakel:{app}:{op}   a linger wake is on its way (PX the linger, or the wait left)
+    P wakev:{app}        a verify wake is on its way (PX the verify delay)
     P apps, P workers    set of app names workers serve; zset worker -> last heartbeat (s)
     P sweep              the sweep's lock (PX ``SWEEP_LOCK_MS``): one sweep per beat
     P probe:{host}:{pid} a worker watchdog's write probe (PX ``PROBE_TTL_MS``)
@@ -40,6 +42,7 @@ RECORD = "i:"
 KEY_INDEX = "ko:"
 READY = "q:"
 DELAYED = "d:"
+VERIFYING = "v:"
 BATCHES = "batches"
 LEASES = "leases"
 SEQ = "seq"
@@ -51,6 +54,7 @@ BACKOFF = "backoff:"
 RATE = "rate:"
 WAKE = "wake:"
 WAKE_LINGER = "wakel:"
+WAKE_VERIFY = "wakev:"
 APPS = "apps"
 WORKERS = "workers"
 SWEEP_LOCK = "sweep"
@@ -72,11 +76,14 @@ PROBE_TTL_MS = 10_000
 #: upper bounds (ms) of the call latency buckets complete.lua counts, non-cumulatively
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 #: a record's short state code -> the state's name (``worker.model.STATES``)
-RECORD_STATES = {"q": "queued", "s": "sending", "r": "retrying", "ok": "succeeded", "f": "failed"}
+RECORD_STATES = {"q": "queued", "s": "sending", "v": "verifying", "r": "retrying",
+                 "ok": "succeeded", "f": "failed"}
 
 #: the Celery task names (wake-ups name the flush task; beat runs the sweep)
 FLUSH_TASK = "tpns.flush"
 SWEEP_TASK = "tpns.sweep"
+#: checks an app's verifying items that are due (SPEC §6.1); a ``Wake`` of kind ``verify``
+VERIFY_TASK = "tpns.verify"
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,12 @@ class Keys:
 
     def wake_linger(self, app: str, operator_type: int) -> str:
         return f"{self.prefix}{WAKE_LINGER}{app}:{operator_type}"
+
+    def verifying(self, app: str) -> str:
+        return f"{self.prefix}{VERIFYING}{app}"
+
+    def wake_verify(self, app: str) -> str:
+        return f"{self.prefix}{WAKE_VERIFY}{app}"
 
     def pause(self, app: str) -> str:
         return f"{self.prefix}{PAUSE}{app}"
@@ -179,7 +192,7 @@ def _lua(value: object) -> str:
 LUA_CONSTANTS: dict[str, object] = {
     "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_READY": READY, "K_DELAYED": DELAYED,
     "K_PAUSE": PAUSE, "K_BACKOFF": BACKOFF, "K_RATE": RATE, "K_WAKE": WAKE,
-    "K_WAKE_LINGER": WAKE_LINGER,
+    "K_WAKE_LINGER": WAKE_LINGER, "K_VERIFYING": VERIFYING, "K_WAKE_VERIFY": WAKE_VERIFY,
     "WAKE_FLAG_MS": WAKE_FLAG_MS,
     "LAT_BUCKETS": LATENCY_BUCKETS_MS,
     "STATE_NAME": RECORD_STATES,

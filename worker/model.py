@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: states of an intent; ``succeeded`` and ``failed`` are terminal
-STATES = ("queued", "sending", "retrying", "succeeded", "failed")
+#: ``verifying`` only with TPNS_VERIFY=on: accepted by TPNS, keys held until seen applied
+STATES = ("queued", "sending", "verifying", "retrying", "succeeded", "failed")
 TERMINAL_STATES = frozenset({"succeeded", "failed"})
 #: states of an intent still to be decided (what ``TPNS_MAX_PENDING`` counts)
 PENDING_STATES = tuple(s for s in STATES if s not in TERMINAL_STATES)
@@ -83,6 +84,8 @@ class Status:
     err_msg: str | None = None
     error: str | None = None
     batch_id: str | None = None
+    #: True once seen applied, False while verifying (or not seen), None without verification
+    verified: bool | None = None
 
     @property
     def terminal(self) -> bool:
@@ -102,5 +105,6 @@ class Status:
                 out["account_list"] = self.account_list
         out.update(state=self.state, attempts=self.attempts, result_code=self.result_code,
                    ret_code=self.ret_code, err_msg=self.err_msg, error=self.error,
-                   batch_id=self.batch_id, created_at=self.created_at, updated_at=self.updated_at)
+                   batch_id=self.batch_id, verified=self.verified, created_at=self.created_at,
+                   updated_at=self.updated_at)
         return out

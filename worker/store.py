@@ -78,7 +78,8 @@ class Wake:
 
     app: str
     operator_type: int
-    kind: Literal["now", "linger"]
+    #: ``verify``: check the app's due verifying items (operator_type 0, SPEC §6.1)
+    kind: Literal["now", "linger", "verify"]
     #: for a linger wake: how long to wait, when known better than the whole linger
     delay_s: float | None = None
 
@@ -180,7 +181,8 @@ def intent_arg(intent_id: str, intent: Intent) -> str:
 
 
 #: the Lua scripts, each ``lua/lib.lua`` + ``lua/<name>.lua``
-SCRIPTS = ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle")
+SCRIPTS = ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle", "verify_claim",
+           "verify_done")
 
 
 class Layout:
@@ -229,10 +231,13 @@ class Store(Layout):
     """The Redis side of tpns-batcher. Thread-safe as far as the given redis client is."""
 
     def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20,
-                 linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800) -> None:
+                 linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800,
+                 verify: tuple[int, int] | None = None) -> None:
         super().__init__(prefix, max_items=max_items, linger_ms=linger_ms, lease_s=lease_s,
                          status_ttl_s=status_ttl_s)
         self.redis = client
+        #: (delay ms, timeout ms) with TPNS_VERIFY=on: accepted items go verifying (SPEC §6.1)
+        self.verify = verify
         self._scripts = {name: client.register_script(_load_script(name)) for name in SCRIPTS}
 
     # -- producers ---------------------------------------------------------------------------
@@ -391,7 +396,8 @@ class Store(Layout):
             self.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
             json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
             json.dumps({"op": operator_type, "bs": len(packed),
-                        "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]})])
+                        "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]}),
+            *(self.verify or ())])
         return Completion(int(raw[0]), int(raw[1]), _wakes(raw[2]))
 
     def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
@@ -565,9 +571,12 @@ class Store(Layout):
         for app, op in pairs:
             pipe.llen(self.keys.ready(app, op))
             pipe.lindex(self.keys.ready(app, op), 0)
+        for app in apps:  # the verifying item checked next: roughly the longest verifying
+            pipe.zrange(self.keys.verifying(app), 0, 0)
         res = pipe.execute()
         now_ms = res[0][0] * 1000 + res[0][1] // 1000
         heads = [res[1 + 2 * k + 1] for k in range(len(pairs))]
+        heads += [r[0] for r in res[1 + 2 * len(pairs):] if r]
         depth = {f"{a}:{op}": res[1 + 2 * k] for k, (a, op) in enumerate(pairs) if res[1 + 2 * k]}
         head_ids = [_text(h) for h in heads if h is not None]
         oldest_ms = 0
@@ -582,13 +591,18 @@ class Store(Layout):
             "states": totals,
             "by_operator_type": by_op,
             "eligible": depth,
-            "queue_depth": totals["queued"] + totals["retrying"],
+            # verifying items are pending: they hold their keys until seen applied (SPEC §6.1)
+            "queue_depth": totals["queued"] + totals["retrying"] + totals["verifying"],
             "in_flight": totals["sending"],
             "oldest_pending_age_s": round(oldest_ms / 1000, 3),
             "calls": calls,
             "items_sent": items_sent,
             "items_per_call": round(items_sent / calls, 2) if calls else 0.0,
             "leases_reclaimed": counters.get("leases_reclaimed", 0),
+            "verify": {"ok": counters.get("verify_ok", 0),
+                       "retry": counters.get("verify_retry", 0),
+                       "not_applied": counters.get("verify_not_applied", 0),
+                       "query_calls": counters.get("query_calls", 0)},
             "paused": {app: {"seconds_left": round(left, 1), "reason": reason}
                        for app, (left, reason) in self.pauses(apps).items()},
             "apps": apps,
@@ -640,6 +654,7 @@ def record_to_status(intent_id: str, rec: Mapping[str, Any]) -> Status:
         err_msg=rec.get("m"),
         error=rec.get("er"),
         batch_id=rec.get("b"),
+        verified=rec.get("vf"),
         created_at=iso_ms(rec["c"]),
         updated_at=iso_ms(rec.get("u", rec["c"])),
     )

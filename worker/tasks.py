@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, signals
@@ -12,9 +13,10 @@ from kombu.exceptions import OperationalError
 
 from .connections import redis_client
 from .flush import Flusher, FlushResult
-from .keys import FLUSH_TASK, SWEEP_TASK
+from .keys import FLUSH_TASK, SWEEP_TASK, VERIFY_TASK
 from .settings import Settings
 from .store import Store, unavailable
+from .verifier import Verifier
 from .wakeup import CeleryWaker
 from .watchdog import attach
 
@@ -32,6 +34,7 @@ def outage(exc: BaseException) -> bool:
 #: up to BATCHES_PER_TASK more batches while the shutdown waits for it
 _shutting_down = multiprocessing.Event()
 _local: dict[int, Flusher] = {}
+_verifiers: dict[int, Verifier] = {}
 
 
 @signals.worker_shutting_down.connect
@@ -50,13 +53,15 @@ def make_store(settings: Settings, redis_url: str, prefix: str) -> Store:
     client = redis_client(redis_url, health_check_interval=30,
                           socket_timeout=STORE_SOCKET_TIMEOUT_S,
                           socket_connect_timeout=STORE_CONNECT_TIMEOUT_S)
+    verify = (settings.verify_delay_ms, int(settings.verify_timeout_s * 1000)) \
+        if settings.verify else None
     return Store(client, prefix, max_items=settings.max_items_per_call,
                  linger_ms=settings.linger_ms, lease_s=settings.lease_s,
-                 status_ttl_s=settings.status_ttl_s)
+                 status_ttl_s=settings.status_ttl_s, verify=verify)
 
 
 def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> None:
-    """Register ``tpns.flush`` and ``tpns.sweep`` on ``app``.
+    """Register ``tpns.flush``, ``tpns.verify`` and ``tpns.sweep`` on ``app``.
 
     While Redis is unreachable a task ends quietly (a debug line; the watchdog logs the outage
     once) instead of with a traceback: nothing is lost, the sweep wakes the work again.
@@ -78,6 +83,8 @@ def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> No
                                   on_claim=progress.progressed)
         return _local[pid]
 
+    verifier = _register_verify(app, settings, flusher, progress.progressed)
+
     @app.task(name=FLUSH_TASK, ignore_result=True)
     def flush(app_name: str, operator_type: int) -> dict[str, Any]:
         try:
@@ -93,9 +100,43 @@ def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> No
     @app.task(name=SWEEP_TASK, ignore_result=True)
     def sweep() -> dict[str, int]:
         try:
-            return flusher().sweep()
+            done = flusher().sweep()
+            if not done.get("skipped"):
+                done["verify_wakes"] = verifier().sweep()
+            return done
         except Exception as exc:
             if not outage(exc):
                 raise
             logger.debug("sweep skipped: Redis unreachable (%r)", exc)
             return {"skipped": 1}
+
+
+def _register_verify(app: Celery, settings: Settings, flusher: Callable[[], Flusher],
+                     progressed: Callable[[], None]) -> Callable[[], Verifier]:
+    """Register ``tpns.verify`` (SPEC §6.1); returns the process's ``Verifier`` getter."""
+
+    def verifier() -> Verifier:
+        # one per process, on the flusher's store and waker (its own HTTP sessions)
+        pid = os.getpid()
+        if pid not in _verifiers:
+            _verifiers.clear()
+            flush_side = flusher()
+            _verifiers[pid] = Verifier(settings, flush_side.store, flush_side.wake)
+        return _verifiers[pid]
+
+    @app.task(name=VERIFY_TASK, ignore_result=True)
+    def verify(app_name: str) -> dict[str, Any]:
+        # runs whatever TPNS_VERIFY says now: items that went verifying before it was turned
+        # off still hold their keys and must be checked
+        try:
+            progressed()
+            result = verifier().verify(app_name)
+        except Exception as exc:
+            if not outage(exc):
+                raise
+            logger.debug("verify %s stopped: Redis unreachable (%r)", app_name, exc)
+            return {"rounds": 0, "stopped": "redis_unreachable"}
+        return {"rounds": result.rounds, "items": result.items, "verified": result.verified,
+                "stopped": result.stopped}
+
+    return verifier

@@ -12,8 +12,9 @@ code added here is tested.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 # -- the request ---------------------------------------------------------------------------------
 
@@ -154,3 +155,5 @@ class CallResult:
     http_status: int
     attempts: int
     latency_ms: float
+    #: the whole answer, for a query call (its ``account_tokens`` / ``token_accounts``)
+    data: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)

@@ -142,6 +142,9 @@ def read_answer(call: QueryCall, data: Mapping[str, Any], into: Observed) -> int
     """
     raw = data.get("result")
     result = [str(c) for c in raw] if isinstance(raw, list) else []
+    if not result and data.get("retCode", data.get("ret_code")) == int(NOTHING_BOUND):
+        # the whole call answered "no token, no account": nothing is bound to any key asked
+        result = [NOTHING_BOUND] * call.size
     if call.operator_type == QUERY_ACCOUNTS:
         entries = _entries(data.get("account_tokens"))
         for index, key in enumerate(call.accounts):

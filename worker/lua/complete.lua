@@ -1,6 +1,9 @@
 -- KEYS: counters, metrics, batches, leases, failed
 -- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, calls, items_sent,
---       metrics_json
+--       metrics_json[, verify_delay_ms, verify_timeout_ms]
+-- With the verify pair (TPNS_VERIFY=on, SPEC 6.1) an accepted item ('ok') is 'verifying' instead
+-- of succeeded: it keeps its keys, its first check is due after the delay, and its deadline is
+-- the timeout from now; the reply's wakes then include one verify wake per app ("app:0:verify").
 -- outcomes: [{i, s = ok|f|r|q, rc?, ret?, m?, er?, dl? (retry delay ms)}]
 -- metrics: {op, bs = batch size, c = [[call result class, latency ms or -1], ...]} -> hash P.."m"
 --   (cluster-wide figures for /metrics: calls by op and class, latency and batch-size buckets)
@@ -11,6 +14,8 @@ local N, mk, batches_key, leases_key, failed_key = KEYS[1], KEYS[2], KEYS[3], KE
 local batch_id, ttl = ARGV[2], tonumber(ARGV[3])
 local max_items, linger_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local outcomes = cjson.decode(ARGV[6])
+local verify_delay, verify_timeout = tonumber(ARGV[10] or ''), tonumber(ARGV[11] or '')
+local to_verify = {}
 local now = now_ms()
 local counts, woken = {}, {}
 local applied, stale = 0, 0
@@ -46,7 +51,13 @@ for _, out in ipairs(outcomes) do
     bump(counts, 'sending', op, -1)
     rec.u = now
     rec.rc, rec.ret, rec.m, rec.er = opt(out.rc), opt(out.ret), opt(out.m), opt(out.er)
-    if out.s == 'ok' or out.s == 'f' then
+    if out.s == 'ok' and verify_delay then
+      rec.s, rec.vf, rec.vt, rec.vk = 'v', false, now + verify_timeout, 0
+      save(out.i, rec)
+      redis.call('ZADD', verify_key(rec.a), now + verify_delay, out.i)
+      bump(counts, 'verifying', op, 1)
+      to_verify[rec.a] = true
+    elseif out.s == 'ok' or out.s == 'f' then
       rec.s = out.s
       release(out.i, rec, now, woken)
       save(out.i, rec, ttl)
@@ -81,4 +92,11 @@ end
 -- failed ids are kept as long as their records, for `requeue-failed` and the status page
 redis.call('ZREMRANGEBYSCORE', failed_key, '-inf', now - ttl * 1000)
 flush_counts(N, counts)
-return {applied, stale, wakes(woken, max_items, linger_ms)}
+local out_wakes = wakes(woken, max_items, linger_ms)
+for app, _ in pairs(to_verify) do
+  -- one delayed verify wake per app and delay window; the sweep catches the rest
+  if redis.call('SET', P .. K_WAKE_VERIFY .. app, '1', 'NX', 'PX', math.max(verify_delay, 1)) then
+    out_wakes[#out_wakes + 1] = app .. ':0:verify'
+  end
+end
+return {applied, stale, out_wakes}

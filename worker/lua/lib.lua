@@ -3,8 +3,10 @@
 -- STATE_NAME, PENDING_STATES, OPERATOR_TYPES). The keys a script knows up front come in KEYS.
 -- Record of intent ID at P.."i:"..ID, a JSON string with short fields:
 --   o op, a app, t token (ops 1-4), l [[account, type], ...], c created ms, u updated ms (absent = c),
---   s state (q sending r ok f), n attempts, d predecessors still pending (absent = 0),
---   w ids waiting on this one, b batch id, rc/ret/m/er result code, ret_code, err_msg, error.
+--   s state (q sending v r ok f), n attempts, d predecessors still pending (absent = 0),
+--   w ids waiting on this one, b batch id, rc/ret/m/er result code, ret_code, err_msg, error,
+--   vf verified (absent: verification off), and while verifying (s = v, SPEC 6.1): vt the
+--   deadline ms, vk checks made, vb the id of the check holding it under a lease.
 -- P.."ko:<shard>" maps a 10-hex digest of each key (app + token, app + account + type) to the
 -- latest pending intent holding it: per-key order is a chain of "waits for" edges along it.
 local function now_ms()
@@ -15,6 +17,7 @@ end
 local function rec_key(id) return P .. K_RECORD .. id end
 local function ready_key(app, op) return P .. K_READY .. app .. ':' .. op end
 local function delayed_key(app, op) return P .. K_DELAYED .. app .. ':' .. op end
+local function verify_key(app) return P .. K_VERIFYING .. app end
 
 -- the app is left out of a record when it is 'default' (bytes per pending intent count)
 local function load(id)

@@ -1,7 +1,9 @@
 -- KEYS: counters, leases, batches
 -- ARGV: prefix, max_items, linger_ms, limit
 -- Batches whose lease ran out (a worker died or hung mid-call) go back to their queues; their
--- attempt stays counted since the call may have been made. Returns {reclaimed_items, wakes}.
+-- attempt stays counted since the call may have been made. A check's lease (verification, SPEC
+-- 6.1) hands its items back to their app's verifying set, due at once: they stay verifying, keys
+-- held, and their deadline stands. Returns {reclaimed_items, wakes}.
 local N, leases_key, batches_key = KEYS[1], KEYS[2], KEYS[3]
 local max_items, linger_ms, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
@@ -17,7 +19,12 @@ for _, batch_id in ipairs(redis.call('ZRANGEBYSCORE', leases_key, '-inf', now, '
     for k = #b.i, 1, -1 do
       local id = b.i[k]
       local rec = load(id)
-      if rec and rec.s == 's' and rec.b == batch_id then
+      if rec and rec.s == 'v' and rec.vb == batch_id then
+        rec.vb = nil
+        save(id, rec)
+        redis.call('ZADD', verify_key(rec.a), now, id)
+        reclaimed = reclaimed + 1
+      elseif rec and rec.s == 's' and rec.b == batch_id then
         rec.s = 'q'
         rec.u = now - linger_ms
         rec.er = 'lease_expired'
