@@ -79,6 +79,8 @@ class GroupCommit(Generic[T, R]):
         self._queue: deque[_Slot[T, R]] = deque()
         self._leading = False
         self._arriving = 0
+        #: items of the last call
+        self._last = 1
         self.commits = 0
         self.items = 0
 
@@ -114,6 +116,18 @@ class GroupCommit(Generic[T, R]):
         self._lead()
         return self._answer(slot)
 
+    def _gather(self) -> None:
+        """Wait (at most ``window_s``, lock held but released while waiting) for the callers on
+        their way: those preparing their item now, and as many as the last call carried — the
+        callers it answered are typically back with their next item in a moment. A lone caller
+        (the last call carried one, nobody is preparing) does not wait at all."""
+        deadline = time.monotonic() + self.window_s
+        while len(self._queue) < self.max_batch and (
+                self._arriving > 0 or len(self._queue) < self._last):
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._cond.wait(left):
+                return
+
     @staticmethod
     def _answer(slot: _Slot[T, R]) -> R:
         answer = slot.answer
@@ -127,13 +141,10 @@ class GroupCommit(Generic[T, R]):
         batch: list[_Slot[T, R]] = []
         try:
             with self._cond:
-                deadline = time.monotonic() + self.window_s
-                while self._arriving > 0 and len(self._queue) < self.max_batch:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self._cond.wait(left):
-                        break
+                self._gather()
                 while self._queue and len(batch) < self.max_batch:
                     batch.append(self._queue.popleft())
+                self._last = len(batch)
             answers = _answers(self._commit, [s.item for s in batch])
             self.commits += 1
             self.items += len(batch)

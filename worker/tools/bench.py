@@ -318,10 +318,17 @@ def results_table(results: dict[str, Any]) -> Table:
 @click.option("--baseline-intents", type=click.IntRange(20, None), default=None,
               help=f"Intents for the naive baseline [default: min(--intents, "
                    f"{BASELINE_MAX_INTENTS})].")
+@click.option("--ingest", is_flag=True,
+              help="Measure the doors instead: single-intent POST/s of serve vs a bare Starlette "
+                   "endpoint, Producer.submit from 1 and 16 threads, AsyncProducer.submit from "
+                   "256 tasks, submit_many (worker/tools/ingest.py).")
+@click.option("--ingest-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+              help="Length of each --ingest phase.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_command(count: int, tokens: int | None, latency_ms: float, workers: int,
                   concurrency: int | None, light_seconds: float, light_rate: float,
-                  baseline_intents: int | None, as_json: bool) -> None:
+                  baseline_intents: int | None, ingest: bool, ingest_seconds: float,
+                  as_json: bool) -> None:
     """Benchmark the whole path on this machine against the naive design (SPEC §10).
 
     Starts a private Redis (or uses REDIS_URL under a fresh prefix), the sandbox with the given
@@ -329,6 +336,12 @@ def bench_command(count: int, tokens: int | None, latency_ms: float, workers: in
     light fixed rate, then runs the naive design (one Celery task and one HTTP call per intent)
     with the same workers and concurrency. Progress goes to stderr.
     """
+    if ingest:
+        from .ingest import run_ingest
+
+        figures = run_ingest(Reporter(), seconds=ingest_seconds)
+        click.echo(json.dumps(figures) if as_json else json.dumps(figures, indent=2))
+        return
     settings_env = {k: v for k, v in os.environ.items() if k == "TPNS_LINGER_MS"}
     linger_ms = Settings.from_env(settings_env).linger_ms if settings_env else 250
     config = BenchConfig(intents=count, tokens=tokens, latency_ms=latency_ms, workers=workers,
