@@ -4,6 +4,9 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
 
     P i:{id}             the intent's record (JSON string; a TTL once terminal)
     P ko:{shard}         hashes: digest of a key (app+token, app+account+type) -> latest pending holder
+    P h:{shard}          hashes: the same digests -> the latest intent that named the key, any state
+                         (history by key; each record links to its predecessors, ``hp``)
+    P events             the events stream (capped at ``TPNS_EVENTS_MAXLEN``)
     P q:{app}:{op}       list: ids eligible now, oldest first
     P d:{app}:{op}       zset: retrying ids by the time their backoff ends
     P v:{app}            zset: verifying ids by the time of their next check (SPEC §6.1)
@@ -40,6 +43,8 @@ DEFAULT_PREFIX = "tpns:"
 #: the part after the prefix of each key (a trailing ``:`` is followed by the key's own parts)
 RECORD = "i:"
 KEY_INDEX = "ko:"
+HISTORY = "h:"
+EVENTS = "events"
 READY = "q:"
 DELAYED = "d:"
 VERIFYING = "v:"
@@ -94,6 +99,14 @@ class Keys:
 
     def record(self, intent_id: str) -> str:
         return f"{self.prefix}{RECORD}{intent_id}"
+
+    def history(self, digest: str) -> str:
+        """The history shard of a key's digest (its first 3 hex digits, as ``lib.lua``)."""
+        return f"{self.prefix}{HISTORY}{digest[:3]}"
+
+    @property
+    def events(self) -> str:
+        return self.prefix + EVENTS
 
     def ready(self, app: str, operator_type: int) -> str:
         return f"{self.prefix}{READY}{app}:{operator_type}"
@@ -190,7 +203,7 @@ def _lua(value: object) -> str:
 
 #: what every script sees as Lua locals (names as in the scripts)
 LUA_CONSTANTS: dict[str, object] = {
-    "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_READY": READY, "K_DELAYED": DELAYED,
+    "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_HISTORY": HISTORY, "K_READY": READY, "K_DELAYED": DELAYED,
     "K_PAUSE": PAUSE, "K_BACKOFF": BACKOFF, "K_RATE": RATE, "K_WAKE": WAKE,
     "K_WAKE_LINGER": WAKE_LINGER, "K_VERIFYING": VERIFYING, "K_WAKE_VERIFY": WAKE_VERIFY,
     "WAKE_FLAG_MS": WAKE_FLAG_MS,

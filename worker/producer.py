@@ -17,7 +17,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis
@@ -29,7 +29,9 @@ from .bulk import AppNames, BulkResult, Failure, Prepared, new_id
 from .connections import redis_client
 from .embedded import resolve_redis_url
 from .errors import IntentError, StoreError, StoreUnavailableError
+from .events import Event, EventReader, Gap
 from .groupcommit import GroupCommit
+from .history import history_query
 from .intents import validate
 from .model import Intent, Status
 from .settings import Settings, redact_url
@@ -42,6 +44,7 @@ __all__ = ["BulkResult", "Producer", "new_id"]
 WakeHook = Callable[[Sequence[Wake]], None]
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 #: seconds to open a connection to Redis; a producer must answer, not hang, when Redis is away
 CONNECT_TIMEOUT_S = 2.0
@@ -133,7 +136,8 @@ class Producer:
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), RETRIES))
         self.store = Store(self.redis, prefix or s.prefix,
                            max_items=s.max_items_per_call, linger_ms=s.linger_ms,
-                           lease_s=s.lease_s, status_ttl_s=s.status_ttl_s)
+                           lease_s=s.lease_s, status_ttl_s=s.status_ttl_s,
+                           events_maxlen=s.events_maxlen)
         self.wakes = WakeSender(s, url, self.store.prefix, wake)
         self.app_names = AppNames(s.apps)
         #: concurrent ``submit`` calls share one enqueue call (``worker.groupcommit``)
@@ -288,6 +292,34 @@ class Producer:
     @_guarded
     def stats(self) -> dict[str, Any]:
         return self.store.stats(self.apps())
+
+    # -- history and events ------------------------------------------------------------------
+
+    @_guarded
+    def history(self, token: str | None = None, *, account: str | None = None,
+                account_type: int | None = None, app: str | None = None,
+                limit: int | None = None) -> list[Status]:
+        """The latest intents that named ``token``, or ``account`` with its ``account_type``
+        (default 0), in ``app`` (default: the default app), newest first, with their statuses;
+        at most ``limit`` (default 50, at most 500). Bad parameters raise ``IntentError``."""
+        query = history_query(token=token, account=account, account_type=account_type, app=app,
+                              limit=limit, default_app=self.settings.default_app)
+        return self.store.history(query)
+
+    def events(self, from_id: str = "0", *, follow: bool = False,
+               state: str | None = None) -> Iterator[Event | Gap]:
+        """The events stream (SPEC §8) from ``from_id`` (``0``: all kept, ``$``: only new ones,
+        or a stream id to resume after): ``Event``s, and a ``Gap`` where entries were trimmed
+        before they were read. With ``follow``, waits for new ones until the caller stops.
+        Bad parameters raise ``IntentError`` at once."""
+        reader = EventReader(self.redis, self.store.keys.events, from_id, state=state)
+        return self._guard_iter(reader.follow(follow=follow))
+
+    def _guard_iter(self, items: Iterator[T]) -> Iterator[T]:
+        try:
+            yield from items
+        except (redis.RedisError, OSError) as exc:
+            raise self.unavailable(exc) from exc
 
     def close(self) -> None:
         """Close the Redis connections (and the broker's, if wakes were sent)."""

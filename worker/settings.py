@@ -99,6 +99,8 @@ class Settings:
     verify_delay_ms: int = 1000
     #: an item not seen applied this long after its call is sent again (one attempt spent)
     verify_timeout_s: float = 30.0
+    #: cap of the events stream (entries; trimmed approximately past 10,000)
+    events_maxlen: int = 1_000_000
 
     @property
     def app(self) -> AppConfig:
@@ -206,6 +208,7 @@ def _build(env: Mapping[str, str]) -> Settings:
         verify=verify,
         verify_delay_ms=verify_delay_ms,
         verify_timeout_s=verify_timeout_s,
+        events_maxlen=_int(env, "TPNS_EVENTS_MAXLEN", 1_000_000, 1, 10**10),
     )
 
 

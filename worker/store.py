@@ -23,6 +23,7 @@ from typing import Any, Literal
 import redis
 
 from .errors import StoreError
+from .history import HistoryQuery, read_history
 from .keys import (
     DEFAULT_PREFIX,
     RECORD_STATES,
@@ -182,7 +183,7 @@ def intent_arg(intent_id: str, intent: Intent) -> str:
 
 #: the Lua scripts, each ``lua/lib.lua`` + ``lua/<name>.lua``
 SCRIPTS = ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle", "verify_claim",
-           "verify_done")
+           "verify_done", "history")
 
 
 class Layout:
@@ -190,9 +191,11 @@ class Layout:
     the sync ``Store`` and the asyncio ``worker.astore.AsyncStore``, which send the same calls."""
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20, linger_ms: int = 250,
-                 lease_s: float = 60.0, status_ttl_s: int = 604800) -> None:
+                 lease_s: float = 60.0, status_ttl_s: int = 604800,
+                 events_maxlen: int = 1_000_000) -> None:
         self.prefix = prefix
         self.keys = Keys(prefix)
+        self.events_maxlen = events_maxlen
         self.max_items = max_items
         self.linger_ms = linger_ms
         self.lease_ms = int(lease_s * 1000)
@@ -232,9 +235,9 @@ class Store(Layout):
 
     def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20,
                  linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800,
-                 verify: tuple[int, int] | None = None) -> None:
+                 verify: tuple[int, int] | None = None, events_maxlen: int = 1_000_000) -> None:
         super().__init__(prefix, max_items=max_items, linger_ms=linger_ms, lease_s=lease_s,
-                         status_ttl_s=status_ttl_s)
+                         status_ttl_s=status_ttl_s, events_maxlen=events_maxlen)
         self.redis = client
         #: (delay ms, timeout ms) with TPNS_VERIFY=on: accepted items go verifying (SPEC §6.1)
         self.verify = verify
@@ -392,12 +395,12 @@ class Store(Layout):
             packed.append(entry)
         raw = self._scripts["complete"](keys=[
             self.keys.counters, self.keys.metrics, self.keys.batches, self.keys.leases,
-            self.keys.failed], args=[
+            self.keys.failed, self.keys.events], args=[
             self.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
             json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
             json.dumps({"op": operator_type, "bs": len(packed),
                         "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]}),
-            *(self.verify or ())])
+            self.events_maxlen, *(self.verify or ())])
         return Completion(int(raw[0]), int(raw[1]), _wakes(raw[2]))
 
     def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
@@ -607,6 +610,11 @@ class Store(Layout):
                        for app, (left, reason) in self.pauses(apps).items()},
             "apps": apps,
         }
+
+    def history(self, query: HistoryQuery) -> list[Status]:
+        """The intents that named ``query``'s key, newest first, while their records live."""
+        return [record_to_status(i, rec)
+                for i, rec in read_history(self._scripts["history"], self.keys, query)]
 
     def recent_failures(self, limit: int = 20) -> list[Status]:
         """The most recently failed intents, newest first."""

@@ -57,7 +57,8 @@ def make_store(settings: Settings, redis_url: str, prefix: str) -> Store:
         if settings.verify else None
     return Store(client, prefix, max_items=settings.max_items_per_call,
                  linger_ms=settings.linger_ms, lease_s=settings.lease_s,
-                 status_ttl_s=settings.status_ttl_s, verify=verify)
+                 status_ttl_s=settings.status_ttl_s, verify=verify,
+                 events_maxlen=settings.events_maxlen)
 
 
 def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> None:

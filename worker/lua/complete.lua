@@ -1,6 +1,6 @@
--- KEYS: counters, metrics, batches, leases, failed
+-- KEYS: counters, metrics, batches, leases, failed, events
 -- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, calls, items_sent,
---       metrics_json[, verify_delay_ms, verify_timeout_ms]
+--       metrics_json, events_maxlen[, verify_delay_ms, verify_timeout_ms]
 -- With the verify pair (TPNS_VERIFY=on, SPEC 6.1) an accepted item ('ok') is 'verifying' instead
 -- of succeeded: it keeps its keys, its first check is due after the delay, and its deadline is
 -- the timeout from now; the reply's wakes then include one verify wake per app ("app:0:verify").
@@ -14,7 +14,8 @@ local N, mk, batches_key, leases_key, failed_key = KEYS[1], KEYS[2], KEYS[3], KE
 local batch_id, ttl = ARGV[2], tonumber(ARGV[3])
 local max_items, linger_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local outcomes = cjson.decode(ARGV[6])
-local verify_delay, verify_timeout = tonumber(ARGV[10] or ''), tonumber(ARGV[11] or '')
+local events_key, events_maxlen = KEYS[6], tonumber(ARGV[10])
+local verify_delay, verify_timeout = tonumber(ARGV[11] or ''), tonumber(ARGV[12] or '')
 local to_verify = {}
 local now = now_ms()
 local counts, woken = {}, {}
@@ -54,6 +55,7 @@ for _, out in ipairs(outcomes) do
     if out.s == 'ok' and verify_delay then
       rec.s, rec.vf, rec.vt, rec.vk = 'v', false, now + verify_timeout, 0
       save(out.i, rec)
+      emit(events_key, events_maxlen, out.i, rec, 'verifying', now)
       redis.call('ZADD', verify_key(rec.a), now + verify_delay, out.i)
       bump(counts, 'verifying', op, 1)
       to_verify[rec.a] = true
@@ -61,6 +63,7 @@ for _, out in ipairs(outcomes) do
       rec.s = out.s
       release(out.i, rec, now, woken)
       save(out.i, rec, ttl)
+      emit(events_key, events_maxlen, out.i, rec, out.s == 'ok' and 'succeeded' or 'failed', now)
       -- 'done_*' only ever grow (requeue-failed lowers 'failed'): they feed the _total metrics
       if out.s == 'ok' then
         bump(counts, 'succeeded', op, 1)
@@ -74,6 +77,7 @@ for _, out in ipairs(outcomes) do
       redis.call('HINCRBY', mk, 'retries:' .. op, 1)
       rec.s = 'r'
       save(out.i, rec)
+      emit(events_key, events_maxlen, out.i, rec, 'retrying', now)
       redis.call('ZADD', delayed_key(rec.a, op), now + (tonumber(out.dl) or 0), out.i)
       bump(counts, 'retrying', op, 1)
     else

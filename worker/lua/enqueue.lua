@@ -48,6 +48,7 @@ for k = 5, #ARGV do
   else
     pending = pending + 1
     local rec = {o = it.o, a = it.a, t = it.t, l = it.l, c = now, s = 'q'}
+    remember(it.i, rec)
     if chain(it.i, rec) then
       redis.call('RPUSH', ready_key(it.a, it.o), it.i)
       woken[it.a .. ':' .. it.o] = true

@@ -146,3 +146,35 @@ local function wakes(woken, max_items, linger_ms)
   end
   return out
 end
+
+-- History by key (SPEC §8): P.."h:<shard>" maps the digest of each key (as the key index above
+-- does) to the latest intent that named it, whatever its state, and each record keeps in `hp` the
+-- intent before it for each of its keys (aligned with digests(rec), '' for none; absent when it
+-- has none). A key's history is a walk backwards from its head (history.lua): the links live and
+-- expire with the records, and the head is dropped once its record is gone.
+local function h_key(d) return P .. K_HISTORY .. string.sub(d, 1, 3) end
+
+local function remember(id, rec)
+  local prev, any = {}, false
+  for k, d in ipairs(digests(rec)) do
+    local p = redis.call('HGET', h_key(d), ko_field(d))
+    redis.call('HSET', h_key(d), ko_field(d), id)
+    if p and p ~= id then prev[k] = p; any = true else prev[k] = '' end
+  end
+  if any then rec.hp = prev else rec.hp = nil end
+end
+
+-- One entry in the events stream (SPEC §8) per change to retrying, verifying, succeeded or
+-- failed, written by the script that makes the change, after the record: fields as
+-- worker/events.py FIELDS, '' for null, `at` in epoch ms. Trimming is approximate (whole stream
+-- nodes, cheap) for a large cap; a cap below a node's size is kept exactly, or it would never
+-- trim at all.
+local function emit(stream, maxlen, id, rec, state, now)
+  local verified = ''
+  if rec.vf == true then verified = '1' elseif rec.vf == false then verified = '0' end
+  local how = '~'
+  if maxlen < 10000 then how = '=' end
+  redis.call('XADD', stream, 'MAXLEN', how, maxlen, '*', 'id', id, 'app', rec.a,
+    'operator_type', rec.o, 'state', state, 'verified', verified, 'error', rec.er or '',
+    'result_code', rec.rc or '', 'ret_code', rec.ret or '', 'attempts', rec.n or 0, 'at', now)
+end

@@ -1,5 +1,6 @@
--- KEYS: counters, metrics, batches, leases, failed
--- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, query_calls
+-- KEYS: counters, metrics, batches, leases, failed, events
+-- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, query_calls,
+--       events_maxlen
 -- outcomes: [{i, s, dl?, er?}] with s one of
 --   ok  verified: succeeded, its keys released
 --   v   not seen yet: checked again in dl ms (one more check counted for the backoff)
@@ -13,6 +14,7 @@ local N, mk, batches_key, leases_key, failed_key = KEYS[1], KEYS[2], KEYS[3], KE
 local batch_id, ttl = ARGV[2], tonumber(ARGV[3])
 local max_items, linger_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local outcomes = cjson.decode(ARGV[6])
+local events_key, events_maxlen = KEYS[6], tonumber(ARGV[8])
 local now = now_ms()
 local counts, woken = {}, {}
 local applied, stale = 0, 0
@@ -37,12 +39,14 @@ for _, out in ipairs(outcomes) do
         rec.s, rec.vf = 'ok', true
         release(out.i, rec, now, woken)
         save(out.i, rec, ttl)
+        emit(events_key, events_maxlen, out.i, rec, 'succeeded', now)
         bump(counts, 'succeeded', op, 1)
         bump(counts, 'done_succeeded', op, 1)
         redis.call('HINCRBY', N, 'verify_ok', 1)
       elseif out.s == 'r' then
         rec.s, rec.er = 'r', out.er
         save(out.i, rec)
+        emit(events_key, events_maxlen, out.i, rec, 'retrying', now)
         redis.call('ZADD', delayed_key(rec.a, op), now + (tonumber(out.dl) or 0), out.i)
         bump(counts, 'retrying', op, 1)
         redis.call('HINCRBY', mk, 'retries:' .. op, 1)
@@ -51,6 +55,7 @@ for _, out in ipairs(outcomes) do
         rec.s, rec.er = 'f', out.er
         release(out.i, rec, now, woken)
         save(out.i, rec, ttl)
+        emit(events_key, events_maxlen, out.i, rec, 'failed', now)
         bump(counts, 'failed', op, 1)
         bump(counts, 'done_failed', op, 1)
         redis.call('ZADD', failed_key, now, out.i)

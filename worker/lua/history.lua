@@ -1,0 +1,52 @@
+-- KEYS: the history shard of the key (P.."h:" .. first 3 hex digits of its digest)
+-- ARGV: prefix, field (the digest's other 7), digest, app, kind ('t' token | 'a' account),
+--       value, account_type, limit
+-- Walks the key's history from its head backwards (lib.lua, remember) and returns
+-- {id1, record1, id2, record2, ...}, newest first, at most `limit` intents that named the key
+-- (a digest shared with another key only adds records that are skipped here). A head whose
+-- record is gone is dropped: the records behind it are older, so gone too.
+local shard, field, d = KEYS[1], ARGV[2], ARGV[3]
+local app, kind, value, atype, limit = ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+
+local function named(rec)
+  if rec.a ~= app then return false end
+  if kind == 't' then return rec.t == value end
+  if rec.o == 4 then return false end
+  for _, acc in ipairs(rec.l or {}) do
+    if acc[1] == value and tostring(acc[2]) == atype then return true end
+  end
+  return false
+end
+
+local function link(rec)
+  if not rec.hp then return nil end
+  for k, dk in ipairs(digests(rec)) do
+    if dk == d then
+      local prev = rec.hp[k]
+      if prev and prev ~= '' then return prev end
+      return nil
+    end
+  end
+  return nil
+end
+
+local out = {}
+local head = redis.call('HGET', shard, field)
+local id, steps = head, 0
+-- the step bound only matters if digests collide (other keys' intents along the walk)
+while id and #out < 2 * limit and steps < 2 * limit + 20 do
+  steps = steps + 1
+  local raw = redis.call('GET', rec_key(id))
+  if not raw then
+    if id == head then redis.call('HDEL', shard, field) end
+    break
+  end
+  local rec = cjson.decode(raw)
+  rec.a = rec.a or 'default'
+  if named(rec) then
+    out[#out + 1] = id
+    out[#out + 1] = raw
+  end
+  id = link(rec)
+end
+return out
