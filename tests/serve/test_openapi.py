@@ -79,5 +79,7 @@ def test_the_served_document_is_the_one_fuzzed(server: tuple[str, dict[str, str]
 def test_every_route_answers_within_its_schema(case: schemathesis.Case,
                                                server: tuple[str, dict[str, str]]) -> None:
     base, headers = server
+    if case.path == "/v1/events":  # fuzzed too, but as a stream that closes (follow=false)
+        case.query = {**(case.query or {}), "follow": "false"}
     case.call_and_validate(base_url=base, headers={**(case.headers or {}), **headers}, checks=CHECKS,
                            timeout=30)

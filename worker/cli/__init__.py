@@ -6,6 +6,7 @@ The group imports no command module: each command is loaded when it is named, so
 
 * ``intents.py``  enqueue, status, wait, requeue-failed (through the ``Producer``)
 * ``observe.py``  stats, health
+* ``lookup.py``   history (by token or account), events (the stream)
 * ``run.py``      worker (the Celery worker with its heartbeat and watchdog)
 * serve, sandbox, bench and demo live in their own rooms (``worker.serve``, ``worker.sandbox``,
   ``worker.tools``) and are loaded from there.
@@ -23,7 +24,9 @@ COMMANDS: dict[str, str] = {
     "bench": "worker.tools.bench:bench_command",
     "demo": "worker.tools.demo:demo_command",
     "enqueue": "worker.cli.intents:enqueue",
+    "events": "worker.cli.lookup:events",
     "health": "worker.cli.observe:health",
+    "history": "worker.cli.lookup:history",
     "requeue-failed": "worker.cli.intents:requeue_failed",
     "sandbox": "worker.sandbox.command:sandbox_command",
     "serve": "worker.serve.app:serve_command",

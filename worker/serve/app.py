@@ -9,6 +9,9 @@ variable is set)::
 
     POST /v1/intents        one JSON object, a JSON array, or JSON Lines -> per-item results
     GET  /v1/intents/{id}   the status (SPEC §5), or 404
+    GET  /v1/intents?token=T | ?account=A&account_type=N   history by key (``app``, ``limit``)
+    GET  /v1/events         the events stream as Server-Sent Events (``from``, ``state``,
+                            ``follow``; resumes from ``Last-Event-ID``)
     GET  /v1/stats          the figures of ``tpns-batcher stats --json``
     GET  /healthz           200 when Redis answers, a worker was seen and nothing is paused
     GET  /metrics           Prometheus text (cluster-wide, read from Redis at scrape time)
@@ -72,6 +75,7 @@ from .body import (
     parse_body,
     read_limited,
 )
+from .lookup import events_endpoint, history_endpoint
 from .openapi import openapi_schema
 from .page import render_page
 
@@ -267,7 +271,9 @@ def create_app(producer: Producer, settings: Settings,
 
     routes = [
         Route("/v1/intents", post_intents, methods=["POST"]),
+        Route("/v1/intents", history_endpoint(producer), methods=["GET"]),
         Route("/v1/intents/{intent_id}", get_intent, methods=["GET"]),
+        Route("/v1/events", events_endpoint(producer), methods=["GET"]),
         Route("/v1/stats", get_stats, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -55,7 +55,7 @@ def _result_schema() -> Schema:
 def _status_schema() -> Schema:
     return {"type": "object", "description": "An intent's status (SPEC §5)",
             "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": [
-                "queued", "sending", "retrying", "succeeded", "failed"]}}}
+                "queued", "sending", "retrying", "verifying", "succeeded", "failed"]}}}
 
 
 def _unauthorized() -> Schema:
@@ -143,6 +143,58 @@ def _openapi() -> Schema:
         "responses": {"200": _json(_OBJ, "OpenAPI 3.1"), "401": _unauthorized()}}}
 
 
+def _query(name: str, schema: Schema, description: str) -> Schema:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+def _bad_request() -> Schema:
+    body = {"type": "object", "required": ["error", "field"],
+            "properties": {"error": {"type": "string", "description": "field: rule"},
+                           "field": {"type": "string"}}}
+    return _json(body, "A parameter is missing or breaks its rule (`field` names it)")
+
+
+def _get_history() -> Schema:
+    body = {"type": "object", "required": ["intents"],
+            "properties": {"intents": {"type": "array", "items": _status_schema(),
+                                       "description": "Newest first; empty for an unknown key"}}}
+    return {
+        "summary": "History by key: the latest intents that named a token, or an account",
+        "description": "Give `token`, or `account` (with `account_type`, default 0). Intents "
+                       "are kept as long as their records (TPNS_STATUS_TTL_S).",
+        "parameters": [
+            _query("token", {"type": "string"}, "A device token"),
+            _query("account", {"type": "string"}, "An account"),
+            _query("account_type", {"type": "integer", "minimum": 0}, "The account's type"),
+            _query("app", {"type": "string"}, "The app (default: TPNS_DEFAULT_APP)"),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 500},
+                   "At most this many (default 50)")],
+        "responses": {"200": _json(body, "The intents, newest first"),
+                      "400": _bad_request(), "401": _unauthorized(), "503": _unavailable()}}
+
+
+def _get_events() -> Schema:
+    return {"get": {
+        "summary": "The events stream as Server-Sent Events",
+        "description": "Every change of an intent to retrying, verifying, succeeded or failed: "
+                       "`id:` is the stream id, `data:` the event as JSON. Where entries were "
+                       "trimmed before they were read, an `event: gap` message names the first "
+                       "id kept. Resumes after `Last-Event-ID` (over `from`).",
+        "parameters": [
+            _query("from", {"type": "string"}, "0 (all kept, the default), $ (only new) or a "
+                                               "stream id to resume after"),
+            _query("state", {"type": "string", "enum": [
+                "retrying", "verifying", "succeeded", "failed"]}, "Only this state"),
+            _query("follow", {"type": "boolean"}, "false: send what is kept, then close "
+                                                  "(default true: keep sending)"),
+            {"name": "Last-Event-ID", "in": "header", "required": False,
+             "schema": {"type": "string"}, "description": "Resume after this id"}],
+        "responses": {"200": {"description": "text/event-stream",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                      "400": _bad_request(), "401": _unauthorized(), "503": _unavailable()}}}
+
+
 def _status_page() -> Schema:
     return {"get": {
         "summary": "The status page (HTML); `?id=` looks an intent up",
@@ -164,8 +216,9 @@ def openapi_schema() -> Schema:
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
         "paths": {
-            "/v1/intents": _post_intents(),
+            "/v1/intents": {**_post_intents(), "get": _get_history()},
             "/v1/intents/{intent_id}": _get_intent(),
+            "/v1/events": _get_events(),
             "/v1/stats": _get_stats(),
             "/healthz": _healthz(),
             "/metrics": _metrics(),

@@ -1,0 +1,104 @@
+"""The lookup routes of ``serve``: history by key (``GET /v1/intents?token=…``) and the events
+stream as Server-Sent Events (``GET /v1/events``), both over the core's readers
+(``worker.history``, ``worker.events``).
+
+The SSE stream sends each event as ``id: <stream id>`` and ``data: <JSON>``, a gap as
+``event: gap``, and a comment every ``KEEPALIVE_S`` while nothing happens, so proxies keep the
+connection. A browser's ``EventSource`` reconnects by itself with ``Last-Event-ID``, which takes
+precedence over ``from``. The first read happens before the response starts, so a Redis outage is
+a 503 like on every route; one that comes later ends the stream (the client resumes from its last
+id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import redis
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..errors import IntentError
+from ..events import BLOCK_MS, EVENTS_KEY, Event, EventReader, Gap, parse_from, parse_state
+from ..history import history_query
+from ..producer import Producer
+
+logger = logging.getLogger(__name__)
+
+#: seconds of silence after which a follower gets a comment line (proxies drop idle streams)
+KEEPALIVE_S = 15.0
+_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _bad(exc: IntentError) -> Response:
+    return JSONResponse({"error": str(exc), "field": exc.field}, status_code=400)
+
+
+def history_endpoint(producer: Producer) -> Callable[[Request], Response]:
+    def get_history(request: Request) -> Response:
+        q = request.query_params
+        try:
+            query = history_query(token=q.get("token"), account=q.get("account"),
+                                  account_type=q.get("account_type"), app=q.get("app"),
+                                  limit=q.get("limit"), default_app=producer.settings.default_app)
+        except IntentError as exc:
+            return _bad(exc)
+        found = producer.store.history(query)
+        return JSONResponse({"intents": [st.to_dict() for st in found]})
+
+    return get_history
+
+
+def sse(item: Event | Gap) -> str:
+    """One Server-Sent Events message."""
+    kind = "event: gap\n" if isinstance(item, Gap) else ""
+    return f"{kind}id: {item.stream_id}\ndata: {json.dumps(item.as_dict(), ensure_ascii=False)}\n\n"
+
+
+def _reader(producer: Producer, request: Request) -> tuple[EventReader, bool]:
+    q = request.query_params
+    resume = request.headers.get("last-event-id")
+    start = parse_from(resume, "Last-Event-ID") if resume else parse_from(q.get("from"))
+    follow = _FLAGS.get((q.get("follow") or "true").strip().lower())
+    if follow is None:
+        raise IntentError("follow", "must be true or false")
+    reader = EventReader(producer.redis, producer.store.prefix + EVENTS_KEY, start,
+                         state=parse_state(q.get("state")))
+    return reader, follow
+
+
+def events_endpoint(producer: Producer) -> Callable[[Request], Any]:
+    async def get_events(request: Request) -> Response:
+        try:
+            reader, follow = _reader(producer, request)
+        except IntentError as exc:
+            return _bad(exc)
+        first = await run_in_threadpool(reader.read)
+        return StreamingResponse(_stream(reader, first, follow), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    return get_events
+
+
+async def _stream(reader: EventReader, batch: list[Event | Gap], follow: bool) -> AsyncIterator[str]:
+    quiet_since = time.monotonic()
+    while True:
+        for item in batch:
+            yield sse(item)
+        if batch:
+            quiet_since = time.monotonic()
+        if not follow and reader.caught_up:
+            return
+        if follow and time.monotonic() - quiet_since >= KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        try:
+            batch = await run_in_threadpool(reader.read, BLOCK_MS if follow else None)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("GET /v1/events: the stream ends, Redis failed: %s", type(exc).__name__)
+            return
