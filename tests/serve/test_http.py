@@ -420,12 +420,14 @@ def test_openapi_describes_every_route(http: tuple[httpx.Client, Producer]) -> N
     client, _ = http
     doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")
-    expected = {"/v1/intents": "post", "/v1/intents/{intent_id}": "get", "/v1/stats": "get",
-                "/healthz": "get", "/metrics": "get", "/openapi.json": "get", "/": "get"}
+    expected = {"/v1/intents": ("post", "get"), "/v1/intents/{intent_id}": ("get",),
+                "/v1/events": ("get",), "/v1/stats": ("get",), "/healthz": ("get",),
+                "/metrics": ("get",), "/openapi.json": ("get",), "/": ("get",)}
     assert set(doc["paths"]) == set(expected)
-    for path, method in expected.items():
-        operation = doc["paths"][path][method]
-        assert operation["summary"] and operation["responses"]
+    for path, methods in expected.items():
+        for method in methods:
+            operation = doc["paths"][path][method]
+            assert operation["summary"] and operation["responses"]
     assert doc["paths"]["/healthz"]["get"]["security"] == []
 
 
