@@ -13,6 +13,7 @@ import redis
 from tests.support.redis_faults import private_redis
 from worker import AsyncProducer
 from worker.errors import IdConflictError, IntentError, QueueFullError, StoreUnavailableError
+from worker.events import Event
 from worker.producer import Producer
 from worker.settings import Settings
 
@@ -163,3 +164,35 @@ def test_the_sync_wait_times_out_with_timeout_error(redis_url: str, prefix: str)
         assert not isinstance(caught.value, StoreUnavailableError)
     finally:
         producer.close()
+
+
+def test_history_and_events_as_coroutines(redis_url: str, prefix: str) -> None:
+    sync = Producer(redis_url, prefix, settings=Settings.from_env(
+        {"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix, "TPNS_LINGER_MS": "0"}),
+        wake=lambda w: None)
+    try:
+        ids = sync.submit_many([op4(1), op4(1), op4(2)])
+        claim = sync.store.claim("default", 4)  # the second ap-1 waits for the first
+        sync.store.complete(claim.batch_id or "", [
+            {"id": i.id, "state": "failed" if i.id == ids[2] else "succeeded"}
+            for i in claim.items], calls=1, items_sent=len(claim.items))
+        expected = [(e.stream_id, e.id, e.state) for e in sync.events() if isinstance(e, Event)]
+    finally:
+        sync.close()
+
+    async def scenario() -> None:
+        async with make(redis_url, prefix) as producer:
+            assert [s.id for s in await producer.history("ap-1")] == [ids[1], ids[0]]
+            assert await producer.history("nobody") == []
+            with pytest.raises(IntentError):
+                await producer.history()
+            got = [(e.stream_id, e.id, e.state) async for e in producer.events()
+                   if isinstance(e, Event)]
+            assert got == expected and len(got) == 2
+            failed = [e.id async for e in producer.events(state="failed") if isinstance(e, Event)]
+            assert failed == [ids[2]]
+            assert [e async for e in producer.events(got[-1][0])] == []
+            with pytest.raises(IntentError):
+                producer.events("nonsense")
+
+    asyncio.run(scenario())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis
@@ -30,7 +30,9 @@ from .bulk import AppNames, BulkResult, Failure, Prepared
 from .connections import async_redis_client
 from .embedded import resolve_redis_url
 from .errors import IdConflictError, IntentError, StoreError, StoreUnavailableError
+from .events import AsyncEventReader, Event, Gap
 from .groupcommit import AsyncGroupCommit
+from .history import history_query
 from .intents import validate
 from .model import Intent, Status
 from .producer import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, RETRIES, WakeHook, WakeSender
@@ -39,6 +41,7 @@ from .store import Wake, merge_wakes
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def _guarded(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -205,6 +208,30 @@ class AsyncProducer:
     @_guarded
     async def statuses(self, ids: Sequence[str]) -> list[Status | None]:
         return await self.store.statuses(ids)
+
+    # -- history and events ------------------------------------------------------------------
+
+    @_guarded
+    async def history(self, token: str | None = None, *, account: str | None = None,
+                      account_type: int | None = None, app: str | None = None,
+                      limit: int | None = None) -> list[Status]:
+        """``Producer.history`` as a coroutine."""
+        query = history_query(token=token, account=account, account_type=account_type, app=app,
+                              limit=limit, default_app=self.settings.default_app)
+        return await self.store.history(query)
+
+    def events(self, from_id: str = "0", *, follow: bool = False,
+               state: str | None = None) -> AsyncIterator[Event | Gap]:
+        """``Producer.events`` as an async iterator (``async for event in p.events(...)``)."""
+        reader = AsyncEventReader(self.redis, self.store.keys.events, from_id, state=state)
+        return self._guard_iter(reader.follow(follow=follow))
+
+    async def _guard_iter(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+        try:
+            async for item in items:
+                yield item
+        except (redis.RedisError, OSError) as exc:
+            raise self.unavailable(exc) from exc
 
     async def wait(self, ids: Sequence[str], timeout_s: float = 30.0,
                    poll_s: float = 0.05) -> list[Status | None]:

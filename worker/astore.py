@@ -2,7 +2,7 @@
 
 The same Lua scripts, the same calls: the arguments come from ``store.Layout`` and the replies
 are read by ``store.round_of`` and ``store.requeued``, so the sync and the asyncio doors cannot
-drift apart. Only what a producer needs is here (enqueue, requeue, statuses, known apps).
+drift apart. Only what a producer needs is here (enqueue, requeue, statuses, history, known apps).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
+from .history import HistoryQuery, history_call, history_reply
 from .model import Intent, Status
 from .store import (
     ENQUEUE_CHUNK,
@@ -93,6 +94,12 @@ class AsyncStore(Layout):
         raws = await self.redis.mget([self.keys.record(i) for i in ids])
         return [None if raw is None else record_to_status(i, json.loads(raw))
                 for i, raw in zip(ids, raws, strict=True)]
+
+    async def history(self, query: HistoryQuery) -> list[Status]:
+        """``Store.history`` on asyncio."""
+        keys, args = history_call(self.keys, query)
+        raw = await self._run("history", keys, args)
+        return [record_to_status(i, rec) for i, rec in history_reply(raw, query.limit)]
 
     async def known_apps(self) -> set[str]:
         return {_text(a) for a in await self.redis.smembers(self.keys.apps)}

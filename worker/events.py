@@ -17,11 +17,12 @@ cannot slip between them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from .errors import IntentError
 from .store import iso_ms
@@ -121,16 +122,12 @@ def to_event(stream_id: str, fields: Mapping[Any, Any]) -> Event:
         at=iso_ms(int(f.get("at") or 0)))
 
 
-class EventReader:
-    """Reads the stream from ``from_id`` on, in order, with a ``Gap`` wherever entries were lost.
+class _Cursor:
+    """What a reader knows between reads: where it is, what it filters, whether a gap is due.
+    The I/O is the sync or asyncio reader's; the decisions are here, once."""
 
-    ``read()`` returns the next entries (those of ``state`` only, when given; gaps always), and
-    ``caught_up`` tells whether the last read reached the end of the stream.
-    """
-
-    def __init__(self, client: redis.Redis, key: str, from_id: str = "0", *,
-                 state: str | None = None, count: int = READ_COUNT) -> None:
-        self.client = client
+    def __init__(self, key: str, from_id: str = "0", *, state: str | None = None,
+                 count: int = READ_COUNT) -> None:
         self.key = key
         start = parse_from(from_id)
         self.state = parse_state(state)
@@ -141,31 +138,15 @@ class EventReader:
         self._check_gap = start != "0"
         self.caught_up = False
 
-    def _resolve_end(self) -> str:
-        last = self.client.xrevrange(self.key, "+", "-", count=1)
+    def _end(self, last: Sequence[Any] | None) -> str:
         return _text(last[0][0]) if last else "0-0"
 
-    def read(self, block_ms: int | None = None) -> list[Event | Gap]:
-        """The next entries after the cursor; when there are none and ``block_ms`` is given,
-        waits up to that long for one and reads again."""
-        if self.cursor is None:
-            self.cursor = self._resolve_end()
-        out = self._read_once()
-        if not out and self.caught_up and block_ms:
-            # XREAD only wakes us up; the entries are read by _read_once with its gap check
-            self.client.xread({self.key: self.cursor}, count=1, block=block_ms)
-            out = self._read_once()
-        return out
-
-    def _read_once(self) -> list[Event | Gap]:
-        assert self.cursor is not None
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xinfo_stream(self.key)
-        pipe.xrange(self.key, f"({self.cursor}", "+", count=self.count)
-        info, entries = pipe.execute(raise_on_error=False)
+    def _take(self, info: Any, entries: Any) -> list[Event | Gap]:
+        """The items of one ``MULTI`` (XINFO STREAM, XRANGE after the cursor); moves the cursor."""
         if isinstance(entries, Exception):
             raise entries
         out: list[Event | Gap] = []
+        # no stream at all: XINFO answers an error, and nothing can have been trimmed
         if not isinstance(info, Exception) and self._check_gap:
             gap = self._gap(info)
             if gap is not None:
@@ -202,11 +183,72 @@ class EventReader:
         self.cursor = lost_to
         return gap
 
+
+
+class EventReader(_Cursor):
+    """Reads the stream at ``key`` from ``from_id`` on, in order, with a ``Gap`` wherever entries
+    were lost. ``read()`` returns the next entries (of ``state`` only, when given; gaps always),
+    and ``caught_up`` tells whether the last read reached the end of the stream."""
+
+    def __init__(self, client: redis.Redis, key: str, from_id: str = "0", *,
+                 state: str | None = None, count: int = READ_COUNT) -> None:
+        super().__init__(key, from_id, state=state, count=count)
+        self.client = client
+
+    def read(self, block_ms: int | None = None) -> list[Event | Gap]:
+        """The next entries after the cursor; when there are none and ``block_ms`` is given,
+        waits up to that long for one and reads again."""
+        if self.cursor is None:
+            self.cursor = self._end(self.client.xrevrange(self.key, "+", "-", count=1))
+        out = self._read_once()
+        if not out and self.caught_up and block_ms:
+            # XREAD only wakes us up; the entries are read by _read_once with its gap check
+            self.client.xread({self.key: self.cursor}, count=1, block=block_ms)
+            out = self._read_once()
+        return out
+
+    def _read_once(self) -> list[Event | Gap]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xinfo_stream(self.key)
+        pipe.xrange(self.key, f"({self.cursor}", "+", count=self.count)
+        return self._take(*pipe.execute(raise_on_error=False))
+
     def follow(self, *, follow: bool = False, block_ms: int = BLOCK_MS) -> Iterator[Event | Gap]:
         """Everything from the start on; with ``follow``, then each new entry as it comes."""
         while True:
-            batch = self.read(block_ms if follow else None)
-            yield from batch
+            yield from self.read(block_ms if follow else None)
+            if not follow and self.caught_up:
+                return
+
+
+class AsyncEventReader(_Cursor):
+    """``EventReader`` on ``redis.asyncio`` (for ``AsyncProducer.events``)."""
+
+    def __init__(self, client: redis.asyncio.Redis, key: str, from_id: str = "0", *,
+                 state: str | None = None, count: int = READ_COUNT) -> None:
+        super().__init__(key, from_id, state=state, count=count)
+        self.client = client
+
+    async def read(self, block_ms: int | None = None) -> list[Event | Gap]:
+        if self.cursor is None:
+            self.cursor = self._end(await self.client.xrevrange(self.key, "+", "-", count=1))
+        out = await self._read_once()
+        if not out and self.caught_up and block_ms:
+            await self.client.xread({self.key: self.cursor}, count=1, block=block_ms)
+            out = await self._read_once()
+        return out
+
+    async def _read_once(self) -> list[Event | Gap]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xinfo_stream(self.key)
+        pipe.xrange(self.key, f"({self.cursor}", "+", count=self.count)
+        return self._take(*await pipe.execute(raise_on_error=False))
+
+    async def follow(self, *, follow: bool = False,
+                     block_ms: int = BLOCK_MS) -> AsyncIterator[Event | Gap]:
+        while True:
+            for item in await self.read(block_ms if follow else None):
+                yield item
             if not follow and self.caught_up:
                 return
 

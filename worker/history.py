@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from redis.commands.core import Script
 
 from .errors import IntentError
 from .keys import Keys
@@ -94,16 +93,19 @@ def history_query(*, token: object = None, account: object = None, account_type:
         limit=DEFAULT_LIMIT if limit is None else _int("limit", limit, 1, MAX_LIMIT))
 
 
-def read_history(script: Script, keys: Keys, query: HistoryQuery) -> list[tuple[str, dict[str, Any]]]:
-    """(id, record) of the intents that named the key, newest first (``script``: ``history.lua``)."""
+def history_call(keys: Keys, query: HistoryQuery) -> tuple[list[str], list[str | int]]:
+    """The KEYS and ARGV of the ``history.lua`` call for ``query`` (the sync and asyncio stores)."""
     d = query.digest()
-    prefix = keys.prefix
-    raw = script(keys=[keys.history(d)], args=[
-        prefix, d[3:], d, query.app, "t" if query.token is not None else "a",
-        query.token if query.token is not None else query.account or "", str(query.account_type),
-        query.limit])
+    value = query.token if query.token is not None else query.account or ""
+    return [keys.history(d)], [keys.prefix, d[3:], d, query.app,
+                               "t" if query.token is not None else "a", value,
+                               str(query.account_type), query.limit]
+
+
+def history_reply(raw: Sequence[Any], limit: int) -> list[tuple[str, dict[str, Any]]]:
+    """(id, record) pairs from ``history.lua``'s flat answer, newest first."""
     out = []
     for k in range(0, len(raw), 2):
         intent_id = raw[k].decode() if isinstance(raw[k], bytes) else str(raw[k])
         out.append((intent_id, json.loads(raw[k + 1])))
-    return out[:query.limit]
+    return out[:limit]

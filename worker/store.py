@@ -23,7 +23,7 @@ from typing import Any, Literal
 import redis
 
 from .errors import StoreError
-from .history import HistoryQuery, read_history
+from .history import HistoryQuery, history_call, history_reply
 from .keys import (
     DEFAULT_PREFIX,
     RECORD_STATES,
@@ -613,8 +613,9 @@ class Store(Layout):
 
     def history(self, query: HistoryQuery) -> list[Status]:
         """The intents that named ``query``'s key, newest first, while their records live."""
-        return [record_to_status(i, rec)
-                for i, rec in read_history(self._scripts["history"], self.keys, query)]
+        keys, args = history_call(self.keys, query)
+        raw = self._scripts["history"](keys=keys, args=args)
+        return [record_to_status(i, rec) for i, rec in history_reply(raw, query.limit)]
 
     def recent_failures(self, limit: int = 20) -> list[Status]:
         """The most recently failed intents, newest first."""

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import IntentError
-from ..events import BLOCK_MS, EVENTS_KEY, Event, EventReader, Gap, parse_from, parse_state
+from ..events import BLOCK_MS, Event, EventReader, Gap, parse_from, parse_state
 from ..history import history_query
 from ..producer import Producer
 
@@ -67,7 +67,7 @@ def _reader(producer: Producer, request: Request) -> tuple[EventReader, bool]:
     follow = _FLAGS.get((q.get("follow") or "true").strip().lower())
     if follow is None:
         raise IntentError("follow", "must be true or false")
-    reader = EventReader(producer.redis, producer.store.prefix + EVENTS_KEY, start,
+    reader = EventReader(producer.redis, producer.store.keys.events, start,
                          state=parse_state(q.get("state")))
     return reader, follow
 
