@@ -114,3 +114,21 @@ def test_a_bad_state_filter_names_the_parameter(client: redis.Redis, prefix: str
     with pytest.raises(IntentError) as err:
         EventReader(client, f"{prefix}events", state="queued")
     assert err.value.field == "state"
+
+
+def test_verification_shows_as_verifying_then_verified(client: redis.Redis, prefix: str) -> None:
+    from worker.verifying import claim_verify, verify_done
+
+    store = Store(client, prefix, linger_ms=0, verify=(0, 60_000))
+    store.enqueue(intents(2))
+    settle(store, {"i0": {"state": "succeeded", "result_code": "0", "ret_code": 0},
+                   "i1": {"state": "succeeded", "result_code": "0", "ret_code": 0}})
+    check = claim_verify(store, "default", 20)
+    assert check.kind == "batch" and check.batch_id
+    verify_done(store, check.batch_id, [{"id": "i0", "state": "verified"},
+                                        {"id": "i1", "state": "failed", "error": "not_applied"}],
+                query_calls=1)
+    got = [(e.id, e.state, e.verified, e.error) for e in read_events(client, f"{prefix}events")
+           if isinstance(e, Event)]
+    assert got == [("i0", "verifying", False, None), ("i1", "verifying", False, None),
+                   ("i0", "succeeded", True, None), ("i1", "failed", False, "not_applied")]
