@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.redis_faults import private_redis
+from tests.support.redis_faults import ReplyLosingRelay, private_redis
 from worker import AsyncProducer
 from worker.errors import IdConflictError, IntentError, QueueFullError, StoreUnavailableError
 from worker.events import Event
@@ -196,3 +196,30 @@ def test_history_and_events_as_coroutines(redis_url: str, prefix: str) -> None:
                 producer.events("nonsense")
 
     asyncio.run(scenario())
+
+
+def test_a_lost_reply_is_in_doubt_and_each_intent_stored_once(tmp_path: Path) -> None:
+    """The relay loses the reply of every script call after Redis ran it; the re-sent calls run
+    again, idempotent by id: in doubt for the caller, stored once in Redis."""
+    prefix = "tpnstest:ap-doubt:"
+    with private_redis(tmp_path / "redis") as server, ReplyLosingRelay(server.port) as relay:
+        async def scenario() -> tuple[str, StoreUnavailableError, list[Any]]:
+            async with make(relay.url, prefix) as producer:
+                relay.losing = False
+                first = await producer.submit(op4(0))  # Redis has the script now
+                relay.losing = True
+                with pytest.raises(StoreUnavailableError) as many:
+                    await producer.submit_many([op4(k) for k in range(1, 4)])
+                singles = await asyncio.gather(*(producer.submit(op4(k)) for k in range(4, 6)),
+                                               return_exceptions=True)
+                return first, many.value, singles
+
+        first, exc, singles = asyncio.run(scenario())
+        stored = records(server.client(), prefix)
+        counters = server.client().hgetall(f"{prefix}n")
+    assert relay.calls_lost >= 2, "the call was not re-sent"
+    assert exc.stored == [] and exc.refused == [] and len(exc.in_doubt) == 3
+    assert all(isinstance(e, StoreUnavailableError) and len(e.in_doubt) == 1 for e in singles)
+    doubts = {*exc.in_doubt, *(e.in_doubt[0] for e in singles)}  # type: ignore[union-attr]
+    assert stored == {first, *doubts}
+    assert counters["enqueued:4"] == "6"  # each once, however often its call ran
