@@ -172,3 +172,31 @@ def test_without_verification_records_say_verified_null(
     finally:
         flusher.close()
         producer.close()
+
+
+def test_verification_shows_in_stats_metrics_and_the_status_page(
+        rig: Rig, sandbox: SandboxServer) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from worker.monitor.metrics import make_registry, render
+    from worker.monitor.overview import read_overview
+    from worker.serve.page import render_page
+
+    ids = rig.producer.submit_many([bind(f"t{k}", f"u{k}") for k in range(3)])
+    assert rig.flusher.flush("default", 2).items == 3
+    figures = read_overview(rig.producer.store, ["default"])
+    assert figures["states"]["verifying"] == 3 and figures["queue_depth"] == 3
+    page = render_page(figures)
+    assert '<dd id="verifying">3</dd>' in page and "<th>verifying</th>" in page
+    assert rig.verifier.verify("default").verified == 3
+    assert all(rig.status(i or "")[:2] == ("succeeded", True) for i in ids)
+    text = render(make_registry(rig.producer.store, lambda: ["default"])).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("tpns_verify_total", (("result", "ok"),))] == 3
+    assert samples[("tpns_verify_total", (("result", "retry"),))] == 0
+    assert samples[("tpns_verify_total", (("result", "not_applied"),))] == 0
+    # three binds: three accounts in one query call, three tokens in another
+    assert samples[("tpns_query_calls_total", ())] == 2 == sandbox.stats()["queries"]
+    assert "seen applied 3, sent again 0, not applied 0, query calls 2" in \
+        render_page(read_overview(rig.producer.store, ["default"]))

@@ -82,8 +82,8 @@ def _intent_families(by_op: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]
     current = GaugeMetricFamily("tpns_intents", "Intents per state and operator_type (succeeded "
                                 "and failed: every terminal intent so far).",
                                 labels=["state", "operator_type"])
-    depth = GaugeMetricFamily("tpns_queue_depth", "Intents waiting to be sent (queued + retrying).",
-                              labels=["operator_type"])
+    depth = GaugeMetricFamily("tpns_queue_depth", "Intents pending but not in a call (queued + "
+                              "retrying + verifying).", labels=["operator_type"])
     for op in OPERATOR_TYPES:
         label = str(op)
         row = by_op.get(label, {})
@@ -92,7 +92,8 @@ def _intent_families(by_op: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]
             completed.add_metric([label, outcome], row.get(f"done_{outcome}", 0))
         for state in STATES:
             current.add_metric([state, label], row.get(state, 0))
-        depth.add_metric([label], row.get("queued", 0) + row.get("retrying", 0))
+        depth.add_metric([label], row.get("queued", 0) + row.get("retrying", 0)
+                         + row.get("verifying", 0))
     yield from (enqueued, completed, current, depth)
 
 
@@ -145,6 +146,16 @@ def _pipeline_families(stats: Mapping[str, Any], workers_seen: int) -> Iterator[
     yield CounterMetricFamily("tpns_leases_reclaimed", "Items returned to the queue after their "
                               "batch's lease expired (a worker died or hung).",
                               value=float(stats["leases_reclaimed"]))
+    verify = stats["verify"]
+    checks = CounterMetricFamily(
+        "tpns_verify", "Verification outcomes (TPNS_VERIFY=on): ok, seen applied; retry, not seen "
+        "by the timeout and sent again; not_applied, not seen with the retry budget spent.",
+        labels=["result"])
+    for result in ("ok", "retry", "not_applied"):
+        checks.add_metric([result], float(verify[result]))
+    yield checks
+    yield CounterMetricFamily("tpns_query_calls", "Query API calls made to verify items.",
+                              value=float(verify["query_calls"]))
     yield GaugeMetricFamily("tpns_workers_seen", "Workers whose heartbeat is at most 30 s old.",
                             value=workers_seen)
 

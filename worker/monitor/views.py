@@ -34,7 +34,14 @@ def _caption(f: dict[str, Any]) -> str:
                        for app, p in f["paused"].items()) or "not paused"
     return (f"queue depth {f['queue_depth']}, in flight {f['in_flight']}, oldest pending "
             f"{f['oldest_pending_age_s']}s, calls {f['calls']}, items/call {f['items_per_call']}, "
-            f"leases reclaimed {f['leases_reclaimed']}; {paused}")
+            f"leases reclaimed {f['leases_reclaimed']}{_verify_text(f['verify'])}; {paused}")
+
+
+def _verify_text(v: dict[str, int]) -> str:
+    if not any(v.values()):
+        return ""
+    return (f", verified {v['ok']} (sent again {v['retry']}, not applied {v['not_applied']}, "
+            f"query calls {v['query_calls']})")
 
 
 def dashboard(figures: dict[str, Any]) -> Group:

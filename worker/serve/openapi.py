@@ -55,7 +55,10 @@ def _result_schema() -> Schema:
 def _status_schema() -> Schema:
     return {"type": "object", "description": "An intent's status (SPEC §5)",
             "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": [
-                "queued", "sending", "retrying", "verifying", "succeeded", "failed"]}}}
+                "queued", "sending", "retrying", "verifying", "succeeded", "failed"]},
+                "verified": {"type": ["boolean", "null"], "description": (
+                    "With TPNS_VERIFY=on: true once a query showed the intent applied, false "
+                    "while verifying (or never seen); null when verification is off")}}}
 
 
 def _unauthorized() -> Schema:

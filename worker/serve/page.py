@@ -49,7 +49,7 @@ def _figures(f: Mapping[str, Any]) -> str:
     classes = ", ".join(f"{k} {v}" for k, v in f["call_classes"].items()) or "none yet"
     latency = "n/a" if f["mean_latency_ms"] is None else f"{f['mean_latency_ms']} ms"
     items = [
-        ("queue-depth", "queue depth (queued + retrying)", f["queue_depth"]),
+        ("queue-depth", "queue depth (queued + retrying + verifying)", f["queue_depth"]),
         ("in-flight", "in flight", f["in_flight"]),
         ("oldest-pending", "oldest pending", f"{f['oldest_pending_age_s']} s"),
         ("calls", "calls", f["calls"]),
@@ -58,10 +58,19 @@ def _figures(f: Mapping[str, Any]) -> str:
         ("latency", "mean call latency", latency),
         ("retries", "items retried", f["retries"]),
         ("leases-reclaimed", "leases reclaimed", f["leases_reclaimed"]),
+        ("verifying", "verifying now", f["states"]["verifying"]),
+        ("verification", "verification (TPNS_VERIFY)", _verification(f["verify"])),
         ("workers", "workers seen (30 s)", len(f["workers"])),
     ]
     return "<dl>" + "".join(f'<dt>{_e(label)}</dt><dd id="{key}">{_e(value)}</dd>'
                             for key, label, value in items) + "</dl>"
+
+
+def _verification(v: Mapping[str, int]) -> str:
+    if not any(v.values()):
+        return "none (off, or nothing checked yet)"
+    return (f"seen applied {v['ok']}, sent again {v['retry']}, not applied {v['not_applied']}, "
+            f"query calls {v['query_calls']}")
 
 
 def _pauses(f: Mapping[str, Any]) -> str:

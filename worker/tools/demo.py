@@ -52,9 +52,9 @@ BAD_INTENTS: list[Any] = [
 def _view(stats: dict[str, Any], sandbox: dict[str, Any], total: int, elapsed: float) -> Group:
     states = stats["states"]
     table = Table(title=f"tpns-batcher demo — {elapsed:5.1f} s", min_width=60)
-    for col in ("queued", "sending", "retrying", "succeeded", "failed"):
+    for col in ("queued", "sending", "verifying", "retrying", "succeeded", "failed"):
         table.add_column(col, justify="right")
-    table.add_row(*(str(states[c]) for c in ("queued", "sending", "retrying", "succeeded", "failed")))
+    table.add_row(*(str(states[c]) for c in ("queued", "sending", "verifying", "retrying", "succeeded", "failed")))
     done = states["succeeded"] + states["failed"]
     calls = sandbox.get("calls", 0)
     items = sandbox.get("items", 0)
