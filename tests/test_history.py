@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from worker.errors import IntentError
-from worker.history import HistoryQuery, history_query
+from worker.history import SHARDS, HistoryQuery, history_query
 from worker.model import Account, Intent
 from worker.store import Store
 
@@ -111,3 +111,20 @@ def test_parameters_default_and_parse() -> None:
     q = history_query(account="a", account_type="3", limit="500", default_app="ios")
     assert (q.app, q.account, q.account_type, q.limit, q.token) == ("ios", "a", 3, 500, None)
     assert history_query(token="t").limit == 50
+
+
+def test_the_sweep_drops_heads_of_expired_records_and_keeps_the_others(
+        client: redis.Redis, prefix: str) -> None:
+    store = Store(client, prefix, linger_ms=0)
+    store.enqueue([(f"i{k}", Intent(4, f"tok{k}", ())) for k in range(40)])
+    for k in range(0, 40, 2):
+        client.delete(f"{prefix}i:i{k}")  # expired
+    looked = dropped = 0
+    while looked < SHARDS:  # one pass, as the sweep makes it beat after beat
+        shards, gone = store.prune_history(budget=5, shards=64)
+        assert 1 <= shards <= 64
+        looked, dropped = looked + shards, dropped + gone
+    assert dropped == 20
+    heads = {v.decode() for key in client.scan_iter(match=f"{prefix}h:*") for v in client.hvals(key)}
+    assert heads == {f"i{k}" for k in range(1, 40, 2)}
+    assert ids(store.history(HistoryQuery("default", token="tok1"))) == ["i1"]

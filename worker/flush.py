@@ -268,6 +268,7 @@ class Flusher:
         if reclaimed:
             logger.warning("reclaimed %d items from expired leases (a worker died or hung)",
                            reclaimed)
+        self.store.prune_history()  # heads of expired records: the history index stays bounded
         sent = list(wakes)
         apps = set(self.settings.apps) | self.store.known_apps()
         for (app, op), (ready, _retrying) in self.store.ready_counts(apps).items():

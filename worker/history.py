@@ -25,6 +25,13 @@ MAX_LIMIT = 500
 #: account types are small non-negative numbers (SPEC §4); the bound keeps a lookup key short
 MAX_ACCOUNT_TYPE = 2**31 - 1
 _MAX_KEY_LEN = 256
+#: history heads, and shards, the sweep looks at per beat (whole shards, so a few more heads):
+#: a pass over the 4096 shards takes at least 64 beats (an idle index costs 64 empty lookups a
+#: second), and one call checks about a thousand records at most, a millisecond or two of Redis
+PRUNE_BUDGET = 1000
+PRUNE_SHARDS = 64
+#: the index's shards (``lib.lua`` files a digest under its first 3 hex digits)
+SHARDS = 4096
 
 
 @dataclass(frozen=True)

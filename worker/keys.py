@@ -6,6 +6,7 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
     P ko:{shard}         hashes: digest of a key (app+token, app+account+type) -> latest pending holder
     P h:{shard}          hashes: the same digests -> the latest intent that named the key, any state
                          (history by key; each record links to its predecessors, ``hp``)
+    P hcur               the next history shard the sweep prunes (heads of expired records)
     P events             the events stream (capped at ``TPNS_EVENTS_MAXLEN``)
     P q:{app}:{op}       list: ids eligible now, oldest first
     P d:{app}:{op}       zset: retrying ids by the time their backoff ends
@@ -44,6 +45,7 @@ DEFAULT_PREFIX = "tpns:"
 RECORD = "i:"
 KEY_INDEX = "ko:"
 HISTORY = "h:"
+HISTORY_CURSOR = "hcur"
 EVENTS = "events"
 READY = "q:"
 DELAYED = "d:"
@@ -103,6 +105,10 @@ class Keys:
     def history(self, digest: str) -> str:
         """The history shard of a key's digest (its first 3 hex digits, as ``lib.lua``)."""
         return f"{self.prefix}{HISTORY}{digest[:3]}"
+
+    @property
+    def history_cursor(self) -> str:
+        return self.prefix + HISTORY_CURSOR
 
     @property
     def events(self) -> str:

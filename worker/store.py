@@ -23,7 +23,7 @@ from typing import Any, Literal
 import redis
 
 from .errors import StoreError
-from .history import HistoryQuery, history_call, history_reply
+from .history import PRUNE_BUDGET, PRUNE_SHARDS, HistoryQuery, history_call, history_reply
 from .keys import (
     DEFAULT_PREFIX,
     RECORD_STATES,
@@ -183,7 +183,7 @@ def intent_arg(intent_id: str, intent: Intent) -> str:
 
 #: the Lua scripts, each ``lua/lib.lua`` + ``lua/<name>.lua``
 SCRIPTS = ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle", "verify_claim",
-           "verify_done", "history")
+           "verify_done", "history", "prune_history")
 
 
 class Layout:
@@ -616,6 +616,14 @@ class Store(Layout):
         keys, args = history_call(self.keys, query)
         raw = self._scripts["history"](keys=keys, args=args)
         return [record_to_status(i, rec) for i, rec in history_reply(raw, query.limit)]
+
+    def prune_history(self, budget: int = PRUNE_BUDGET,
+                      shards: int = PRUNE_SHARDS) -> tuple[int, int]:
+        """Drop history heads whose record expired, about ``budget`` heads or ``shards`` shards
+        at a time (the sweep's part of keeping the index bounded); (shards seen, heads dropped)."""
+        raw = self._scripts["prune_history"](keys=[self.keys.history_cursor],
+                                             args=[self.prefix, budget, shards])
+        return int(raw[0]), int(raw[1])
 
     def recent_failures(self, limit: int = 20) -> list[Status]:
         """The most recently failed intents, newest first."""
