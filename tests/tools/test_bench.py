@@ -33,9 +33,10 @@ def test_bench_json_has_every_figure(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TPNS_", "REDIS_URL", "CELERY_"))}
     env["TPNS_DATA_DIR"] = str(tmp_path / "data")
+    env["TPNS_VERIFY_DELAY_MS"] = "200"
     done = subprocess.run(
         [COMMAND, "bench", "--intents", "400", "--light-seconds", "0.5", "--light-rate", "100",
-         "--baseline-intents", "100", "--concurrency", "2", "--json"],
+         "--baseline-intents", "100", "--concurrency", "2", "--verify", "--json"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=220, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     figures = json.loads(done.stdout)
@@ -44,6 +45,13 @@ def test_bench_json_has_every_figure(tmp_path: Path) -> None:
         assert isinstance(value, int | float) and not isinstance(value, bool), key
         assert value >= 0, key
     assert figures["intents"] == 400
+    # with --verify: the same drain with TPNS_VERIFY=on; binds are read per account and per
+    # token, unbinds per token or account, 20 or so to a query call
+    assert figures["verify_delay_ms"] == 200
+    assert 0 < figures["query_calls_per_intent"] < 1
+    assert figures["verify_drain_per_s"] > 0 and figures["verify_drain_ratio"] > 0
+    # a check comes at the earliest after the delay: verified intents took at least that long
+    assert figures["verify_latency_p50_ms"] >= 200
     assert figures["baseline_intents"] == 100
     assert figures["latency_intents"] == 50
     assert isinstance(figures["redis_private"], bool)

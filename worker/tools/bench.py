@@ -18,6 +18,11 @@ One invocation runs, in order:
 4. **Latency at light load**: intents submitted one at a time at ``--light-rate`` per second for
    ``--light-seconds``; enqueue -> terminal from each status's ``created_at``/``updated_at`` (both
    stamped by Redis' clock) -> ``latency_p50_ms``, ``latency_p99_ms``.
+With ``--verify``, steps 1-4 run again with ``TPNS_VERIFY=on`` on the same Redis and sandbox ->
+``verify_drain_per_s``, ``verify_drain_ratio`` (over the run without), ``query_calls_per_intent``
+(the sandbox's query count over the intents drained) and ``verify_latency_p50_ms`` /
+``verify_latency_p99_ms`` (accepted -> verified adds about the first check's delay).
+
 5. **Baseline** (``worker/tools/baseline.py``): the same number of worker processes, pool and
    concurrency of the naive design (``worker/tools/naive.py``: one Celery task and one HTTP call
    per intent) on the same Redis and sandbox, ``baseline_intents`` = min(N, 2000) by default
@@ -93,8 +98,8 @@ class Bench:
 
     # -- the real design ---------------------------------------------------------------------
 
-    def run_batched(self) -> None:
-        names = hostnames("bench", self.config.workers, self.redis.prefix)
+    def run_batched(self, kind: str = "bench") -> None:
+        names = hostnames(kind, self.config.workers, self.redis.prefix)
         procs = [WorkerProcess.cli_worker(self.env, self.workdir / f"worker{k}.log",
                                           "--hostname", name, "-Q", GATE_QUEUE,
                                           *self.concurrency_args)
@@ -179,7 +184,7 @@ class Bench:
         timed = sum(v for k, v in metrics.items() if k.startswith("lat:"))
         self.results.update(
             drain_s=round(drain_s, 3), drain_per_s=round(total / drain_s, 1),
-            api_calls=sandbox["calls"],
+            api_calls=sandbox["calls"], queries=sandbox["queries"],
             items_per_call=round(sandbox["items"] / sandbox["calls"], 2) if sandbox["calls"] else 0.0,
             full_calls_share=round(sum(1 for s in sizes if s == 20) / len(sizes), 3) if sizes else 0.0,
             failed=sum(counters.get(f"done_failed:{op}", 0) for op in range(1, 6)),
@@ -217,6 +222,25 @@ class Bench:
             latency_p50_ms=round(percentile(latencies, 50), 1),
             latency_p99_ms=round(percentile(latencies, 99), 1))
 
+    def run_verified(self) -> None:
+        """Steps 1-4 again with TPNS_VERIFY=on; the figures of the plain run stay as they were."""
+        plain = dict(self.results)
+        self.env = {**self.env, "TPNS_VERIFY": "on",
+                    "TPNS_VERIFY_DELAY_MS": str(self.config.verify_delay_ms)}
+        self.settings = Settings.from_env(product_settings_env(self.env))
+        self.report.phase(f"again with TPNS_VERIFY=on (first check after "
+                          f"{self.config.verify_delay_ms} ms)")
+        self.run_batched("benchv")
+        verified, self.results = self.results, plain
+        drained = verified["intents"]
+        self.results.update(
+            verify_delay_ms=self.config.verify_delay_ms,
+            verify_drain_per_s=verified["drain_per_s"],
+            verify_drain_ratio=round(verified["drain_per_s"] / plain["drain_per_s"], 3),
+            query_calls_per_intent=round(verified["queries"] / drained, 3),
+            verify_latency_p50_ms=verified["latency_p50_ms"],
+            verify_latency_p99_ms=verified["latency_p99_ms"])
+
     # -- the naive design --------------------------------------------------------------------
 
     def run_baseline(self) -> None:
@@ -252,6 +276,8 @@ def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
             report.phase(f"redis {redis_target.url} · sandbox {sandbox.url} "
                          f"({config.latency_ms:g} ms latency)")
             bench.run_batched()
+            if config.verify:
+                bench.run_verified()
             bench.run_baseline()
             results = bench.results
             info = machine(redis_target.url)
@@ -270,6 +296,10 @@ def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
             "worker_rss_mb", "call_ms_mean", "drain_cpu_s", "baseline_intents", "baseline_enqueue_per_s",
             "baseline_drain_per_s", "baseline_api_calls", "speedup")},
     }
+    if config.verify:
+        ordered.update({k: results[k] for k in (
+            "verify_delay_ms", "verify_drain_per_s", "verify_drain_ratio",
+            "query_calls_per_intent", "verify_latency_p50_ms", "verify_latency_p99_ms")})
     goal = targets(config)
     ordered["targets"] = goal
     ordered["targets_met"] = targets_met(ordered, goal)
@@ -325,11 +355,14 @@ def results_table(results: dict[str, Any]) -> Table:
                    "256 tasks, submit_many (worker/tools/ingest.py).")
 @click.option("--ingest-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
               help="Length of each --ingest phase.")
+@click.option("--verify", is_flag=True,
+              help="Drain again with TPNS_VERIFY=on (first check after TPNS_VERIFY_DELAY_MS, "
+                   "default 1000) and report query calls per intent and the drain ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def bench_command(count: int, tokens: int | None, latency_ms: float, workers: int,
                   concurrency: int | None, light_seconds: float, light_rate: float,
                   baseline_intents: int | None, ingest: bool, ingest_seconds: float,
-                  as_json: bool) -> None:
+                  verify: bool, as_json: bool) -> None:
     """Benchmark the whole path on this machine against the naive design (SPEC §10).
 
     Starts a private Redis (or uses REDIS_URL under a fresh prefix), the sandbox with the given
@@ -343,12 +376,14 @@ def bench_command(count: int, tokens: int | None, latency_ms: float, workers: in
         figures = run_ingest(Reporter(), seconds=ingest_seconds)
         click.echo(json.dumps(figures) if as_json else json.dumps(figures, indent=2))
         return
-    settings_env = {k: v for k, v in os.environ.items() if k == "TPNS_LINGER_MS"}
-    linger_ms = Settings.from_env(settings_env).linger_ms if settings_env else 250
+    settings_env = {k: v for k, v in os.environ.items()
+                    if k in ("TPNS_LINGER_MS", "TPNS_VERIFY_DELAY_MS")}
+    read = Settings.from_env(settings_env)
     config = BenchConfig(intents=count, tokens=tokens, latency_ms=latency_ms, workers=workers,
                          concurrency=concurrency, light_seconds=light_seconds,
                          light_rate=light_rate, baseline_intents=baseline_intents,
-                         linger_ms=linger_ms)
+                         linger_ms=read.linger_ms, verify=verify,
+                         verify_delay_ms=read.verify_delay_ms)
     try:
         results = run_bench(config, Reporter())
     except (RuntimeError, TimeoutError) as exc:

@@ -34,6 +34,9 @@ class BenchConfig:
     light_rate: float = 200.0
     baseline_intents: int | None = None
     linger_ms: int = 250
+    #: also drain with TPNS_VERIFY=on (SPEC §6.1) and report its cost; with this first check delay
+    verify: bool = False
+    verify_delay_ms: int = 1000
 
 
 def bench_intents(count: int, tokens: int | None, rng: random.Random) -> list[dict[str, Any]]:
