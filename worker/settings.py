@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .connections import check_broker
 from .errors import ConfigError
 
 #: the service URL of each TPNS access point (data is isolated per access point)
@@ -168,8 +169,11 @@ def _build(env: Mapping[str, str]) -> Settings:
         raise ConfigError("TPNS_REDIS_PREFIX", "must be non-empty without whitespace")
     redis_url = _opt(env, "REDIS_URL")
     if redis_url is not None and not redis_url.startswith(
-            ("redis://", "rediss://", "unix://", "redis+socket://", "sentinel://", "redis+sentinel://")):
-        raise ConfigError("REDIS_URL", "must start with redis://, rediss://, unix:// or sentinel://")
+            ("redis://", "rediss://", "unix://", "redis+socket://", "sentinel://", "redis+sentinel://",
+             "redis+cluster://", "rediss+cluster://")):
+        raise ConfigError("REDIS_URL", "must start with redis://, rediss://, unix://, sentinel:// "
+                                       "or redis+cluster://")
+    check_broker(redis_url, _opt(env, "CELERY_BROKER_URL"))
     http_timeout_s = _float(env, "TPNS_HTTP_TIMEOUT_S", 10.0, 0.001)
     lease_s = _float(env, "TPNS_LEASE_S", 60.0, 0.1)
     if lease_s < 4 * http_timeout_s:
