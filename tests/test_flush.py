@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -23,6 +27,13 @@ def _rig(redis_url: str, prefix: str, sandbox: SandboxServer,
     sleeps: list[float] = []
     flusher = Flusher(settings, producer.store, wake=lambda wakes: None, sleep=sleeps.append)
     return producer, flusher, sleeps
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.005)
 
 
 def redis_ms(client: redis.Redis) -> int:
@@ -214,6 +225,9 @@ def test_each_batch_line_says_what_its_claim_saw(
         flusher.close()
         producer.close()
     lines = [r for r in caplog.records if r.name == "worker.flush" and hasattr(r, "eligible")]
+    # the two calls were in flight together, so their lines come in any order: claim order is
+    # the batch id's sequence number
+    lines.sort(key=lambda r: int(r.batch_id[1:].split(".")[0]))  # type: ignore[attr-defined]
     seen = [(r.items, r.eligible, r.reason) for r in lines]  # type: ignore[attr-defined]
     assert seen == [(20, 25, "full"), (5, 5, "linger")]
     assert "(full: 25 eligible, oldest " in lines[0].getMessage()
@@ -234,3 +248,34 @@ def test_a_flush_started_during_a_shutdown_claims_nothing(
     finally:
         flusher.close()
         producer.close()
+
+
+def test_one_process_keeps_max_in_flight_calls_in_flight_on_a_pool_sized_to_them(
+        redis_url: str, prefix: str, sandbox: SandboxServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # 16 slots: more than requests' default pool of 10 connections, so a pool left at its
+    # default would drop connections (urllib3 warns "Connection pool is full")
+    producer, flusher, _ = _rig(redis_url, prefix, sandbox, TPNS_MAX_IN_FLIGHT="16",
+                                TPNS_LINGER_MS="0")
+    caplog.set_level(logging.WARNING, logger="urllib3")
+    results: list[Any] = []
+    try:
+        ids = [i for i in producer.submit_many(_intents(20 * 24)) if i]
+        sandbox.hold()
+        flushing = threading.Thread(target=lambda: results.append(flusher.flush("default", 4)))
+        flushing.start()
+        try:
+            wait_until(lambda: sandbox.stats()["in_flight"] == 16)
+            # every slot is taken: the flush waits for one before it claims again
+            assert producer.stats()["in_flight"] == 16 * 20
+        finally:
+            sandbox.release()
+        flushing.join(30)
+        assert not flushing.is_alive()
+        assert results[0].batches == 24 and results[0].items == 24 * 20
+        assert sandbox.stats()["in_flight_max"] == 16
+        assert {s.state for s in producer.statuses(ids) if s} == {"succeeded"}
+    finally:
+        flusher.close()
+        producer.close()
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]

@@ -23,6 +23,7 @@ def test_defaults_follow_the_spec(tmp_path: Path) -> None:
     assert not s.app.has_credentials
     assert (s.max_pending, s.enqueue_min_replicas, s.enqueue_wait_ms) == (10_000_000, 0, 1000)
     assert (s.verify, s.verify_delay_ms, s.verify_timeout_s) == (False, 1000, 30.0)
+    assert s.max_in_flight == 64
 
 
 def test_verification_is_turned_on_with_its_delay_and_timeout() -> None:
@@ -48,6 +49,8 @@ def test_the_environment_overrides_the_env_file(tmp_path: Path) -> None:
     ({"TPNS_MAX_ITEMS_PER_CALL": "21"}, "TPNS_MAX_ITEMS_PER_CALL", "from 1 to 20"),
     ({"TPNS_MAX_ITEMS_PER_CALL": "ten"}, "TPNS_MAX_ITEMS_PER_CALL", "whole number"),
     ({"TPNS_LINGER_MS": "-1"}, "TPNS_LINGER_MS", "from 0"),
+    ({"TPNS_MAX_IN_FLIGHT": "0"}, "TPNS_MAX_IN_FLIGHT", "from 1 to 1024"),
+    ({"TPNS_MAX_IN_FLIGHT": "many"}, "TPNS_MAX_IN_FLIGHT", "whole number"),
     ({"TPNS_LEASE_S": "-5"}, "TPNS_LEASE_S", ">= 0.1"),
     ({"TPNS_HTTP_TIMEOUT_S": "nan"}, "TPNS_HTTP_TIMEOUT_S", "finite"),
     ({"TPNS_PAUSE_S": "inf"}, "TPNS_PAUSE_S", "finite"),

@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from .client import TpnsClient
@@ -23,9 +24,17 @@ from .tpns_codes import RETRY_AFTER_CAP_S
 
 logger = logging.getLogger(__name__)
 
-#: batches one flush task may send before handing over to a fresh wake (keeps tasks short, so a
-#: warm shutdown is quick and (app, op) pairs take turns)
-BATCHES_PER_TASK = 8
+#: how long one flush task keeps claiming before it hands over to a fresh wake (its calls still
+#: end first): tasks stay short, so (app, op) pairs take turns on the worker's task threads
+CLAIM_WINDOW_S = 1.0
+#: and at most this many claims per call slot of the process, whatever the clock says
+BATCHES_PER_SLOT = 2
+#: claims one round trip makes at most (as many as free slots and eligible batches allow)
+CLAIMS_PER_TRIP = 16
+#: while a flush claims on, how often it asks for a successor (other processes and hosts join)
+SUCCESSOR_EVERY_S = 0.05
+#: how often a flush waiting for a free call slot looks whether the worker is shutting down
+SLOT_POLL_S = 0.25
 #: while Redis is unreachable after a call, how often recording its outcome is tried again
 RECORD_RETRY_S = 0.25
 
@@ -34,7 +43,7 @@ WakeSender = Callable[[Sequence[Wake]], None]
 
 @dataclass
 class FlushResult:
-    """What one flush task did."""
+    """What one flush task did (``stopped``: why it claimed no more)."""
 
     batches: int = 0
     items: int = 0
@@ -69,6 +78,13 @@ class Flusher:
         #: an attempt takes at most a connect and a read timeout, plus some slack (Settings keeps
         #: the lease at least 4 timeouts long, so a fresh batch always has time for one attempt)
         self._attempt_s = 2 * settings.http_timeout_s + min(1.0, settings.lease_s / 10)
+        #: calls in flight at most in this process, over all its flushes (SPEC §2)
+        self.max_in_flight = settings.max_in_flight
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
+        #: a slot is freed when its calls are answered, before the outcomes are recorded, so
+        #: that the next claim need not wait for the recording: twice as many threads as slots
+        #: (started as needed) let a new call start while the last ones are being recorded
+        self._senders = ThreadPoolExecutor(2 * self.max_in_flight, thread_name_prefix="tpns-call")
         self.clients = clients if clients is not None else {
             name: self._make_client(name) for name in settings.apps}
 
@@ -98,7 +114,7 @@ class Flusher:
                 raise LeaseSpentError("not sent: the batch's lease would end before the call could")
 
         return TpnsClient(s.apps[app], timeout_s=s.http_timeout_s, budget_s=s.lease_s / 2,
-                          sleep=self.sleep, before_call=before_call)
+                          pool_size=s.max_in_flight, sleep=self.sleep, before_call=before_call)
 
     def _confirm(self, ask: Callable[[], float | None]) -> float:
         """``ask()`` Redis about the current batch's lease; no attempt unless it answers yes."""
@@ -120,68 +136,162 @@ class Flusher:
         return float("inf") if send_by is None else send_by - self.monotonic()
 
     def close(self) -> None:
+        """Wait for the calls in flight, then close the HTTP sessions."""
+        self._senders.shutdown(wait=True)
         for client in self.clients.values():
             client.close()
 
     def flush(self, app: str, operator_type: int) -> FlushResult:
-        """Send up to ``BATCHES_PER_TASK`` batches of ``(app, operator_type)``, waking a successor
-        before each call while eligible work remains, so idle pool slots join in."""
+        """Claim and send batches of ``(app, operator_type)`` with up to ``max_in_flight`` calls
+        in flight in this process, until none is eligible, the claim window closes, sending
+        pauses or the worker shuts down; then wait for this flush's calls to end.
+
+        One thread claims (a claim only after a call slot is free, so no lease ticks while a
+        batch waits for one); each call runs on the process's sender pool, whose slots every
+        flush of the process shares. Waiting for its own calls keeps a warm shutdown honest:
+        Celery waits for the task, the task for its calls. While eligible work remains a
+        successor is woken (once per wake flag), so other processes and hosts join in.
+        """
         result = FlushResult()
+        sending: list[Future[BatchReport]] = []
+        trouble = threading.Event()  # a call paused the app or raised: claim no more
+        try:
+            result.stopped = self._claim_loop(app, operator_type, sending, trouble)
+        finally:
+            wait(sending)
+        error: BaseException | None = None
+        for future in sending:
+            exc = future.exception()
+            if exc is not None:
+                error = error or exc
+                continue
+            report = future.result()
+            result.batches += 1
+            result.items += len(report.outcomes)
+            result.calls += len(report.calls)
+            if report.pause is not None:
+                result.stopped = "paused"
+        if error is not None:
+            raise error
+        return result
+
+    def _claim_loop(self, app: str, op: int, sending: list[Future[BatchReport]],
+                    trouble: threading.Event) -> str:
+        """Claim batches and hand them to the sender pool; returns why it stopped."""
         # without a rate limit the throttle only reads the shared backoff: that read rides
         # along with the claim (as does clearing the wake flag), one round trip for all three
         unlimited = self.settings.max_calls_per_s <= 0
-        for k in range(BATCHES_PER_TASK):
-            if self.should_stop():  # shutting down: claim nothing (the sweep re-wakes the rest)
-                result.stopped = "shutdown"
-                break
-            claim = self.store.claim(app, operator_type, clear_wake=k == 0,
-                                     read_backoff=unlimited)
+        window_ends = self.monotonic() + CLAIM_WINDOW_S
+        successor_due = 0.0
+        claims_left = BATCHES_PER_SLOT * self.max_in_flight
+        want = 1  # claims of the next round trip: one until a claim tells how many are eligible
+        first = True
+        while claims_left > 0:
+            slots = self._take_slots(min(want, claims_left))
+            if not slots:
+                return "shutdown"
+            try:
+                claims = self.store.claim_many(app, op, slots, clear_wake=first,
+                                               read_backoff=unlimited)
+            except BaseException:
+                self._slots.release(slots)
+                raise
+            first = False
+            claims_left -= slots
             self.on_claim()
-            if claim.kind != "batch":
-                result.stopped = claim.kind
-                if claim.kind == "wait":
-                    self._linger_wake(app, operator_type, claim.wait_ms)
+            now = self.monotonic()
+            batches = [claim for claim in claims if claim.kind == "batch"]
+            if slots > len(batches):
+                self._slots.release(slots - len(batches))
+            send_by = now + self.settings.lease_s - self._attempt_s
+            for claim in batches:  # every batch claimed is leased: all of them go
+                sending.append(self._senders.submit(self._send_claimed, app, op, claim, send_by,
+                                                    unlimited, trouble))
+            last = claims[-1]
+            if last.kind != "batch":
+                if last.kind == "wait":
+                    self._linger_wake(app, op, last.wait_ms)
+                return last.kind
+            if not last.eligible_left:
+                return "empty"
+            # a successor wake at most every SUCCESSOR_EVERY_S: while this loop claims on,
+            # asking after every claim would cost a round trip per batch for nothing (the flag
+            # stays set until the woken flush's first claim)
+            if now >= successor_due:
+                self._successor(app, op, last.eligible_left, last.wait_ms)
+                successor_due = now + SUCCESSOR_EVERY_S
+            if trouble.is_set() or self.should_stop():
+                return "paused" if trouble.is_set() else "shutdown"
+            if now >= window_ends:
                 break
-            if claim.eligible_left:
-                self._successor(app, operator_type, claim.eligible_left, claim.wait_ms)
-            self._batch.send_by = self.monotonic() + self.settings.lease_s - self._attempt_s
-            self._batch.batch_id = claim.batch_id
+            want = min(CLAIMS_PER_TRIP, -(-last.eligible_left // self.settings.max_items_per_call))
+        # claims left over for a fresh flush: make sure one is woken
+        self._successor(app, op, last.eligible_left, last.wait_ms)
+        return "handed_over"
+
+    def _take_slots(self, wanted: int) -> int:
+        """Wait for a free call slot, then take up to ``wanted`` that are free; how many were
+        taken (0 once the worker shuts down)."""
+        while not self._slots.acquire(timeout=SLOT_POLL_S):
+            if self.should_stop():
+                return 0
+        if self.should_stop():  # the shutdown came while this flush waited for the slot
+            self._slots.release()
+            return 0
+        taken = 1
+        while taken < wanted and self._slots.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def _send_claimed(self, app: str, op: int, claim: Claim, send_by: float, unlimited: bool,
+                      trouble: threading.Event) -> BatchReport:
+        """One claimed batch on a sender thread: its call and its outcomes; frees the slot."""
+        batch = self._batch
+        batch.send_by = send_by
+        batch.batch_id = claim.batch_id
+        held = [True]
+
+        def free_slot() -> None:
+            if held[0]:
+                held[0] = False
+                self._slots.release()
+
+        try:
             if unlimited:
                 if claim.backoff_ms > 0:  # then the first attempt confirms the lease again
                     self.sleep(min(claim.backoff_ms / 1000, self._time_left()))
-                    self._batch.waited = True
-                self._batch.backoff_read = True
-            try:
-                report = self.send(app, operator_type, claim.batch_id or "", claim.items,
-                                   claim=claim)
-            finally:
-                self._batch.backoff_read = self._batch.waited = False
-                self._batch.send_by = None
-                self._batch.batch_id = None
-            result.batches += 1
-            result.items += len(claim.items)
-            result.calls += len(report.calls)
-            if report.pause is not None or self.should_stop():
-                result.stopped = "paused" if report.pause is not None else "shutdown"
-                break
-            if not claim.eligible_left:
-                result.stopped = "empty"
-                break
-        return result
+                    batch.waited = True
+                batch.backoff_read = True
+            report = self.send(app, op, claim.batch_id or "", claim.items, claim=claim,
+                               after_calls=free_slot)
+            if report.pause is not None:
+                trouble.set()
+            return report
+        except BaseException:
+            trouble.set()
+            raise
+        finally:
+            batch.backoff_read = batch.waited = False
+            batch.send_by = None
+            batch.batch_id = None
+            free_slot()
 
     def send(self, app: str, operator_type: int, batch_id: str,
-             items: Sequence[BatchItem], *, claim: Claim | None = None) -> BatchReport:
+             items: Sequence[BatchItem], *, claim: Claim | None = None,
+             after_calls: Callable[[], None] = lambda: None) -> BatchReport:
         """Call TPNS for one claimed batch and record the outcome of every item.
 
         ``claim``, when given, is what the claim saw; the batch's log line carries it (why the
         batch went: ``full`` or ``linger``, how many items were eligible, the oldest one's age),
         so the flush rule of SPEC §3.2 can be checked batch by batch from the log.
+        ``after_calls`` runs once the HTTP calls are over, before the outcomes are recorded.
         """
         client = self.clients[app]
         now_ms = int(time.time() * 1000)
         report = run_batch(client.batchoperate, operator_type, items, now_ms=now_ms,
                            max_attempts=self.settings.max_attempts,
                            max_age_s=self.settings.max_age_s, rng=self.rng)
+        after_calls()
         if report.pause is not None:
             logger.error("sending for app %s paused for %gs: TPNS refused the credentials or the "
                          "app (ret_code=%s, %s); nothing was failed, the items wait in the queue",

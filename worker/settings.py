@@ -33,8 +33,14 @@ SANDBOX_ACCESS_ID = "1500000001"
 SANDBOX_SECRET_KEY = "sandbox-secret-0123456789abcdef"
 
 DEFAULT_CONFIG_FILE = Path("config") / "tpns-batcher.env"
-#: pool processes of ``tpns-batcher worker`` unless CELERY_ARGS set --concurrency (bench uses it too)
-DEFAULT_CONCURRENCY = 4
+#: the Celery pool of ``tpns-batcher worker`` unless CELERY_ARGS set --pool: threads in one
+#: process. The calls in flight are the process's own (TPNS_MAX_IN_FLIGHT, worker/flush.py), not
+#: one per pool slot, so more processes would only add memory (README, "Calls in flight")
+DEFAULT_POOL = "threads"
+#: task threads of the default pool unless CELERY_ARGS set --concurrency (bench uses it too):
+#: flushes of different (app, operator_type) pairs and the sweep run side by side, all sharing
+#: the process's call slots
+DEFAULT_CONCURRENCY = 8
 _APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
@@ -75,6 +81,8 @@ class Settings:
     http_timeout_s: float = 10.0
     lease_s: float = 60.0
     max_calls_per_s: float = 0.0
+    #: calls one worker process keeps in flight at most (its HTTP pool is sized to it)
+    max_in_flight: int = 64
     max_attempts: int = 8
     max_age_s: float = 86400.0
     pause_s: float = 60.0
@@ -197,6 +205,7 @@ def _build(env: Mapping[str, str]) -> Settings:
         http_timeout_s=http_timeout_s,
         lease_s=lease_s,
         max_calls_per_s=_float(env, "TPNS_MAX_CALLS_PER_S", 0.0, 0.0),
+        max_in_flight=_int(env, "TPNS_MAX_IN_FLIGHT", 64, 1, 1024),
         max_attempts=_int(env, "TPNS_MAX_ATTEMPTS", 8, 1, 1000),
         max_age_s=_float(env, "TPNS_MAX_AGE_S", 86400.0, 1.0),
         pause_s=_float(env, "TPNS_PAUSE_S", 60.0, 0.0),

@@ -312,26 +312,44 @@ class Store(Layout):
         app's shared backoff (``throttle`` without a rate limit) into ``Claim.backoff_ms``: all
         in the claim's own round trip, which is one of the few a batch costs.
         """
+        if not clear_wake and not read_backoff:
+            keys, args = self._claim_call(app, operator_type)
+            return self._claim_reply(self._scripts["claim"](keys=keys, args=args))
+        return self.claim_many(app, operator_type, 1, clear_wake=clear_wake,
+                               read_backoff=read_backoff)[0]
+
+    def claim_many(self, app: str, operator_type: int, count: int, *, clear_wake: bool = False,
+                   read_backoff: bool = False) -> list[Claim]:
+        """``count`` claims of one app and op in one round trip, each atomic on its own, as if
+        made one after the other (``clear_wake`` and ``read_backoff`` as for ``claim``, the
+        backoff read once after them all).
+
+        Every ``batch`` among the replies is leased and must be sent, wherever it comes:
+        another client's commands may run between two claims of the pipeline (an enqueue after
+        an ``empty``), so a batch can follow a claim that found none.
+        """
+        calls: list[tuple[str, list[Any], list[Any]]] = [
+            ("claim", *self._claim_call(app, operator_type)) for _ in range(count)]
+        if read_backoff:
+            calls.append(("throttle", self._throttle_keys(app), [self.prefix, app, 0]))
+        before = [self.keys.wake(app, operator_type)] if clear_wake else []
+        replies = self._evalsha_pipeline(calls, delete=before)
+        backoff_ms = int(replies[count]) if read_backoff else 0
+        return [self._claim_reply(raw, backoff_ms) for raw in replies[:count]]
+
+    def _claim_call(self, app: str, operator_type: int) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV of one claim."""
         # the batch id ends in a random part: a claim lost with the last second of the AOF (or
         # with an unreplicated write at a failover) can hand out the same sequence number again,
         # and the lease checks must not take the other claim's lease for their own
         args: list[Any] = [self.prefix, app, operator_type, self.max_items, self.linger_ms,
                            self.lease_ms, secrets.token_hex(4)]
-        keys = [self.keys.counters, self.keys.ready(app, operator_type),
-                self.keys.delayed(app, operator_type), self.keys.pause(app), self.keys.seq,
-                self.keys.batches, self.keys.leases]
-        backoff_ms = 0
-        if not clear_wake and not read_backoff:
-            raw = self._scripts["claim"](keys=keys, args=args)
-        else:
-            calls: list[tuple[str, list[Any], list[Any]]] = [("claim", keys, args)]
-            if read_backoff:
-                calls.append(("throttle", self._throttle_keys(app), [self.prefix, app, 0]))
-            before = [self.keys.wake(app, operator_type)] if clear_wake else []
-            replies = self._evalsha_pipeline(calls, delete=before)
-            raw = replies[0]
-            if read_backoff:
-                backoff_ms = int(replies[1])
+        keys: list[Any] = [self.keys.counters, self.keys.ready(app, operator_type),
+                           self.keys.delayed(app, operator_type), self.keys.pause(app),
+                           self.keys.seq, self.keys.batches, self.keys.leases]
+        return keys, args
+
+    def _claim_reply(self, raw: Any, backoff_ms: int = 0) -> Claim:
         kind = _text(raw[0])
         if kind == "paused":
             return Claim("paused", wait_ms=int(raw[1]), reason=_text(raw[2]),

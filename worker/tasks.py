@@ -30,8 +30,8 @@ def outage(exc: BaseException) -> bool:
 
 #: set in the main process when a warm shutdown starts (SIGTERM); a multiprocessing Event, not a
 #: threading one, so that prefork pool children (forked before the signal, which only the main
-#: process receives) see it too and a flush stops after its call in flight instead of sending
-#: up to BATCHES_PER_TASK more batches while the shutdown waits for it
+#: process receives) see it too: a flush then claims no more and waits for its calls in flight,
+#: and the shutdown waits for the flush
 _shutting_down = multiprocessing.Event()
 _local: dict[int, Flusher] = {}
 _verifiers: dict[int, Verifier] = {}
@@ -40,7 +40,7 @@ _verifiers: dict[int, Verifier] = {}
 @signals.worker_shutting_down.connect
 def _on_shutdown(**_: Any) -> None:
     _shutting_down.set()
-    logger.info("shutting down: flushes finish their call in flight and claim no more")
+    logger.info("shutting down: flushes finish their calls in flight and claim no more")
 
 
 #: socket timeouts of the worker's store connection: a network cut (no RST) must end in an error
@@ -74,7 +74,8 @@ def register(app: Celery, settings: Settings, redis_url: str, prefix: str) -> No
         progress.progressed()
 
     def flusher() -> Flusher:
-        # one per process: a prefork child builds its own Redis client and HTTP session
+        # one per process, shared by its task threads (the default pool): the process's call
+        # slots, sender threads and HTTP sessions; a prefork child builds its own
         pid = os.getpid()
         if pid not in _local:
             _local.clear()

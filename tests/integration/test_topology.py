@@ -137,11 +137,11 @@ def _check_topology(processes: dict[str, WorkerProcess], port: int, prefix: str,
     for worker in workers:
         assert "tpns.flush" in worker.log(), f"{worker.name} ran no flush"
 
-    # exactly one beat: the sweeps go on, and only worker-beat runs one. A prefork worker's
-    # children are its pool processes, plus the embedded beat when it has one (--beat)
+    # exactly one beat: the sweeps go on, and only worker-beat runs one. The default pool is
+    # threads in the worker's own process, so its only child is the embedded beat (--beat)
     wait_until(lambda: sweeps() >= first + 3, 30, message="three more sweeps")
     children = {w.name: len(psutil.Process(w.pid).children()) for w in workers}
-    assert children == {"worker-beat": POOL + 1, "worker": POOL}, children
+    assert children == {"worker-beat": 1, "worker": 0}, children
 
     # serve's /healthz sees both workers, each heartbeating as hostname:pid
     host = socket.gethostname()

@@ -1,6 +1,7 @@
 """End to end: real ``tpns-batcher worker`` processes drain intents into the sandbox (issue 4).
 
-Each test runs the real worker command (Celery prefork pool, embedded beat) in its own process
+Each test runs the real worker command (its default pool: one process with many calls in flight,
+embedded beat) in its own process
 group against the real Redis (the test's prefix) and an in-process sandbox over a real socket.
 Correctness is judged against the sandbox, the way TPNS would see it:
 
@@ -343,8 +344,9 @@ def test_sigkill_mid_run_loses_nothing_after_a_restart(
     wait_until(lambda: terminal_count(producer) >= 100, 60, message="some intents done")
     held = sandbox.stats()["calls"]
     sandbox.hold()
-    wait_until(lambda: sandbox.stats()["calls"] > held and producer.stats()["in_flight"] > 0, 60,
-               message="a call in flight, held by the sandbox")
+    # several calls in flight from the one worker process when it dies
+    wait_until(lambda: sandbox.stats()["calls"] > held and sandbox.stats()["in_flight"] >= 3,
+               60, message="calls in flight, held by the sandbox")
     first.kill()
     assert producer.stats()["in_flight"] > 0  # the killed worker's batches are left 'sending'
     # their leases end now: the clock is ours to move, rather than waiting 120 s
@@ -368,21 +370,22 @@ def test_warm_shutdown_finishes_the_calls_in_flight_and_records_them(
     sandbox.hold()  # the calls stay in flight until released (the worker's timeout is 30 s)
     producer = make_producer()
     ids = submit(producer, [{"operator_type": 2, "token": f"tok-{k}",
-                             "account_list": [{"account": f"u{k}"}]} for k in range(200)])
-    worker = start_worker(sandbox, concurrency=2, TPNS_LEASE_S="120", TPNS_HTTP_TIMEOUT_S="30")
-    # both pool processes are in a call (a flush wakes a successor before its call)
-    wait_until(lambda: producer.stats()["in_flight"] == 2 * FULL and sandbox.stats()["calls"] == 2,
-               60, message="two calls in flight")
+                             "account_list": [{"account": f"u{k}"}]} for k in range(400)])
+    # one worker process (the default pool) with 6 call slots, and 20 batches waiting
+    worker = start_worker(sandbox, TPNS_MAX_IN_FLIGHT="6", TPNS_LEASE_S="120",
+                          TPNS_HTTP_TIMEOUT_S="30")
+    wait_until(lambda: sandbox.stats()["in_flight"] == 6, 60, message="six calls in flight")
+    assert producer.stats()["in_flight"] == 6 * FULL  # no batch claimed without a free slot
     worker.terminate()
     # the worker has taken the shutdown in (no flush claims again) before the calls end
     wait_until(lambda: "claim no more" in worker.log(), 60, message="the shutdown under way")
     sandbox.release()
     assert worker.wait_exit(60) == 0
 
-    # the two calls in flight were finished and recorded; no further batch was claimed
+    # the six calls in flight were finished and recorded; no further batch was claimed
     stats = producer.stats()
-    assert sandbox.stats()["calls"] == 2
-    assert stats["states"]["succeeded"] == 2 * FULL and stats["states"]["queued"] == 200 - 2 * FULL
+    assert sandbox.stats()["calls"] == 6 and sandbox.stats()["in_flight_max"] == 6
+    assert stats["states"]["succeeded"] == 6 * FULL and stats["states"]["queued"] == 400 - 6 * FULL
     assert stats["in_flight"] == 0 and stats["leases_reclaimed"] == 0
     assert producer.store.redis.zcard(producer.store.key("leases")) == 0
     statuses = [s for s in producer.statuses(ids) if s is not None]

@@ -423,6 +423,31 @@ def test_hold_keeps_answers_back_until_release(sandbox: SandboxServer) -> None:
     assert [a["ret_code"] for a in answers] == [0]
 
 
+def test_calls_in_flight_are_counted_until_answered(sandbox: SandboxServer) -> None:
+    answers: list[int] = []
+
+    def call(k: int) -> None:
+        with requests.Session() as session:
+            answers.append(post(session, sandbox, {"operator_type": 4,
+                                                   "token_list": [f"t{k}"]}).status_code)
+
+    sandbox.hold()
+    callers = [threading.Thread(target=call, args=(k,)) for k in range(3)]
+    for caller in callers:
+        caller.start()
+    try:
+        wait_until(lambda: sandbox.stats()["in_flight"] == 3)
+        assert sandbox.stats()["in_flight_max"] == 3 and answers == []
+    finally:
+        sandbox.release()
+    for caller in callers:
+        caller.join(10)
+    assert answers == [200, 200, 200]
+    wait_until(lambda: sandbox.stats()["in_flight"] == 0)
+    sandbox.reset()  # the most at once starts again from the calls in flight (none)
+    assert (sandbox.stats()["in_flight"], sandbox.stats()["in_flight_max"]) == (0, 0)
+
+
 def test_latency_delays_every_answer(sandbox: SandboxServer, http: requests.Session) -> None:
     sandbox.configure(latency_ms=100)
     started = time.monotonic()
@@ -470,7 +495,7 @@ def test_stats_count_calls_items_codes_and_reset_clears_them(sandbox: SandboxSer
                      "calls_by_op": {"2": 2, "4": 2, "5": 1},
                      "ret_codes": {"1008026": 1, "0": 2, "1008007": 1, "1008003": 1},
                      "faults": {}, "max_items_per_call": 21, "items_per_call": [3, 2, 1, 21, 1],
-                     "unapplied": 0}
+                     "unapplied": 0, "in_flight": 0, "in_flight_max": 1}  # one call at a time
     assert http.get(sandbox.url + "/sandbox/stats", timeout=5).json() == stats
 
     op(http, sandbox, 2, token_accounts=[ta("t1", "u1")])

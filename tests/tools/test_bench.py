@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.tools.ceiling import baseline_default, in_flight_met, in_flight_targets
 from worker.tools.measure import percentile
 
 #: the console script next to the interpreter running the tests (the project's virtualenv)
@@ -23,8 +24,10 @@ NUMBERS = ("intents", "tokens", "sandbox_latency_ms", "linger_ms", "workers", "c
            "full_calls_share", "failed", "latency_p50_ms", "latency_p99_ms", "latency_intents",
            "latency_rate_per_s", "redis_bytes_per_pending_intent", "worker_rss_mb",
            "call_ms_mean", "baseline_intents", "baseline_enqueue_per_s", "baseline_drain_per_s",
-           "baseline_api_calls", "speedup")
-TARGETS = ("speedup", "items_per_call", "latency_p99_ms", "redis_bytes_per_pending_intent")
+           "baseline_api_calls", "speedup", "max_in_flight", "in_flight_max", "ceiling_per_s",
+           "ceiling_in_flight", "drain_to_ceiling")
+TARGETS = ("speedup", "items_per_call", "latency_p99_ms", "redis_bytes_per_pending_intent",
+           "worker_rss_mb")
 
 
 @pytest.mark.e2e
@@ -60,7 +63,10 @@ def test_bench_json_has_every_figure(tmp_path: Path) -> None:
     assert set(figures["targets_met"]) == set(TARGETS)
     assert all(isinstance(v, bool) for v in figures["targets_met"].values())
     assert set(figures["targets"]) == {"speedup_min", "items_per_call_min",
-                                       "latency_p99_ms_max", "redis_bytes_per_pending_intent_max"}
+                                       "latency_p99_ms_max", "redis_bytes_per_pending_intent_max",
+                                       "worker_rss_mb_max"}
+    # the sandbox saw calls in flight together; the bare client kept its own number in flight
+    assert 1 <= figures["in_flight_max"] <= figures["max_in_flight"]
     assert figures["targets"]["latency_p99_ms_max"] == 250 + 3 * 20 + 50
     machine = figures["machine"]
     assert machine["cores"] >= 1 and machine["python"] and machine["redis"]
@@ -72,3 +78,19 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 99) == 99
     assert percentile([7.0], 99) == 7.0
     assert percentile([], 50) == 0.0
+
+
+def test_the_drain_is_judged_against_the_ceiling_at_real_latency_only() -> None:
+    assert "drain_to_ceiling_min" not in in_flight_targets(20.0)
+    goal = in_flight_targets(200.0)
+    assert goal == {"worker_rss_mb_max": 200.0, "drain_to_ceiling_min": 0.6}
+    assert in_flight_met({"worker_rss_mb": 150.0, "drain_to_ceiling": 0.59}, goal) == {
+        "worker_rss_mb": True, "drain_to_ceiling": False}
+    assert in_flight_met({"worker_rss_mb": 201.0, "drain_to_ceiling": 0.6}, goal) == {
+        "worker_rss_mb": False, "drain_to_ceiling": True}
+
+
+def test_the_naive_baseline_is_shorter_at_real_latency() -> None:
+    assert baseline_default(20_000, 20.0, 2000) == 2000
+    assert baseline_default(20_000, 200.0, 2000) == 200
+    assert baseline_default(150, 20.0, 2000) == 150

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
-from ..settings import DEFAULT_CONCURRENCY, Settings
+from ..settings import DEFAULT_CONCURRENCY, DEFAULT_POOL, Settings
 from ..store import UNREACHABLE
 from . import common
 
@@ -31,8 +31,10 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
            celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker with the flush and sweep tasks.
 
-    CELERY_ARGS go to ``celery worker`` (e.g. --concurrency 8, --hostname w1@%h, --pool threads).
-    Needs TPNS credentials, or an explicit TPNS_BASE_URL such as a sandbox's URL.
+    CELERY_ARGS go to ``celery worker`` (e.g. --hostname w1@%h, --concurrency 8). The default is
+    one process with a pool of 8 task threads that keeps up to TPNS_MAX_IN_FLIGHT calls in
+    flight; with --pool prefork each child keeps that many. Needs TPNS credentials, or an explicit
+    TPNS_BASE_URL such as a sandbox's URL.
     """
     from ..celery_app import make_celery
     from ..consumer import quiet_outage_logs
@@ -66,7 +68,10 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
         except OSError as exc:
             raise click.ClickException(f"--metrics-port {metrics_port}: {exc.strerror}") from None
     argv = ["worker", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
-    if not any(a.startswith(("-c", "--concurrency")) for a in celery_args):
+    pool_given = any(a.startswith(("-P", "--pool")) for a in celery_args)
+    if not pool_given:
+        argv += ["--pool", DEFAULT_POOL]
+    if not pool_given and not any(a.startswith(("-c", "--concurrency")) for a in celery_args):
         argv += ["--concurrency", str(DEFAULT_CONCURRENCY)]
     if not no_beat:
         argv.append("--beat")

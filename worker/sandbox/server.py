@@ -57,7 +57,8 @@ class SandboxServer:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._httpd = SandboxHTTPServer((host, port), self._dispatch, stopping=self._stopping,
-                                        answering=self._answering)
+                                        answering=self._answering,
+                                        in_flight=(BATCH_PATH, self._stats))
 
     @property
     def url(self) -> str:
@@ -144,7 +145,8 @@ class SandboxServer:
         (the last 10,000) describe what was sent, whatever the outcome; ``ret_codes`` counts the
         batchoperate answers by ret_code, ``faults`` the injected faults by kind (``lost``: calls
         answered as accepted and never applied); ``unapplied`` the accepted calls that
-        ``apply_delay_ms`` still holds back.
+        ``apply_delay_ms`` still holds back; ``in_flight`` the batchoperate calls received and not
+        yet answered, ``in_flight_max`` the most at once.
         """
         return {**self._stats.snapshot(), "unapplied": self._bindings.pending()}
 

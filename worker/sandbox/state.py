@@ -167,6 +167,7 @@ class Stats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.in_flight = 0
         self.reset()
 
     def reset(self) -> None:
@@ -178,6 +179,9 @@ class Stats:
             self.per_call: deque[int] = deque(maxlen=ITEMS_PER_CALL_KEPT)
             #: the operator_type of each call in ``per_call`` (None when the body had none)
             self.per_call_op: deque[int | None] = deque(maxlen=ITEMS_PER_CALL_KEPT)
+            #: batchoperate requests received and not yet answered, and the most seen at once
+            #: (``reset`` keeps the calls still in flight counted, so the two stay consistent)
+            self.in_flight_max = self.in_flight
 
     def call(self, payload: dict[str, Any] | Refusal) -> None:
         op = payload.get("operator_type") if isinstance(payload, dict) else None
@@ -192,6 +196,17 @@ class Stats:
                 self.max_items = max(self.max_items, len(entries))
                 self.per_call.append(len(entries))
                 self.per_call_op.append(op)
+
+    def entered(self) -> None:
+        """A batchoperate request arrived (counted until ``left``)."""
+        with self._lock:
+            self.in_flight += 1
+            self.in_flight_max = max(self.in_flight_max, self.in_flight)
+
+    def left(self) -> None:
+        """A batchoperate request was answered (or its connection dropped)."""
+        with self._lock:
+            self.in_flight -= 1
 
     def count(self, *, ret_code: int | None = None, fault: str | None = None,
               query: bool = False) -> None:
@@ -212,4 +227,5 @@ class Stats:
             return {"calls": self.calls, "queries": self.queries, "items": self.items,
                     "calls_by_op": dict(self.by_op), "ret_codes": dict(self.ret_codes),
                     "faults": dict(self.faults), "max_items_per_call": self.max_items,
-                    "items_per_call": list(self.per_call)}
+                    "items_per_call": list(self.per_call), "in_flight": self.in_flight,
+                    "in_flight_max": self.in_flight_max}

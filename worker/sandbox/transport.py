@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ def json_reply(payload: Any, status: int = 200, **headers: str) -> Reply:
 Dispatch = Callable[[str, str, dict[str, str], bytes], Reply]
 
 
+class InFlight(Protocol):
+    """Counts the POSTs to one path from the request read to the answer written (or dropped)."""
+
+    def entered(self) -> None: ...
+
+    def left(self) -> None: ...
+
+
 class SandboxHTTPServer(ThreadingHTTPServer):
     """Serves ``dispatch``; ``answering`` cleared holds every answer, ``stopping`` set cuts delays
     short and drops the answers still waiting."""
@@ -54,8 +62,11 @@ class SandboxHTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], dispatch: Dispatch, *,
-                 stopping: threading.Event, answering: threading.Event) -> None:
+                 stopping: threading.Event, answering: threading.Event,
+                 in_flight: tuple[str, InFlight] | None = None) -> None:
         self.dispatch = dispatch
+        #: (path, counter): the calls in flight on that path, as a client with many sees them
+        self.in_flight = in_flight
         self.stopping = stopping
         self.answering = answering
         self._open: set[socket.socket] = set()
@@ -123,6 +134,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, body: bytes) -> None:
         server = cast(SandboxHTTPServer, self.server)
+        counter = server.in_flight[1] if server.in_flight is not None and \
+            self.command == "POST" and self.path.split("?", 1)[0] == server.in_flight[0] else None
+        if counter is not None:
+            counter.entered()
+        try:
+            self._answer(server, body)
+        finally:
+            if counter is not None:
+                counter.left()
+
+    def _answer(self, server: SandboxHTTPServer, body: bytes) -> None:
         headers = {name.lower(): value for name, value in self.headers.items()}
         try:
             reply = server.dispatch(self.command, self.path, headers, body)

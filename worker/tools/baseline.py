@@ -12,17 +12,17 @@ from typing import Any
 from ..intents import validate
 from ..producer import Producer, new_id
 from ..settings import Settings
+from .ceiling import baseline_default
 from .harness import (
     GATE_QUEUE,
+    NAIVE_CONCURRENCY,
     BenchConfig,
     Reporter,
     bench_intents,
-    cli_concurrency,
     close_gate,
     hostnames,
     open_gate,
     wait_control,
-    warm_count,
 )
 from .naive import NAIVE_TASK, done_key, make_naive_celery, task_args
 from .stack import SandboxProcess, StackRedis, WorkerProcess
@@ -42,10 +42,11 @@ class NaiveBaseline:
         self.sandbox = sandbox
         self.report = report
         self.settings = settings
-        self.count = config.baseline_intents or min(config.intents, BASELINE_MAX_INTENTS)
+        self.count = config.baseline_intents or baseline_default(
+            config.intents, config.latency_ms, BASELINE_MAX_INTENTS)
         self.names = hostnames("naive", config.workers, redis.prefix)
         concurrency = (["--concurrency", str(config.concurrency)] if config.concurrency
-                       else ["--concurrency", str(cli_concurrency())])
+                       else ["--concurrency", str(NAIVE_CONCURRENCY)])
         self.procs = [WorkerProcess([sys.executable, "-m", "worker.tools.naive", "worker",
                                      "--hostname", name, "-Q", GATE_QUEUE,
                                      "--loglevel", "WARNING", *concurrency],
@@ -79,7 +80,7 @@ class NaiveBaseline:
         wait_control(self.app, self.names, 90.0, self.procs)
 
     def _warm_up(self, client: Any) -> None:
-        warm = warm_count(self.config) // 20 * 2
+        warm = self.config.workers * 40 * (self.config.concurrency or NAIVE_CONCURRENCY) // 20 * 2
         self.report.phase(f"baseline: warming the workers up ({warm} tasks, not measured)")
         open_gate(self.app, self.queue, self.names)
         for k in range(warm):

@@ -121,13 +121,18 @@ def close_gate(app: Any, queue: str, names: Sequence[str]) -> None:
     app.control.cancel_consumer(queue, destination=list(names), reply=True, timeout=5.0)
 
 
+#: pool processes of the naive design unless --concurrency is given: it has one call in flight
+#: per process, and this is the prefork pool it was always measured with
+NAIVE_CONCURRENCY = 4
+
+
 def cli_concurrency() -> int:
-    """The worker command's default pool size (both designs get it unless told otherwise)."""
+    """The worker command's default task threads (unless --concurrency says otherwise)."""
     return DEFAULT_CONCURRENCY
 
 
-def warm_count(config: BenchConfig) -> int:
-    """Intents (or naive tasks / 20) that give every pool process of every worker a few calls
-    before the measured phases, so that no figure includes a cold start (imports, connections,
-    script loading in each freshly forked process)."""
-    return 40 * config.workers * (config.concurrency or cli_concurrency())
+def warm_count(config: BenchConfig, in_flight: int = 1) -> int:
+    """Intents (or naive tasks / 20) that give every pool process of every worker a few calls,
+    and every call slot a connection, before the measured phases, so that no figure includes a
+    cold start (imports, connections, script loading in each freshly forked process)."""
+    return config.workers * max(40 * (config.concurrency or cli_concurrency()), 40 * in_flight)
