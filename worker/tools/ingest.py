@@ -5,10 +5,14 @@
   ``{"ids": [...], "errors": []}``, under the same load — ``--connections`` keep-alive
   connections each posting one intent at a time — with the same uvicorn options
   (``serve.app.UVICORN_OPTIONS``) and the same process model (one server process). The load
-  comes from another process (asyncio over raw sockets), so that it is not what is measured.
+  comes from another process (asyncio over raw sockets), so that it is not what is measured,
+  and the two servers are loaded in turn, a few rounds each, so that the machine's load
+  drifting between phases does not pass for a difference between them.
 * ``submit_1_per_s``, ``submit_16_per_s``: ``Producer.submit`` from 1 and 16 threads;
   ``async_submit_256_per_s``: ``AsyncProducer.submit`` from 256 tasks; ``submit_many_per_s``:
-  one ``submit_many`` of ``--ingest-intents`` intents. These run in the bench's own process.
+  one ``submit_many`` of 20,000 intents. These run in the bench's own process; ``*_per_cpu_s``
+  divides by that process's CPU time instead of the wall clock: what one core of producer does,
+  however busy the rest of the machine (Redis included) is.
 
 Everything runs against one private Redis (or ``REDIS_URL`` under a fresh prefix).
 """
@@ -170,8 +174,9 @@ def _intent(tag: str, k: int) -> dict[str, Any]:
             "account_list": [{"account": f"{tag}-{k}@example.com"}]}
 
 
-def submit_rate(producer: Producer, threads: int, seconds: float) -> float:
-    """``Producer.submit`` from ``threads`` threads for ``seconds``: intents per second."""
+def submit_rate(producer: Producer, threads: int, seconds: float) -> tuple[float, float]:
+    """``Producer.submit`` from ``threads`` threads for ``seconds``: intents per second, and
+    per second of this process's CPU (what one core of producer does, whatever else runs)."""
     done = [0] * threads
     deadline = time.monotonic() + seconds
 
@@ -182,13 +187,13 @@ def submit_rate(producer: Producer, threads: int, seconds: float) -> float:
             k += 1
         done[t] = k
 
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    return sum(done) / (time.monotonic() - started)
+    return sum(done) / (time.monotonic() - started), sum(done) / (time.process_time() - cpu)
 
 
 async def async_submit_rate(producer: AsyncProducer, tasks: int, seconds: float) -> float:
@@ -207,13 +212,14 @@ async def async_submit_rate(producer: AsyncProducer, tasks: int, seconds: float)
     return sum(done) / (time.monotonic() - started)
 
 
-def submit_many_rate(producer: Producer, count: int) -> float:
+def submit_many_rate(producer: Producer, count: int) -> tuple[float, float]:
+    """One ``submit_many``: intents per second, and per second of this process's CPU."""
     intents = [_intent("many", k) for k in range(count)]
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     ids = producer.submit_many(intents)
     if None in ids:
         raise RuntimeError(f"submit_many refused {ids.count(None)} of the bench's intents")
-    return count / (time.monotonic() - started)
+    return count / (time.monotonic() - started), count / (time.process_time() - cpu)
 
 
 def producer_doors(settings: Settings, url: str, prefix: str, seconds: float,
@@ -222,12 +228,14 @@ def producer_doors(settings: Settings, url: str, prefix: str, seconds: float,
     out: dict[str, Any] = {}
     with Producer(url, prefix, settings=settings) as producer:
         producer.apps()
-        out["submit_1_per_s"] = round(submit_rate(producer, 1, seconds))
+        out["submit_1_per_s"] = round(submit_rate(producer, 1, seconds)[0])
         before = (producer.group.commits, producer.group.items)
-        out["submit_16_per_s"] = round(submit_rate(producer, 16, seconds))
+        rate, per_cpu_s = submit_rate(producer, 16, seconds)
+        out["submit_16_per_s"], out["submit_16_per_cpu_s"] = round(rate), round(per_cpu_s)
         commits = producer.group.commits - before[0]
         out["submit_16_intents_per_commit"] = round((producer.group.items - before[1]) / max(1, commits), 1)
-        out["submit_many_per_s"] = round(submit_many_rate(producer, many))
+        rate, per_cpu_s = submit_many_rate(producer, many)
+        out["submit_many_per_s"], out["submit_many_per_cpu_s"] = round(rate), round(per_cpu_s)
 
     async def run_async() -> tuple[float, float]:
         async with AsyncProducer(url, prefix, settings=settings) as aproducer:
@@ -241,28 +249,40 @@ def producer_doors(settings: Settings, url: str, prefix: str, seconds: float,
     return out
 
 
+def post_rates(tmp: Path, env: dict[str, str], connections: int, seconds: float,
+               rounds: int) -> dict[str, Any]:
+    """The bare endpoint and ``serve`` side by side, loaded in turn (``rounds`` times each,
+    ``seconds`` in all), so that a change in the machine's load between phases does not pass
+    for a difference between the two. Only one of them is loaded at a time."""
+    ports = {"bare": _free_port(), "serve": _free_port()}
+    argv = {"bare": [sys.executable, "-m", "worker.tools.ingest", "bare", str(ports["bare"])],
+            "serve": [sys.executable, "-c", "from worker.cli import main; main()", "serve",
+                      "--port", str(ports["serve"])]}
+    ok = {"bare": 0, "serve": 0}
+    bad = 0
+    with Server(argv["bare"], env, ports["bare"], tmp / "bare.log"), \
+            Server(argv["serve"], env, ports["serve"], tmp / "serve.log"):
+        for _ in range(rounds):
+            for name in ("bare", "serve"):
+                counts = post_rate(ports[name], connections, seconds / rounds)
+                ok[name] += counts["ok"]
+                bad += counts["bad"]
+    bare_per_s, post_per_s = round(ok["bare"] / seconds), round(ok["serve"] / seconds)
+    return {"bare_post_per_s": bare_per_s, "post_per_s": post_per_s, "post_errors": bad,
+            "post_ratio": round(post_per_s / max(1, bare_per_s), 2)}
+
+
 def run_ingest(report: Reporter, *, connections: int = 16, seconds: float = 3.0,
-               many: int = 20_000) -> dict[str, Any]:
+               many: int = 20_000, rounds: int = 3) -> dict[str, Any]:
     """Every door, one after the other (never two at once: they would share the cores)."""
     with tempfile.TemporaryDirectory(prefix="tpns-ingest-") as tmp, \
             local_redis(Path(tmp), "ingest") as target:
         env = stack_env(target, "http://127.0.0.1:9", TPNS_APPS="default")
         settings = Settings.from_env({k: v for k, v in env.items() if k.startswith(("TPNS_", "REDIS"))})
         results: dict[str, Any] = {"connections": connections, "seconds": seconds}
-        port = _free_port()
-        report.phase(f"bare Starlette endpoint: {connections} keep-alive connections, one intent a POST")
-        bare_argv = [sys.executable, "-m", "worker.tools.ingest", "bare", str(port)]
-        with Server(bare_argv, env, port, Path(tmp) / "bare.log"):
-            bare = post_rate(port, connections, seconds)
-        port = _free_port()
-        report.phase("tpns-batcher serve, the same load")
-        serve = [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--port", str(port)]
-        with Server(serve, env, port, Path(tmp) / "serve.log"):
-            served = post_rate(port, connections, seconds)
-        results["bare_post_per_s"] = round(bare["ok"] / seconds)
-        results["post_per_s"] = round(served["ok"] / seconds)
-        results["post_errors"] = served["bad"] + bare["bad"]
-        results["post_ratio"] = round(results["post_per_s"] / max(1, results["bare_post_per_s"]), 2)
+        report.phase(f"serve and a bare Starlette endpoint in turn: {connections} keep-alive "
+                     f"connections, one intent a POST")
+        results.update(post_rates(Path(tmp), env, connections, seconds, rounds))
         report.phase("Producer.submit (1 and 16 threads), submit_many, AsyncProducer.submit (256 tasks)")
         results.update(producer_doors(settings, target.url, target.prefix, seconds, many))
         info = machine(target.url)
