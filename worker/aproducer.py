@@ -76,7 +76,7 @@ class AsyncProducer:
         self.store = AsyncStore(self.redis, prefix or s.prefix, max_items=s.max_items_per_call,
                                 linger_ms=s.linger_ms, lease_s=s.lease_s,
                                 status_ttl_s=s.status_ttl_s)
-        self.wakes = WakeSender(s, url, self.store.prefix, wake)
+        self.wake_sender = WakeSender(s, url, self.store.prefix, wake)
         self.app_names = AppNames(s.apps)
         #: concurrent ``submit`` calls share one enqueue call
         self.group: AsyncGroupCommit[tuple[str, Intent], str] = AsyncGroupCommit(self._commit_group)
@@ -104,8 +104,8 @@ class AsyncProducer:
         return validate(obj, await self.apps(), self.settings.default_app)
 
     async def _send_wakes(self, wakes: Sequence[Wake]) -> None:
-        if self.wakes.due(wakes):
-            await asyncio.to_thread(self.wakes, wakes)  # Celery's client blocks
+        if self.wake_sender.due(wakes):
+            await asyncio.to_thread(self.wake_sender, wakes)  # Celery's client blocks
 
     # -- enqueue -----------------------------------------------------------------------------
 
@@ -252,7 +252,7 @@ class AsyncProducer:
 
     async def aclose(self) -> None:
         """Close the Redis connections (and the broker's, if wakes were sent)."""
-        await asyncio.to_thread(self.wakes.close)
+        await asyncio.to_thread(self.wake_sender.close)
         await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncProducer:

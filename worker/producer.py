@@ -138,7 +138,7 @@ class Producer:
                            max_items=s.max_items_per_call, linger_ms=s.linger_ms,
                            lease_s=s.lease_s, status_ttl_s=s.status_ttl_s,
                            events_maxlen=s.events_maxlen)
-        self.wakes = WakeSender(s, url, self.store.prefix, wake)
+        self.wake_sender = WakeSender(s, url, self.store.prefix, wake)
         self.app_names = AppNames(s.apps)
         #: concurrent ``submit`` calls share one enqueue call (``worker.groupcommit``)
         self.group: GroupCommit[tuple[str, Intent], str] = GroupCommit(self._commit_group)
@@ -161,7 +161,7 @@ class Producer:
         return bulk.error_for(redact_url(self.redis_url) or "", exc, **groups)
 
     def _send_wakes(self, wakes: Sequence[Wake]) -> None:
-        self.wakes(wakes)
+        self.wake_sender(wakes)
 
     # -- enqueue -----------------------------------------------------------------------------
 
@@ -323,7 +323,7 @@ class Producer:
 
     def close(self) -> None:
         """Close the Redis connections (and the broker's, if wakes were sent)."""
-        self.wakes.close()
+        self.wake_sender.close()
         self.redis.close()
 
     def __enter__(self) -> Producer:

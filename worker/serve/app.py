@@ -222,7 +222,7 @@ def create_app(producer: Producer, settings: Settings,
     # together with the route table at the end.
     registry = make_registry(producer.store, producer.apps)
     doors = aproducer or AsyncProducer(producer.redis_url, producer.store.prefix,
-                                       settings=producer.settings, wake=producer.wakes)
+                                       settings=producer.settings, wake=producer.wake_sender)
     doors.app_names = producer.app_names  # what one door read, the other knows
 
     @asynccontextmanager
