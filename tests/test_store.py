@@ -183,8 +183,9 @@ def test_nothing_is_left_behind_when_everything_is_done(client: redis.Redis, pre
                        calls=1, items_sent=len(claim.items))
     keys = {k.decode().removeprefix(prefix).split(":")[0] for k in client.scan_iter(match=f"{prefix}*")}
     # records (with a TTL), counters, metrics, the batch id sequence, the history heads (which
-    # go with the records) and the events stream: no key index, queue or lease
-    assert keys - {"wakel"} == {"i", "n", "m", "seq", "h", "events"}
+    # go with the records), the events stream and the timeline's two fixed rings: no key index,
+    # queue or lease
+    assert keys - {"wakel"} == {"i", "n", "m", "seq", "h", "events", "ts", "tm"}
     assert not list(client.scan_iter(match=f"{prefix}ko:*")), "the key index kept an entry"
 
 

@@ -16,6 +16,8 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
     P n                  hash of counters: "<state>:<op>", "enqueued:<op>", calls, items_sent, ...
     P m                  hash of call metrics: calls by op and class, latency and batch-size buckets
     P failed             zset of failed ids (trimmed to the status TTL)
+    P ts, P tm           hashes: the timeline's rings of per-second and per-minute counters
+                         (``worker.timeline``; fixed in size)
     P pause:{app}        set while sending for an app is paused (PX = the pause)
     P backoff:{app}      epoch ms until which nobody sends for the app (after a 429 / 1008028)
     P rate:{app}         the global rate limit's next free slot (GCRA)
@@ -56,6 +58,8 @@ SEQ = "seq"
 COUNTERS = "n"
 METRICS = "m"
 FAILED = "failed"
+TIMELINE_SECONDS = "ts"
+TIMELINE_MINUTES = "tm"
 PAUSE = "pause:"
 BACKOFF = "backoff:"
 RATE = "rate:"
@@ -82,6 +86,13 @@ HEARTBEAT_INTERVAL_S = 5.0
 PROBE_TTL_MS = 10_000
 #: upper bounds (ms) of the call latency buckets complete.lua counts, non-cumulatively
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+#: the timeline's rings (``worker.timeline``): per-second counts for this many seconds, then
+#: per-minute counts for this many minutes
+TIMELINE_SECONDS_KEPT = 600
+TIMELINE_MINUTES_KEPT = 60
+#: the series both rings count (in, succeeded, failed, calls, sampled depth), in the order the
+#: per-second slot is emptied
+TIMELINE_SERIES = ("in", "ok", "f", "c", "d")
 #: a record's short state code -> the state's name (``worker.model.STATES``)
 RECORD_STATES = {"q": "queued", "s": "sending", "v": "verifying", "r": "retrying",
                  "ok": "succeeded", "f": "failed"}
@@ -153,6 +164,12 @@ class Keys:
         return self.prefix + METRICS
 
     @property
+    def timeline(self) -> list[str]:
+        """The timeline's two rings, seconds then minutes (the last two ``KEYS`` of each script
+        that counts in them)."""
+        return [self.prefix + TIMELINE_SECONDS, self.prefix + TIMELINE_MINUTES]
+
+    @property
     def failed(self) -> str:
         return self.prefix + FAILED
 
@@ -214,6 +231,8 @@ LUA_CONSTANTS: dict[str, object] = {
     "K_WAKE_LINGER": WAKE_LINGER, "K_VERIFYING": VERIFYING, "K_WAKE_VERIFY": WAKE_VERIFY,
     "WAKE_FLAG_MS": WAKE_FLAG_MS,
     "LAT_BUCKETS": LATENCY_BUCKETS_MS,
+    "TL_SECONDS": TIMELINE_SECONDS_KEPT, "TL_MINUTES": TIMELINE_MINUTES_KEPT,
+    "TL_SECOND_SERIES": TIMELINE_SERIES,
     "STATE_NAME": RECORD_STATES,
     "PENDING_STATES": PENDING_STATES,
     "OPERATOR_TYPES": OPERATOR_TYPES,

@@ -214,7 +214,7 @@ class Layout:
     @property
     def enqueue_keys(self) -> list[str]:
         """The ``KEYS`` of every ``enqueue.lua`` call."""
-        return [self.keys.counters]
+        return [self.keys.counters, *self.keys.timeline]
 
     def requeue_failed_args(self, error: str | None, limit: int) -> list[Any]:
         return [self.prefix, error or "", limit, self.max_items, self.linger_ms]
@@ -413,7 +413,7 @@ class Store(Layout):
             packed.append(entry)
         raw = self._scripts["complete"](keys=[
             self.keys.counters, self.keys.metrics, self.keys.batches, self.keys.leases,
-            self.keys.failed, self.keys.events], args=[
+            self.keys.failed, self.keys.events, *self.keys.timeline], args=[
             self.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
             json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
             json.dumps({"op": operator_type, "bs": len(packed),
@@ -424,7 +424,7 @@ class Store(Layout):
     def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
         """Return the items of expired leases to their queues; (items reclaimed, wakes)."""
         raw = self._scripts["reap"](
-            keys=[self.keys.counters, self.keys.leases, self.keys.batches],
+            keys=[self.keys.counters, self.keys.leases, self.keys.batches, *self.keys.timeline],
             args=[self.prefix, self.max_items, self.linger_ms, limit])
         return int(raw[0]), _wakes(raw[1])
 

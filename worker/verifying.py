@@ -86,7 +86,8 @@ def verify_done(store: Store, batch_id: str, outcomes: Sequence[Mapping[str, Any
         packed.append(entry)
     keys = store.keys
     raw = store._scripts["verify_done"](
-        keys=[keys.counters, keys.metrics, keys.batches, keys.leases, keys.failed, keys.events],
+        keys=[keys.counters, keys.metrics, keys.batches, keys.leases, keys.failed, keys.events,
+              *keys.timeline],
         args=[store.prefix, batch_id, store.status_ttl_s, store.max_items, store.linger_ms,
               json.dumps(packed, separators=(",", ":"), ensure_ascii=False), query_calls,
               store.events_maxlen])

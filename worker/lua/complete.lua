@@ -1,4 +1,4 @@
--- KEYS: counters, metrics, batches, leases, failed, events
+-- KEYS: counters, metrics, batches, leases, failed, events, timeline seconds, timeline minutes
 -- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, calls, items_sent,
 --       metrics_json, events_maxlen[, verify_delay_ms, verify_timeout_ms]
 -- With the verify pair (TPNS_VERIFY=on, SPEC 6.1) an accepted item ('ok') is 'verifying' instead
@@ -26,8 +26,12 @@ redis.call('HINCRBY', N, 'calls', tonumber(ARGV[7]))
 redis.call('HINCRBY', N, 'items_sent', tonumber(ARGV[8]))
 local metrics = cjson.decode(ARGV[9])
 redis.call('HINCRBY', mk, 'bs:' .. metrics.bs, 1)
+-- the timeline's counts of this call: summed here, written once (tl_add) at the end
+local tl, tl_minute = {c = tonumber(ARGV[7]), ok = 0, f = 0}, {}
+local function tl_bump(f) tl_minute[f] = (tl_minute[f] or 0) + 1 end
 for _, call in ipairs(metrics.c) do
   redis.call('HINCRBY', mk, 'call:' .. metrics.op .. ':' .. call[1], 1)
+  tl_bump('cc:' .. call[1])
   local ms = tonumber(call[2])
   if ms >= 0 then
     local le = '+Inf'
@@ -35,6 +39,7 @@ for _, call in ipairs(metrics.c) do
       if ms <= b then le = tostring(b); break end
     end
     redis.call('HINCRBY', mk, 'lat:' .. le, 1)
+    tl_bump('lat:' .. le)
     redis.call('HINCRBYFLOAT', mk, 'lat_sum_ms', ms)
   end
 end
@@ -66,9 +71,12 @@ for _, out in ipairs(outcomes) do
       emit(events_key, events_maxlen, out.i, rec, out.s == 'ok' and 'succeeded' or 'failed', now)
       -- 'done_*' only ever grow (requeue-failed lowers 'failed'): they feed the _total metrics
       if out.s == 'ok' then
+        tl.ok = tl.ok + 1
         bump(counts, 'succeeded', op, 1)
         bump(counts, 'done_succeeded', op, 1)
       else
+        tl.f = tl.f + 1
+        tl_bump('er:' .. (rec.er or 'unknown'))
         bump(counts, 'failed', op, 1)
         bump(counts, 'done_failed', op, 1)
         redis.call('ZADD', failed_key, now, out.i)
@@ -96,6 +104,7 @@ end
 -- failed ids are kept as long as their records, for `requeue-failed` and the status page
 redis.call('ZREMRANGEBYSCORE', failed_key, '-inf', now - ttl * 1000)
 flush_counts(N, counts)
+tl_add(KEYS[7], KEYS[8], now, tl, tl_minute)
 local out_wakes = wakes(woken, max_items, linger_ms)
 for app, _ in pairs(to_verify) do
   -- one delayed verify wake per app and delay window; the sweep catches the rest

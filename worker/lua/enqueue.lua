@@ -1,4 +1,4 @@
--- KEYS: counters
+-- KEYS: counters, timeline seconds, timeline minutes
 -- ARGV: prefix, max_items, linger_ms, max_pending (0 = none), then one JSON intent per argument:
 -- {i, a, o, t?, l?}
 -- Returns {codes, wakes}: codes[k] is 1 (stored), 0 (same id and payload already stored), -1 (same
@@ -12,6 +12,7 @@ local max_items, linger_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_pending = tonumber(ARGV[4])
 local now = now_ms()
 local codes, counts, woken = {}, {}, {}
+local stored = 0
 
 -- back-pressure: the pending intents, from the counters the store keeps anyway
 local pending = 0
@@ -57,7 +58,9 @@ for k = 5, #ARGV do
     bump(counts, 'queued', it.o, 1)
     bump(counts, 'enqueued', it.o, 1)
     codes[#codes + 1] = 1
+    stored = stored + 1
   end
 end
 flush_counts(N, counts)
+if stored > 0 then tl_add(KEYS[2], KEYS[3], now, {['in'] = stored}) end
 return {codes, wakes(woken, max_items, linger_ms)}

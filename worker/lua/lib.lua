@@ -178,3 +178,71 @@ local function emit(stream, maxlen, id, rec, state, now)
     'operator_type', rec.o, 'state', state, 'verified', verified, 'error', rec.er or '',
     'result_code', rec.rc or '', 'ret_code', rec.ret or '', 'attempts', rec.n or 0, 'at', now)
 end
+
+-- The timeline (worker/timeline.py): two rings of counters, fixed in size whatever the traffic.
+-- P.."ts" holds the last TL_SECONDS seconds: field "<slot>" is the epoch second the slot holds
+-- now, "<slot>:<series>" its counts (TL_SECOND_SERIES). P.."tm" holds the last TL_MINUTES
+-- minutes the same way, with per-minute fields beside the series (call classes, latency
+-- buckets, failure reasons). A slot found holding an older second (minute) is emptied before it
+-- counts again: once a second (minute), by the first script that writes in it.
+local function tl_slot_second(ts, sec)
+  local k = tostring(sec % TL_SECONDS)
+  if redis.call('HGET', ts, k) ~= tostring(sec) then
+    local old = {}
+    for _, s in ipairs(TL_SECOND_SERIES) do old[#old + 1] = k .. ':' .. s end
+    redis.call('HDEL', ts, unpack(old))
+    redis.call('HSET', ts, k, sec)
+  end
+  return k .. ':'
+end
+
+local function tl_slot_minute(tm, minute)
+  local k = tostring(minute % TL_MINUTES)
+  if redis.call('HGET', tm, k) ~= tostring(minute) then
+    -- the minute's own fields are not a fixed list (reasons, classes): found by name, once a
+    -- minute, among at most TL_MINUTES * a few dozen fields
+    local pre, old = k .. ':', {}
+    for _, f in ipairs(redis.call('HKEYS', tm)) do
+      if string.sub(f, 1, #pre) == pre then old[#old + 1] = f end
+    end
+    for i = 1, #old, 500 do redis.call('HDEL', tm, unpack(old, i, math.min(i + 499, #old))) end
+    redis.call('HSET', tm, k, minute)
+  end
+  return k .. ':'
+end
+
+-- `adds` (series -> n) count in both rings, `per_minute` (field -> n) in the minute ring only
+local function tl_add(ts, tm, now, adds, per_minute)
+  local sec = math.floor(now / 1000)
+  local s, m = tl_slot_second(ts, sec), tl_slot_minute(tm, math.floor(sec / 60))
+  for name, n in pairs(adds) do
+    if n ~= 0 then
+      redis.call('HINCRBY', ts, s .. name, n)
+      redis.call('HINCRBY', tm, m .. name, n)
+    end
+  end
+  for name, n in pairs(per_minute or {}) do
+    if n ~= 0 then redis.call('HINCRBY', tm, m .. name, n) end
+  end
+end
+
+-- the queue depth (queued + retrying + verifying, as `stats`, from the counters N) as the sample
+-- of this second, and the minute's highest sample
+local function tl_sample_depth(ts, tm, now, N)
+  local fields = {}
+  for _, op in ipairs(OPERATOR_TYPES) do
+    fields[#fields + 1] = 'queued:' .. op
+    fields[#fields + 1] = 'retrying:' .. op
+    fields[#fields + 1] = 'verifying:' .. op
+  end
+  local depth = 0
+  for _, v in ipairs(redis.call('HMGET', N, unpack(fields))) do
+    if v then depth = depth + tonumber(v) end
+  end
+  local sec = math.floor(now / 1000)
+  local s, m = tl_slot_second(ts, sec), tl_slot_minute(tm, math.floor(sec / 60))
+  redis.call('HSET', ts, s .. 'd', depth)
+  local top = tonumber(redis.call('HGET', tm, m .. 'd') or '-1')
+  if depth > top then redis.call('HSET', tm, m .. 'd', depth) end
+  return depth
+end

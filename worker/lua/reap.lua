@@ -1,9 +1,10 @@
--- KEYS: counters, leases, batches
+-- KEYS: counters, leases, batches, timeline seconds, timeline minutes
 -- ARGV: prefix, max_items, linger_ms, limit
 -- Batches whose lease ran out (a worker died or hung mid-call) go back to their queues; their
 -- attempt stays counted since the call may have been made. A check's lease (verification, SPEC
 -- 6.1) hands its items back to their app's verifying set, due at once: they stay verifying, keys
--- held, and their deadline stands. Returns {reclaimed_items, wakes}.
+-- held, and their deadline stands. The sweep runs it every second: it samples the queue depth
+-- for the timeline after its changes. Returns {reclaimed_items, wakes}.
 local N, leases_key, batches_key = KEYS[1], KEYS[2], KEYS[3]
 local max_items, linger_ms, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
@@ -39,4 +40,5 @@ for _, batch_id in ipairs(redis.call('ZRANGEBYSCORE', leases_key, '-inf', now, '
   end
 end
 flush_counts(N, counts)
+tl_sample_depth(KEYS[4], KEYS[5], now, N)
 return {reclaimed, wakes(woken, max_items, linger_ms)}

@@ -1,4 +1,4 @@
--- KEYS: counters, metrics, batches, leases, failed, events
+-- KEYS: counters, metrics, batches, leases, failed, events, timeline seconds, timeline minutes
 -- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, query_calls,
 --       events_maxlen
 -- outcomes: [{i, s, dl?, er?}] with s one of
@@ -17,6 +17,7 @@ local outcomes = cjson.decode(ARGV[6])
 local events_key, events_maxlen = KEYS[6], tonumber(ARGV[8])
 local now = now_ms()
 local counts, woken = {}, {}
+local tl, tl_minute = {ok = 0, f = 0}, {}
 local applied, stale = 0, 0
 redis.call('HDEL', batches_key, batch_id)
 redis.call('ZREM', leases_key, batch_id)
@@ -40,6 +41,7 @@ for _, out in ipairs(outcomes) do
         release(out.i, rec, now, woken)
         save(out.i, rec, ttl)
         emit(events_key, events_maxlen, out.i, rec, 'succeeded', now)
+        tl.ok = tl.ok + 1
         bump(counts, 'succeeded', op, 1)
         bump(counts, 'done_succeeded', op, 1)
         redis.call('HINCRBY', N, 'verify_ok', 1)
@@ -56,6 +58,9 @@ for _, out in ipairs(outcomes) do
         release(out.i, rec, now, woken)
         save(out.i, rec, ttl)
         emit(events_key, events_maxlen, out.i, rec, 'failed', now)
+        tl.f = tl.f + 1
+        local reason = 'er:' .. (rec.er or 'unknown')
+        tl_minute[reason] = (tl_minute[reason] or 0) + 1
         bump(counts, 'failed', op, 1)
         bump(counts, 'done_failed', op, 1)
         redis.call('ZADD', failed_key, now, out.i)
@@ -67,4 +72,5 @@ for _, out in ipairs(outcomes) do
   end
 end
 flush_counts(N, counts)
+if tl.ok + tl.f > 0 then tl_add(KEYS[7], KEYS[8], now, tl, tl_minute) end
 return {applied, stale, wakes(woken, max_items, linger_ms)}
