@@ -360,10 +360,7 @@ def results_table(results: dict[str, Any]) -> Table:
 @click.option("--baseline-intents", type=click.IntRange(20, None), default=None,
               help=f"Intents for the naive baseline [default: min(--intents, "
                    f"{BASELINE_MAX_INTENTS})].")
-@click.option("--ingest", is_flag=True,
-              help="Measure the doors instead: single-intent POST/s of serve vs a bare Starlette "
-                   "endpoint, Producer.submit from 1 and 16 threads, AsyncProducer.submit from "
-                   "256 tasks, submit_many (worker/tools/ingest.py).")
+@click.option("--ingest", is_flag=True, help="Measure the doors instead (tools/ingest.py).")
 @click.option("--ingest-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
               help="Length of each --ingest phase.")
 @click.option("--verify", is_flag=True,
@@ -382,11 +379,9 @@ def bench_command(count: int, tokens: int | None, latency_ms: float, workers: in
     with the same workers and concurrency. Progress goes to stderr.
     """
     if ingest:
-        from .ingest import run_ingest
+        from .ingest import print_ingest
 
-        figures = run_ingest(Reporter(), seconds=ingest_seconds)
-        click.echo(json.dumps(figures) if as_json else json.dumps(figures, indent=2))
-        return
+        return print_ingest(ingest_seconds, as_json)
     settings_env = {k: v for k, v in os.environ.items()
                     if k in ("TPNS_LINGER_MS", "TPNS_VERIFY_DELAY_MS")}
     read = Settings.from_env(settings_env)

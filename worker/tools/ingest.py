@@ -292,6 +292,12 @@ def run_ingest(report: Reporter, *, connections: int = 16, seconds: float = 3.0,
     return results
 
 
+def print_ingest(seconds: float, as_json: bool) -> None:
+    """``bench --ingest``: every door, its figures as JSON on stdout (progress on stderr)."""
+    figures = run_ingest(Reporter(), seconds=seconds)
+    print(json.dumps(figures) if as_json else json.dumps(figures, indent=2))
+
+
 def main(argv: list[str]) -> None:
     """The child processes: ``bare PORT`` (the bare endpoint) and ``load PORT CONNS S WARM``."""
     if argv[0] == "bare":
