@@ -40,8 +40,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import click
@@ -105,6 +107,8 @@ logger = logging.getLogger(__name__)
 #: it would cost more than the post: /metrics and the warnings tell what matters)
 UVICORN_OPTIONS: dict[str, Any] = {"loop": "auto", "http": "auto", "ws": "none", "lifespan": "on",
                                    "log_config": None, "server_header": False, "access_log": False}
+#: seconds ``serve`` waits for open connections when told to stop (event streams never finish)
+SHUTDOWN_GRACE_S = 5
 #: paths that answer without the bearer token (load balancers and orchestrators probe them)
 OPEN_PATHS = frozenset({"/healthz"})
 _HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
@@ -214,7 +218,8 @@ async def post_intents_with(request: Request, producer: Producer,
 
 
 def create_app(producer: Producer, settings: Settings,
-               aproducer: AsyncProducer | None = None) -> Starlette:
+               aproducer: AsyncProducer | None = None,
+               stopping: threading.Event | None = None) -> Starlette:
     """The Starlette application over ``producer`` (its Redis, prefix and known apps) and, for
     single-intent posts, ``aproducer`` (by default one on the same Redis, prefix and wakes; its
     connections belong to the serving event loop, and are closed at the app's shutdown)."""
@@ -273,7 +278,7 @@ def create_app(producer: Producer, settings: Settings,
         Route("/v1/intents", post_intents, methods=["POST"]),
         Route("/v1/intents", history_endpoint(producer), methods=["GET"]),
         Route("/v1/intents/{intent_id}", get_intent, methods=["GET"]),
-        Route("/v1/events", events_endpoint(producer), methods=["GET"]),
+        Route("/v1/events", events_endpoint(producer, stopping), methods=["GET"]),
         Route("/v1/stats", get_stats, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -319,10 +324,21 @@ def serve_command(host: str, port: int) -> None:
     if settings.api_token is None and not _is_loopback(host):
         logger.warning("serving on %s without TPNS_API_TOKEN: anyone who can reach it may "
                        "enqueue intents", host)
-    config = uvicorn.Config(create_app(producer, settings), host=host, port=port,
+    # an event stream (GET /v1/events) that follows never ends by itself: told to stop, the
+    # server sets `stopping`, each stream ends within a read (its client resumes from
+    # Last-Event-ID), and past the grace uvicorn cancels whatever is left
+    stopping = threading.Event()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            stopping.set()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(producer, settings, stopping=stopping), host=host,
+                            port=port, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
                             **UVICORN_OPTIONS)
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         producer.close()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -72,27 +73,33 @@ def _reader(producer: Producer, request: Request) -> tuple[EventReader, bool]:
     return reader, follow
 
 
-def events_endpoint(producer: Producer) -> Callable[[Request], Any]:
+def events_endpoint(producer: Producer,
+                    stopping: threading.Event | None = None) -> Callable[[Request], Any]:
+    """``GET /v1/events``; with ``stopping``, following streams end once it is set (the
+    server is stopping: without this, an open stream would hold its shutdown)."""
+
     async def get_events(request: Request) -> Response:
         try:
             reader, follow = _reader(producer, request)
         except IntentError as exc:
             return _bad(exc)
         first = await run_in_threadpool(reader.read)
-        return StreamingResponse(_stream(reader, first, follow), media_type="text/event-stream",
+        return StreamingResponse(_stream(reader, first, follow, stopping),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return get_events
 
 
-async def _stream(reader: EventReader, batch: list[Event | Gap], follow: bool) -> AsyncIterator[str]:
+async def _stream(reader: EventReader, batch: list[Event | Gap], follow: bool,
+                  stopping: threading.Event | None) -> AsyncIterator[str]:
     quiet_since = time.monotonic()
     while True:
         for item in batch:
             yield sse(item)
         if batch:
             quiet_since = time.monotonic()
-        if not follow and reader.caught_up:
+        if (not follow and reader.caught_up) or (stopping is not None and stopping.is_set()):
             return
         if follow and time.monotonic() - quiet_since >= KEEPALIVE_S:
             yield ": keep-alive\n\n"
