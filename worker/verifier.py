@@ -139,10 +139,8 @@ class Verifier:
             claim = claim_verify(self.store, app, CLAIM_ITEMS)
             if claim.kind != "batch":
                 result.stopped = claim.kind
-                if claim.kind == "empty" and 0 <= claim.left <= WAKE_FLAG_MS and \
-                        self.store.redis.set(flag, "1", nx=True, px=max(1, claim.left)):
-                    # woken a little early: come back when the next check is due
-                    self.wake([Wake(app, 0, "verify", claim.left / 1000)])
+                if claim.kind == "empty":
+                    self._come_back(app, claim.left)
                 break
             verified, calls = self.check(app, claim)
             result.rounds += 1
@@ -151,10 +149,18 @@ class Verifier:
             result.query_calls += calls
             if not claim.left:
                 result.stopped = "empty"
+                self._come_back(app, claim.next_ms)
                 break
         else:
             self.wake([Wake(app, 0, "verify", 0.0)])  # more are due: a fresh task goes on
         return result
+
+    def _come_back(self, app: str, next_ms: int) -> None:
+        """A check comes due within the sweep's reach: one wake for then (the completions'
+        wakes are one per app and delay window, so later items would wait for the sweep)."""
+        if 0 <= next_ms <= WAKE_FLAG_MS and self.store.redis.set(
+                self.store.keys.wake_verify(app), "1", nx=True, px=max(1, next_ms)):
+            self.wake([Wake(app, 0, "verify", next_ms / 1000)])
 
     def check(self, app: str, claim: VerifyClaim) -> tuple[int, int]:
         """Query for one claimed round and record every item's outcome; (verified, calls)."""

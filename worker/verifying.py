@@ -50,6 +50,8 @@ class VerifyClaim:
     #: paused: ms left
     left: int = 0
     reason: str = ""
+    #: batch: ms until the next check not due yet (-1 none)
+    next_ms: int = -1
 
 
 def claim_verify(store: Store, app: str, limit: int) -> VerifyClaim:
@@ -69,7 +71,8 @@ def claim_verify(store: Store, app: str, limit: int) -> VerifyClaim:
                    accounts=tuple(Account(a, int(k)) for a, k in (accs or [])),
                    attempts=int(n), created_at_ms=int(c), deadline_ms=int(dl), checks=int(vk))
         for i, op, t, accs, n, c, dl, vk in json.loads(raw[2]))
-    return VerifyClaim("batch", batch_id=_text(raw[1]), items=items, left=int(raw[3]))
+    return VerifyClaim("batch", batch_id=_text(raw[1]), items=items, left=int(raw[3]),
+                       next_ms=int(raw[4]))
 
 
 def verify_done(store: Store, batch_id: str, outcomes: Sequence[Mapping[str, Any]], *,

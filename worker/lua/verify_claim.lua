@@ -5,7 +5,7 @@
 -- Returns one of:
 --   {'paused', ms_left, reason}
 --   {'empty', ms_to_next_check | -1}
---   {'batch', batch_id, items_json, due_left}
+--   {'batch', batch_id, items_json, due_left, ms_to_next_check | -1}
 -- items: [[id, op, token | false, [[account, type], ...], attempts, created_ms, deadline_ms, checks]]
 local N, vkey, pause_key, seq_key, batches_key, leases_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -38,4 +38,8 @@ end
 if #taken == 0 then return {'empty', 0} end
 redis.call('HSET', batches_key, batch_id, cjson.encode({a = app, v = 1, i = taken}))
 redis.call('ZADD', leases_key, now + lease_ms, batch_id)
-return {'batch', batch_id, cjson.encode(items), redis.call('ZCOUNT', vkey, '-inf', now)}
+local left = redis.call('ZCOUNT', vkey, '-inf', now)
+local nxt = redis.call('ZRANGE', vkey, 0, 0, 'WITHSCORES')
+local next_ms = -1
+if #nxt > 0 then next_ms = math.max(0, tonumber(nxt[2]) - now) end
+return {'batch', batch_id, cjson.encode(items), left, next_ms}
