@@ -80,13 +80,15 @@ class Verifier:
         self.monotonic = monotonic
         self.now_ms = now_ms
         self._clients: dict[str, TpnsClient] = {}
+        self._clients_lock = threading.Lock()  # a threads pool shares one Verifier
         #: per thread: the round's lease id and the monotonic time no query may start after
         self._round = threading.local()
 
     def client(self, app: str) -> TpnsClient:
-        if app not in self._clients:
-            self._clients[app] = self._make_client(app)
-        return self._clients[app]
+        with self._clients_lock:
+            if app not in self._clients:
+                self._clients[app] = self._make_client(app)
+            return self._clients[app]
 
     def _make_client(self, app: str) -> TpnsClient:
         s = self.settings

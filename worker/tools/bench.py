@@ -58,6 +58,7 @@ from .baseline import BASELINE_MAX_INTENTS, NaiveBaseline
 from .ceiling import ceiling_figures, in_flight_met, in_flight_targets
 from .harness import (
     GATE_QUEUE,
+    VERIFY_FIGURES,
     BenchConfig,
     Reporter,
     bench_intents,
@@ -65,6 +66,7 @@ from .harness import (
     close_gate,
     hostnames,
     open_gate,
+    verify_figures,
     wait_control,
     warm_count,
 )
@@ -225,23 +227,13 @@ class Bench:
             latency_p99_ms=round(percentile(latencies, 99), 1))
 
     def run_verified(self) -> None:
-        """Steps 1-4 again with TPNS_VERIFY=on; the figures of the plain run stay as they were."""
-        plain = dict(self.results)
-        self.env = {**self.env, "TPNS_VERIFY": "on",
-                    "TPNS_VERIFY_DELAY_MS": str(self.config.verify_delay_ms)}
+        """Steps 1-4 again with TPNS_VERIFY=on; the plain run's figures stay as they were."""
+        plain, delay = dict(self.results), self.config.verify_delay_ms
+        self.env = {**self.env, "TPNS_VERIFY": "on", "TPNS_VERIFY_DELAY_MS": str(delay)}
         self.settings = Settings.from_env(product_settings_env(self.env))
-        self.report.phase(f"again with TPNS_VERIFY=on (first check after "
-                          f"{self.config.verify_delay_ms} ms)")
+        self.report.phase(f"again with TPNS_VERIFY=on (first check after {delay} ms)")
         self.run_batched("benchv")
-        verified, self.results = self.results, plain
-        drained = verified["intents"]
-        self.results.update(
-            verify_delay_ms=self.config.verify_delay_ms,
-            verify_drain_per_s=verified["drain_per_s"],
-            verify_drain_ratio=round(verified["drain_per_s"] / plain["drain_per_s"], 3),
-            query_calls_per_intent=round(verified["queries"] / drained, 3),
-            verify_latency_p50_ms=verified["latency_p50_ms"],
-            verify_latency_p99_ms=verified["latency_p99_ms"])
+        self.results = plain | verify_figures(plain, self.results, delay)
 
     # -- the naive design --------------------------------------------------------------------
 
@@ -304,9 +296,7 @@ def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
             "baseline_drain_per_s", "baseline_api_calls", "speedup")},
     }
     if config.verify:
-        ordered.update({k: results[k] for k in (
-            "verify_delay_ms", "verify_drain_per_s", "verify_drain_ratio",
-            "query_calls_per_intent", "verify_latency_p50_ms", "verify_latency_p99_ms")})
+        ordered.update({k: results[k] for k in VERIFY_FIGURES})
     goal = targets(config)
     real = in_flight_targets(config.latency_ms)
     ordered["targets"] = {**goal, **real}

@@ -39,6 +39,22 @@ class BenchConfig:
     verify_delay_ms: int = 1000
 
 
+#: what ``bench --verify`` adds to the figures
+VERIFY_FIGURES = ("verify_delay_ms", "verify_drain_per_s", "verify_drain_ratio",
+                  "query_calls_per_intent", "verify_latency_p50_ms", "verify_latency_p99_ms")
+
+
+def verify_figures(plain: dict[str, Any], verified: dict[str, Any],
+                   delay_ms: int) -> dict[str, Any]:
+    """The cost of TPNS_VERIFY=on: the verified run's figures next to the plain run's."""
+    return {"verify_delay_ms": delay_ms,
+            "verify_drain_per_s": verified["drain_per_s"],
+            "verify_drain_ratio": round(verified["drain_per_s"] / plain["drain_per_s"], 3),
+            "query_calls_per_intent": round(verified["queries"] / verified["intents"], 3),
+            "verify_latency_p50_ms": verified["latency_p50_ms"],
+            "verify_latency_p99_ms": verified["latency_p99_ms"]}
+
+
 def bench_intents(count: int, tokens: int | None, rng: random.Random) -> list[dict[str, Any]]:
     """``count`` intents of a realistic mix over ``tokens`` distinct 40-character tokens
     (default: one each); every account (20 characters) is used once."""
