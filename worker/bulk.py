@@ -20,6 +20,7 @@ import redis
 
 from .errors import IdConflictError, IntentError, QueueFullError, StoreError, StoreUnavailableError
 from .intents import validate
+from .keys import app_id
 from .model import Intent
 from .store import NOT_WRITTEN, UNKNOWN, Round, unavailable
 
@@ -111,8 +112,10 @@ class Prepared:
 
 
 def prepare(items: Sequence[Any], apps: Collection[str], default_app: str,
-            line_numbers: Sequence[int] | None = None) -> Prepared:
-    """Validate each item on its own and assign an id to each valid one (its own, or a new one)."""
+            line_numbers: Sequence[int] | None = None, *, app_ids: bool = False) -> Prepared:
+    """Validate each item on its own and assign an id to each valid one (its own, or a new one).
+    With ``app_ids`` (a Redis Cluster store) every id carries its app (``app.<id>``): an explicit
+    id is then unique per app, and a lookup by id finds the app's slot."""
     prepared = Prepared(BulkResult())
     result = prepared.result
     for k, obj in enumerate(items):
@@ -124,6 +127,8 @@ def prepare(items: Sequence[Any], apps: Collection[str], default_app: str,
             result.ids.append(None)
             continue
         intent_id = intent.id or new_id()
+        if app_ids:
+            intent_id = app_id(intent.app, intent_id)
         prepared.valid.append((intent_id, intent))
         prepared.positions.append(k)
         result.ids.append(intent_id)

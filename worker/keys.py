@@ -29,6 +29,15 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
     P probe:{host}:{pid} a worker watchdog's write probe (PX ``PROBE_TTL_MS``)
     P flush              the Celery queue of wake-ups; the broker's own keys under ``P celery:``
 
+In Redis Cluster mode (``REDIS_URL=redis+cluster://…``) every key of an app lives under the app's
+own prefix ``P {app}:`` (``Keys.tagged``): the braces make the app the hash tag, so all of an app's
+records, chains, queues, counters, batches, leases, events and history sit in one slot, and every
+script, run with that prefix, touches that one slot. What is global above is then per app (``P
+{app}:n``, ``P {app}:events``, ``P {app}:leases``, …); only ``apps``, ``workers``, ``sweep``,
+``probe:`` and the broker's keys stay under ``P`` (plain one-key commands). Ids carry their app
+(``android.6f1c…``, ``app_id``) and batch ids end in it (``b17.9ac3e0f1.android``), so a lookup
+by id finds the slot. A standalone Redis keeps the layout above, byte for byte.
+
 The Lua scripts do not spell these names: ``lua_prelude()`` renders them (and the TTLs, buckets
 and states the scripts need) as Lua locals, which the store puts in front of every script.
 """
@@ -104,11 +113,44 @@ SWEEP_TASK = "tpns.sweep"
 VERIFY_TASK = "tpns.verify"
 
 
+
+
+def tagged_prefix(prefix: str, app: str) -> str:
+    """The prefix of every key of ``app`` in cluster mode: ``P{app}:`` (the app as hash tag)."""
+    return f"{prefix}{{{app}}}:"
+
+
+def app_id(app: str, intent_id: str) -> str:
+    """An intent id that carries its app (cluster mode): ``app.<id>``, unless it does already."""
+    head = app + "."  # app names never contain a dot (settings), so the first one ends the app
+    return intent_id if intent_id.startswith(head) else head + intent_id
+
+
+def app_of_id(intent_id: str) -> str:
+    """The app an id carries (cluster mode): the part before the first ``.``."""
+    return intent_id.partition(".")[0]
+
+
+def batch_nonce(nonce: str, app: str) -> str:
+    """The nonce a claim puts at the end of its batch id; in cluster mode it ends in the app, so
+    the batch's slot is known from its id alone (``b17.9ac3e0f1.android``)."""
+    return f"{nonce}.{app}"
+
+
+def app_of_batch(batch_id: str) -> str:
+    """The app a cluster-mode batch id ends in (see ``batch_nonce``)."""
+    return batch_id.split(".", 2)[-1]
+
+
 @dataclass(frozen=True)
 class Keys:
     """The key names under one prefix."""
 
     prefix: str = DEFAULT_PREFIX
+
+    def tagged(self, app: str) -> Keys:
+        """The keys of ``app`` in cluster mode: every one carries ``{app}`` (one slot)."""
+        return Keys(tagged_prefix(self.prefix, app))
 
     def record(self, intent_id: str) -> str:
         return f"{self.prefix}{RECORD}{intent_id}"

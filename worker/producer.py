@@ -230,7 +230,8 @@ class Producer:
             apps = self.apps()
         except StoreUnavailableError as exc:  # nothing was sent
             raise bulk.unread(items, exc) from exc.__cause__
-        return bulk.prepare(items, apps, self.settings.default_app, line_numbers)
+        return bulk.prepare(items, apps, self.settings.default_app, line_numbers,
+                            app_ids=self.store.cluster)
 
     def _store(self, prepared: Prepared, line_numbers: Sequence[int] | None) -> Failure | None:
         """Store the valid intents round by round, recording each one's fate; once the wakes of

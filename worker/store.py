@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any, Literal
 
 import redis
+from redis.cluster import RedisCluster
 
 from .errors import StoreError
 from .history import PRUNE_BUDGET, PRUNE_SHARDS, HistoryQuery, history_call, history_reply
@@ -31,6 +32,9 @@ from .keys import (
     WAKE_FLAG_MS,
     WORKER_TTL_S,
     Keys,
+    app_of_batch,
+    app_of_id,
+    batch_nonce,
     lua_prelude,
 )
 from .model import OPERATOR_TYPES, STATES, Account, BatchItem, Intent, Status
@@ -153,6 +157,12 @@ def _load_script(name: str) -> str:
     return lua_prelude() + lib + "\n" + body
 
 
+def evalsha(pipe: Any, sha: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue ``EVALSHA`` on a pipeline: as a plain command, which a cluster pipeline routes by
+    the first key (redis-py blocks its ``evalsha`` method there)."""
+    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+
 def _wakes(raw: Iterable[Any]) -> tuple[Wake, ...]:
     out = []
     for item in raw:
@@ -192,9 +202,11 @@ class Layout:
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20, linger_ms: int = 250,
                  lease_s: float = 60.0, status_ttl_s: int = 604800,
-                 events_maxlen: int = 1_000_000) -> None:
+                 events_maxlen: int = 1_000_000, cluster: bool = False) -> None:
         self.prefix = prefix
         self.keys = Keys(prefix)
+        #: Redis Cluster: each app's keys under ``P{app}:`` (one slot), see ``worker.keys``
+        self.cluster = cluster
         self.events_maxlen = events_maxlen
         self.max_items = max_items
         self.linger_ms = linger_ms
@@ -203,6 +215,50 @@ class Layout:
 
     def key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(p) for p in parts)
+
+    def scope(self, app: str) -> Keys:
+        """The keys of ``app``'s intents, queues and counters: its own slot's in cluster mode."""
+        return self.keys.tagged(app) if self.cluster else self.keys
+
+    def of_id(self, intent_id: str) -> Keys:
+        """The keys of the app an intent id belongs to (all the same keys when standalone)."""
+        return self.keys.tagged(app_of_id(intent_id)) if self.cluster else self.keys
+
+    def of_batch(self, batch_id: str) -> Keys:
+        """The keys of the app a batch id belongs to (all the same keys when standalone)."""
+        return self.keys.tagged(app_of_batch(batch_id)) if self.cluster else self.keys
+
+    def nonce(self, app: str) -> str:
+        """The random end of a claim's batch id (in cluster mode followed by the app)."""
+        raw = secrets.token_hex(4)
+        return batch_nonce(raw, app) if self.cluster else raw
+
+    def enqueue_groups(self, block: Sequence[tuple[str, Intent]], max_pending: int
+                       ) -> tuple[list[tuple[list[str], list[str | int]]], list[int]]:
+        """The ``(KEYS, ARGV)`` of the ``enqueue.lua`` calls storing ``block``, and the order of
+        ``block`` they store it in (the codes come back in that order).
+
+        Standalone: ``enqueue_calls`` in input order. Cluster: one call per app (per
+        ``ENQUEUE_CHUNK`` of it), each run with its app's prefix, so it touches one slot; the
+        order between apps is free (no key is shared by two apps), within an app it is kept.
+        """
+        if not self.cluster:
+            return ([(self.enqueue_keys, args) for args in self.enqueue_calls(block, max_pending)],
+                    list(range(len(block))))
+        by_app: dict[str, list[int]] = {}
+        for j, (_, intent) in enumerate(block):
+            by_app.setdefault(intent.app, []).append(j)
+        calls: list[tuple[list[str], list[str | int]]] = []
+        order: list[int] = []
+        for app, positions in by_app.items():
+            keys = self.scope(app)
+            head: list[str | int] = [keys.prefix, self.max_items, self.linger_ms, max_pending]
+            for k in range(0, len(positions), ENQUEUE_CHUNK):
+                part = positions[k:k + ENQUEUE_CHUNK]
+                calls.append(([keys.counters, *keys.timeline],
+                              head + [intent_arg(*block[j]) for j in part]))
+                order.extend(part)
+        return calls, order
 
     def enqueue_calls(self, block: Sequence[tuple[str, Intent]],
                       max_pending: int) -> list[list[str | int]]:
@@ -216,8 +272,9 @@ class Layout:
         """The ``KEYS`` of every ``enqueue.lua`` call."""
         return [self.keys.counters, *self.keys.timeline]
 
-    def requeue_failed_args(self, error: str | None, limit: int) -> list[Any]:
-        return [self.prefix, error or "", limit, self.max_items, self.linger_ms]
+    def requeue_failed_args(self, error: str | None, limit: int,
+                            keys: Keys | None = None) -> list[Any]:
+        return [(keys or self.keys).prefix, error or "", limit, self.max_items, self.linger_ms]
 
     @property
     def requeue_failed_keys(self) -> list[str]:
@@ -237,11 +294,19 @@ class Store(Layout):
                  linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800,
                  verify: tuple[int, int] | None = None, events_maxlen: int = 1_000_000) -> None:
         super().__init__(prefix, max_items=max_items, linger_ms=linger_ms, lease_s=lease_s,
-                         status_ttl_s=status_ttl_s, events_maxlen=events_maxlen)
+                         status_ttl_s=status_ttl_s, events_maxlen=events_maxlen,
+                         cluster=isinstance(client, RedisCluster))
         self.redis = client
         #: (delay ms, timeout ms) with TPNS_VERIFY=on: accepted items go verifying (SPEC §6.1)
         self.verify = verify
         self._scripts = {name: client.register_script(_load_script(name)) for name in SCRIPTS}
+
+    def apps_of(self, apps: Iterable[str] = ()) -> list[str]:
+        """The apps whose keys to visit for something global (counters, leases, failures): in
+        cluster mode each has its own, so ``apps`` and the known ones; standalone, one pass."""
+        if not self.cluster:
+            return [""]
+        return sorted(set(apps) | self.known_apps())
 
     # -- producers ---------------------------------------------------------------------------
 
@@ -273,20 +338,21 @@ class Store(Layout):
         same round trip, and ``Round.replicas`` says how many acknowledged it.
         """
         sha = self._scripts["enqueue"].sha
-        keys = self.enqueue_keys
         per_round = ENQUEUE_CHUNK * 10
         for start in range(0, len(intents), per_round):
             block = intents[start:start + per_round]
-            calls = self.enqueue_calls(block, max_pending)
+            calls, order = self.enqueue_groups(block, max_pending)
             sent = False
             try:
                 for _attempt in range(2):
                     pipe = self.redis.pipeline(transaction=False)
-                    # connect first: a failure here means nothing of this round left the process
-                    pipe.connection = self.redis.connection_pool.get_connection()
+                    if not self.cluster:
+                        # connect first: a failure here means nothing of this round left the
+                        # process (a cluster pipeline connects per node as it sends)
+                        pipe.connection = self.redis.connection_pool.get_connection()
                     sent = True
-                    for args in calls:
-                        pipe.evalsha(sha, len(keys), *keys, *args)
+                    for keys, args in calls:
+                        evalsha(pipe, sha, keys, args)
                     if min_replicas > 0:
                         pipe.execute_command("WAIT", min_replicas, wait_ms)  # type: ignore[no-untyped-call]
                     replies = pipe.execute(raise_on_error=False)
@@ -297,7 +363,13 @@ class Store(Layout):
             except (redis.RedisError, OSError) as exc:
                 yield Round(start, len(block), error=exc, sent=sent)
                 return
-            done = round_of(start, block, calls, replies, min_replicas)
+            done = round_of(start, block, [args for _, args in calls], replies, min_replicas)
+            if self.cluster and done.codes:  # back to the input's order
+                codes = [0] * len(block)
+                for j, code in zip(order, done.codes, strict=True):
+                    codes[j] = code
+                done = Round(done.start, done.size, codes=codes, wakes=done.wakes,
+                             replicas=done.replicas, error=done.error, sent=done.sent)
             yield done
             if done.error is not None:
                 return
@@ -331,8 +403,8 @@ class Store(Layout):
         calls: list[tuple[str, list[Any], list[Any]]] = [
             ("claim", *self._claim_call(app, operator_type)) for _ in range(count)]
         if read_backoff:
-            calls.append(("throttle", self._throttle_keys(app), [self.prefix, app, 0]))
-        before = [self.keys.wake(app, operator_type)] if clear_wake else []
+            calls.append(("throttle", self._throttle_keys(app), [self.scope(app).prefix, app, 0]))
+        before = [self.scope(app).wake(app, operator_type)] if clear_wake else []
         replies = self._evalsha_pipeline(calls, delete=before)
         backoff_ms = int(replies[count]) if read_backoff else 0
         return [self._claim_reply(raw, backoff_ms) for raw in replies[:count]]
@@ -342,11 +414,12 @@ class Store(Layout):
         # the batch id ends in a random part: a claim lost with the last second of the AOF (or
         # with an unreplicated write at a failover) can hand out the same sequence number again,
         # and the lease checks must not take the other claim's lease for their own
-        args: list[Any] = [self.prefix, app, operator_type, self.max_items, self.linger_ms,
-                           self.lease_ms, secrets.token_hex(4)]
-        keys: list[Any] = [self.keys.counters, self.keys.ready(app, operator_type),
-                           self.keys.delayed(app, operator_type), self.keys.pause(app),
-                           self.keys.seq, self.keys.batches, self.keys.leases]
+        scope = self.scope(app)
+        args: list[Any] = [scope.prefix, app, operator_type, self.max_items, self.linger_ms,
+                           self.lease_ms, self.nonce(app)]
+        keys: list[Any] = [scope.counters, scope.ready(app, operator_type),
+                           scope.delayed(app, operator_type), scope.pause(app),
+                           scope.seq, scope.batches, scope.leases]
         return keys, args
 
     def _claim_reply(self, raw: Any, backoff_ms: int = 0) -> Claim:
@@ -381,7 +454,7 @@ class Store(Layout):
         if delete:
             pipe.delete(*delete)
         for name, keys, args in calls:
-            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            evalsha(pipe, self._scripts[name].sha, keys, args)
         replies = list(pipe.execute(raise_on_error=False))[1 if delete else 0:]
         for n, reply in enumerate(replies):
             if isinstance(reply, redis.exceptions.NoScriptError):
@@ -411,10 +484,11 @@ class Store(Layout):
             if out["state"] == "retry":
                 entry["dl"] = int(float(out.get("delay_s") or 0) * 1000)
             packed.append(entry)
+        scope = self.of_batch(batch_id)
         raw = self._scripts["complete"](keys=[
-            self.keys.counters, self.keys.metrics, self.keys.batches, self.keys.leases,
-            self.keys.failed, self.keys.events, *self.keys.timeline], args=[
-            self.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
+            scope.counters, scope.metrics, scope.batches, scope.leases,
+            scope.failed, scope.events, *scope.timeline], args=[
+            scope.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
             json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
             json.dumps({"op": operator_type, "bs": len(packed),
                         "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]}),
@@ -422,17 +496,33 @@ class Store(Layout):
         return Completion(int(raw[0]), int(raw[1]), _wakes(raw[2]))
 
     def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
-        """Return the items of expired leases to their queues; (items reclaimed, wakes)."""
-        raw = self._scripts["reap"](
-            keys=[self.keys.counters, self.keys.leases, self.keys.batches, *self.keys.timeline],
-            args=[self.prefix, self.max_items, self.linger_ms, limit])
-        return int(raw[0]), _wakes(raw[1])
+        """Return the items of expired leases to their queues; (items reclaimed, wakes).
+        In cluster mode, every known app's leases (``limit`` each)."""
+        reclaimed, wakes = 0, list[Wake]()
+        for app in self.apps_of():
+            scope = self.scope(app)
+            raw = self._scripts["reap"](
+                keys=[scope.counters, scope.leases, scope.batches, *scope.timeline],
+                args=[scope.prefix, self.max_items, self.linger_ms, limit])
+            reclaimed += int(raw[0])
+            wakes.extend(_wakes(raw[1]))
+        return reclaimed, tuple(wakes)
 
     def requeue_failed(self, error: str | None = None,
                        limit: int = 100_000) -> tuple[list[str], tuple[Wake, ...]]:
         """Put failed intents (optionally only those with this ``error``) back into the queue."""
-        return requeued(self._scripts["requeue_failed"](
-            keys=self.requeue_failed_keys, args=self.requeue_failed_args(error, limit)))
+        ids: list[str] = []
+        wakes: list[Wake] = []
+        for app in self.apps_of():
+            scope = self.scope(app)
+            more, woken = requeued(self._scripts["requeue_failed"](
+                keys=[scope.counters, scope.failed],
+                args=self.requeue_failed_args(error, limit - len(ids), scope)))
+            ids.extend(more)
+            wakes.extend(woken)
+            if len(ids) >= limit:
+                break
+        return ids, tuple(wakes)
 
     def throttle(self, app: str, max_calls_per_s: float) -> float:
         """Reserve a call slot of the global rate limit; seconds to wait before sending."""
@@ -445,14 +535,17 @@ class Store(Layout):
         """Before an HTTP attempt for ``batch_id``: None if its lease is no longer held (lost
         in an outage, or expired), else ``throttle``'s wait. One round trip for both."""
         interval_ms = 0 if max_calls_per_s <= 0 else max(1, round(1000 / max_calls_per_s))
-        args: list[Any] = [self.prefix, app, interval_ms]
+        if self.cluster and not app and batch_id:
+            app = app_of_batch(batch_id)
+        args: list[Any] = [self.scope(app).prefix, app, interval_ms]
         if batch_id:
             args.append(batch_id)
         wait_ms = int(self._scripts["throttle"](keys=self._throttle_keys(app), args=args))
         return None if wait_ms < 0 else wait_ms / 1000
 
     def _throttle_keys(self, app: str) -> list[str]:
-        return [self.keys.leases, self.keys.backoff(app), self.keys.rate(app)]
+        scope = self.scope(app)
+        return [scope.leases, scope.backoff(app), scope.rate(app)]
 
     def lease_held(self, batch_id: str) -> bool:
         """Whether ``batch_id``'s lease is still in Redis and not expired."""
@@ -463,23 +556,23 @@ class Store(Layout):
         ms = max(1, int(seconds * 1000))
         now_s, now_us = self.redis.time()
         until = now_s * 1000 + now_us // 1000 + ms
-        self.redis.set(self.keys.backoff(app), until, px=ms)
+        self.redis.set(self.scope(app).backoff(app), until, px=ms)
 
     def pause(self, app: str, seconds: float, reason: str) -> None:
         """Pause sending for ``app`` on every worker (credentials, billing, app gone)."""
         if seconds > 0:
-            self.redis.set(self.keys.pause(app), reason, px=max(1, int(seconds * 1000)))
+            self.redis.set(self.scope(app).pause(app), reason, px=max(1, int(seconds * 1000)))
 
     def resume(self, app: str) -> None:
-        self.redis.delete(self.keys.pause(app))
+        self.redis.delete(self.scope(app).pause(app))
 
     def pauses(self, apps: Iterable[str]) -> dict[str, tuple[float, str]]:
         """Apps paused now: app -> (seconds left, reason)."""
         apps = list(apps)
         pipe = self.redis.pipeline(transaction=False)
         for app in apps:
-            pipe.pttl(self.keys.pause(app))
-            pipe.get(self.keys.pause(app))
+            pipe.pttl(self.scope(app).pause(app))
+            pipe.get(self.scope(app).pause(app))
         res = pipe.execute()
         out = {}
         for k, app in enumerate(apps):
@@ -490,18 +583,18 @@ class Store(Layout):
 
     def clear_wake(self, app: str, operator_type: int) -> None:
         """A flush started: the next full batch may send a new immediate wake."""
-        self.redis.delete(self.keys.wake(app, operator_type))
+        self.redis.delete(self.scope(app).wake(app, operator_type))
 
     def claim_wake(self, app: str, operator_type: int) -> bool:
         """Whether this caller should send the immediate wake for ``(app, operator_type)``:
         true for the first caller while none is on its way (the same flag lib.lua sets)."""
-        return bool(self.redis.set(self.keys.wake(app, operator_type), "1", nx=True,
+        return bool(self.redis.set(self.scope(app).wake(app, operator_type), "1", nx=True,
                                    px=WAKE_FLAG_MS))
 
     def claim_linger_wake(self, app: str, operator_type: int, wait_ms: int) -> bool:
         """Whether this caller should send the wake due in ``wait_ms`` for a partial batch:
         true for the first caller while none is on its way."""
-        return bool(self.redis.set(self.keys.wake_linger(app, operator_type), "1", nx=True,
+        return bool(self.redis.set(self.scope(app).wake_linger(app, operator_type), "1", nx=True,
                                    px=max(1, wait_ms)))
 
     def claim_sweep(self) -> bool:
@@ -517,8 +610,8 @@ class Store(Layout):
         pairs = [(a, op) for a in apps for op in OPERATOR_TYPES]
         pipe = self.redis.pipeline(transaction=False)
         for app, op in pairs:
-            pipe.llen(self.keys.ready(app, op))
-            pipe.zcard(self.keys.delayed(app, op))
+            pipe.llen(self.scope(app).ready(app, op))
+            pipe.zcard(self.scope(app).delayed(app, op))
         res = pipe.execute()
         return {pair: (res[2 * k], res[2 * k + 1]) for k, pair in enumerate(pairs)
                 if res[2 * k] or res[2 * k + 1]}
@@ -559,17 +652,38 @@ class Store(Layout):
         """Statuses of many intents in one round trip (None for unknown ids)."""
         if not ids:
             return []
-        raws = self.redis.mget([self.keys.record(i) for i in ids])
+        raws = self.records(ids)
         return [None if raw is None else record_to_status(i, json.loads(raw))
                 for i, raw in zip(ids, raws, strict=True)]
 
+    def records(self, ids: Sequence[str]) -> list[Any]:
+        """The raw records of ``ids`` (None where gone): one MGET, or in cluster mode one
+        pipelined GET each (their keys are in as many slots as they have apps)."""
+        if not self.cluster:
+            return list(self.redis.mget([self.keys.record(i) for i in ids]))
+        pipe = self.redis.pipeline(transaction=False)
+        for intent_id in ids:
+            pipe.get(self.of_id(intent_id).record(intent_id))
+        return list(pipe.execute())
+
+    def _summed(self, key_of: Any, convert: Any) -> dict[str, Any]:
+        """A hash of counters (``key_of(keys)``) summed over the apps' keys in cluster mode."""
+        total: dict[str, Any] = {}
+        names = [key_of(self.keys)] + [key_of(self.keys.tagged(a)) for a in self.apps_of()
+                                       if self.cluster]
+        for name in names:
+            for k, v in self.redis.hgetall(name).items():
+                total[_text(k)] = total.get(_text(k), 0) + convert(v)
+        return total
+
     def counters(self) -> dict[str, int]:
-        return {_text(k): int(v) for k, v in self.redis.hgetall(self.keys.counters).items()}
+        """The counters; in cluster mode each app's summed (plus the global ``sweeps``)."""
+        return self._summed(lambda keys: keys.counters, int)
 
     def call_metrics(self) -> dict[str, float]:
         """The raw metrics hash: ``call:<op>:<class>``, ``lat:<le ms>``, ``lat_sum_ms``,
-        ``bs:<size>`` and ``retries:<op>`` (see complete.lua)."""
-        return {_text(k): float(v) for k, v in self.redis.hgetall(self.keys.metrics).items()}
+        ``bs:<size>`` and ``retries:<op>`` (see complete.lua); summed over apps in cluster mode."""
+        return self._summed(lambda keys: keys.metrics, float)
 
     def stats(self, apps: Iterable[str]) -> dict[str, Any]:
         """Counts per state and op, queue depth, oldest pending age, calls, items per call, pauses."""
@@ -588,12 +702,13 @@ class Store(Layout):
                 totals[state] += row[state]
         pairs = [(a, op) for a in apps for op in OPERATOR_TYPES]
         pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
+        # as a plain command: a cluster pipeline blocks .time() (it goes to one node)
+        pipe.execute_command("TIME")  # type: ignore[no-untyped-call]
         for app, op in pairs:
-            pipe.llen(self.keys.ready(app, op))
-            pipe.lindex(self.keys.ready(app, op), 0)
+            pipe.llen(self.scope(app).ready(app, op))
+            pipe.lindex(self.scope(app).ready(app, op), 0)
         for app in apps:  # the verifying item checked next: roughly the longest verifying
-            pipe.zrange(self.keys.verifying(app), 0, 0)
+            pipe.zrange(self.scope(app).verifying(app), 0, 0)
         res = pipe.execute()
         now_ms = res[0][0] * 1000 + res[0][1] // 1000
         heads = [res[1 + 2 * k + 1] for k in range(len(pairs))]
@@ -602,7 +717,7 @@ class Store(Layout):
         head_ids = [_text(h) for h in heads if h is not None]
         oldest_ms = 0
         if head_ids:
-            for raw in self.redis.mget([self.keys.record(h) for h in head_ids]):
+            for raw in self.records(head_ids):
                 if raw is not None:
                     rec = json.loads(raw)
                     oldest_ms = max(oldest_ms, now_ms - int(rec.get("u", rec["c"])))
@@ -631,7 +746,7 @@ class Store(Layout):
 
     def history(self, query: HistoryQuery) -> list[Status]:
         """The intents that named ``query``'s key, newest first, while their records live."""
-        keys, args = history_call(self.keys, query)
+        keys, args = history_call(self.scope(query.app), query)
         raw = self._scripts["history"](keys=keys, args=args)
         return [record_to_status(i, rec) for i, rec in history_reply(raw, query.limit)]
 
@@ -639,13 +754,22 @@ class Store(Layout):
                       shards: int = PRUNE_SHARDS) -> tuple[int, int]:
         """Drop history heads whose record expired, about ``budget`` heads or ``shards`` shards
         at a time (the sweep's part of keeping the index bounded); (shards seen, heads dropped)."""
-        raw = self._scripts["prune_history"](keys=[self.keys.history_cursor],
-                                             args=[self.prefix, budget, shards])
-        return int(raw[0]), int(raw[1])
+        seen = dropped = 0
+        for app in self.apps_of():  # in cluster mode each app's index, in its slot
+            scope = self.scope(app)
+            raw = self._scripts["prune_history"](keys=[scope.history_cursor],
+                                                 args=[scope.prefix, budget, shards])
+            seen, dropped = seen + int(raw[0]), dropped + int(raw[1])
+        return seen, dropped
 
     def recent_failures(self, limit: int = 20) -> list[Status]:
         """The most recently failed intents, newest first."""
-        ids = [_text(i) for i in self.redis.zrevrange(self.keys.failed, 0, limit - 1)]
+        scored: list[tuple[float, str]] = []
+        for app in self.apps_of():
+            found: Any = self.redis.zrevrange(self.scope(app).failed, 0, limit - 1,
+                                              withscores=True)
+            scored += [(float(t), _text(i)) for i, t in found]
+        ids = [i for _, i in sorted(scored, reverse=True)[:limit]]
         return [s for s in self.statuses(ids) if s is not None]
 
 

@@ -126,7 +126,7 @@ class Verifier:
         the number of wakes sent."""
         apps = sorted(set(self.settings.apps) | self.store.known_apps())
         wakes = [Wake(app, 0, "verify", 0.0) for app in due_apps(self.store, apps)
-                 if self.store.redis.set(self.store.keys.wake_verify(app), "1", nx=True,
+                 if self.store.redis.set(self.store.scope(app).wake_verify(app), "1", nx=True,
                                          px=WAKE_FLAG_MS)]
         if wakes:
             self.wake(wakes)
@@ -135,7 +135,7 @@ class Verifier:
     def verify(self, app: str) -> VerifyResult:
         """Check up to ``ROUNDS_PER_TASK`` rounds of ``app``'s due verifying items."""
         result = VerifyResult()
-        flag = self.store.keys.wake_verify(app)
+        flag = self.store.scope(app).wake_verify(app)
         self.store.redis.delete(flag)  # started: the next wake may be sent
         for _ in range(ROUNDS_PER_TASK):
             claim = claim_verify(self.store, app, CLAIM_ITEMS)
@@ -161,7 +161,7 @@ class Verifier:
         """A check comes due within the sweep's reach: one wake for then (the completions'
         wakes are one per app and delay window, so later items would wait for the sweep)."""
         if 0 <= next_ms <= WAKE_FLAG_MS and self.store.redis.set(
-                self.store.keys.wake_verify(app), "1", nx=True, px=max(1, next_ms)):
+                self.store.scope(app).wake_verify(app), "1", nx=True, px=max(1, next_ms)):
             self.wake([Wake(app, 0, "verify", next_ms / 1000)])
 
     def check(self, app: str, claim: VerifyClaim) -> tuple[int, int]:

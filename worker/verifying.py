@@ -10,7 +10,6 @@ it back, due at once, if the lease runs out.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -56,11 +55,11 @@ class VerifyClaim:
 
 def claim_verify(store: Store, app: str, limit: int) -> VerifyClaim:
     """Take up to ``limit`` of ``app``'s verifying items whose check is due, under a lease."""
-    keys = store.keys
+    keys = store.scope(app)
     raw = store._scripts["verify_claim"](
         keys=[keys.counters, keys.verifying(app), keys.pause(app), keys.seq, keys.batches,
               keys.leases],
-        args=[store.prefix, app, limit, store.lease_ms, secrets.token_hex(4)])
+        args=[keys.prefix, app, limit, store.lease_ms, store.nonce(app)])
     kind = _text(raw[0])
     if kind == "paused":
         return VerifyClaim("paused", left=int(raw[1]), reason=_text(raw[2]))
@@ -87,11 +86,11 @@ def verify_done(store: Store, batch_id: str, outcomes: Sequence[Mapping[str, Any
         if out.get("error") is not None:
             entry["er"] = out["error"]
         packed.append(entry)
-    keys = store.keys
+    keys = store.of_batch(batch_id)
     raw = store._scripts["verify_done"](
         keys=[keys.counters, keys.metrics, keys.batches, keys.leases, keys.failed, keys.events,
               *keys.timeline],
-        args=[store.prefix, batch_id, store.status_ttl_s, store.max_items, store.linger_ms,
+        args=[keys.prefix, batch_id, store.status_ttl_s, store.max_items, store.linger_ms,
               json.dumps(packed, separators=(",", ":"), ensure_ascii=False), query_calls,
               store.events_maxlen])
     return Completion(int(raw[0]), int(raw[1]), _wakes(raw[2]))
@@ -102,9 +101,10 @@ def due_apps(store: Store, apps: Sequence[str]) -> list[str]:
     if not apps:
         return []
     pipe = store.redis.pipeline(transaction=False)
-    pipe.time()
+    # as a plain command: a cluster pipeline blocks .time() (it goes to one node)
+    pipe.execute_command("TIME")  # type: ignore[no-untyped-call]
     for app in apps:
-        pipe.zrange(store.keys.verifying(app), 0, 0, withscores=True)
+        pipe.zrange(store.scope(app).verifying(app), 0, 0, withscores=True)
     res = pipe.execute()
     now_ms = res[0][0] * 1000 + res[0][1] // 1000
     return [app for app, head in zip(apps, res[1:], strict=True)
