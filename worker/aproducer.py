@@ -169,7 +169,8 @@ class AsyncProducer:
             apps = await self.apps()
         except StoreUnavailableError as exc:  # nothing was sent
             raise bulk.unread(items, exc) from exc.__cause__
-        return bulk.prepare(items, apps, self.settings.default_app, line_numbers)
+        return bulk.prepare(items, apps, self.settings.default_app, line_numbers,
+                            app_ids=self.store.cluster)
 
     async def _store(self, prepared: Prepared, line_numbers: Sequence[int] | None) -> Failure | None:
         """``Producer._store`` on asyncio: each intent's fate in ``prepared``; what went wrong."""

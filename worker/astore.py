@@ -7,6 +7,7 @@ drift apart. Only what a producer needs is here (enqueue, requeue, statuses, his
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -15,6 +16,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from .history import HistoryQuery, history_call, history_reply
 from .model import Intent, Status
@@ -39,7 +41,7 @@ class AsyncStore(Layout):
     """Enqueue, requeue and read statuses through a ``redis.asyncio`` client."""
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str = "tpns:", **limits: Any) -> None:
-        super().__init__(prefix, **limits)
+        super().__init__(prefix, cluster=isinstance(client, AsyncRedisCluster), **limits)
         self.redis = client
         self._sources = {name: _load_script(name) for name in SCRIPTS}
         self._shas = {name: hashlib.sha1(src.encode("utf-8")).hexdigest()
@@ -56,6 +58,10 @@ class AsyncStore(Layout):
     async def enqueue_rounds(self, intents: Sequence[tuple[str, Intent]], *, max_pending: int = 0,
                              min_replicas: int = 0, wait_ms: int = 1000) -> AsyncIterator[Round]:
         """``Store.enqueue_rounds`` on asyncio: the same rounds, the same ``Round`` answers."""
+        if self.cluster:
+            async for rnd in self._cluster_rounds(intents, max_pending):
+                yield rnd
+            return
         keys = self.enqueue_keys
         for start in range(0, len(intents), PER_ROUND):
             block = intents[start:start + PER_ROUND]
@@ -88,6 +94,27 @@ class AsyncStore(Layout):
             if done.error is not None:
                 return
 
+    async def _cluster_rounds(self, intents: Sequence[tuple[str, Intent]],
+                              max_pending: int) -> AsyncIterator[Round]:
+        """The rounds on a Redis Cluster: one call per app (``Layout.enqueue_groups``), sent
+        together (the client routes each to its app's master); codes back in input order."""
+        for start in range(0, len(intents), PER_ROUND):
+            block = intents[start:start + PER_ROUND]
+            calls, order = self.enqueue_groups(block, max_pending)
+            replies = await asyncio.gather(*(self._run("enqueue", keys, args)
+                                             for keys, args in calls), return_exceptions=True)
+            if all(isinstance(r, (redis.ConnectionError, OSError)) for r in replies):
+                yield Round(start, len(block), error=replies[0], sent=True)  # type: ignore[arg-type]
+                return
+            done = round_of(start, block, [args for _, args in calls], replies, 0)
+            codes = [0] * len(block)
+            for j, code in zip(order, done.codes, strict=True):
+                codes[j] = code
+            yield Round(start, len(block), codes=codes, wakes=done.wakes, error=done.error,
+                        sent=True)
+            if done.error is not None:
+                return
+
     async def _round_trip(self, conn: Any, keys: Sequence[str], calls: Sequence[Sequence[Any]],
                           min_replicas: int, wait_ms: int) -> list[Any]:
         """The calls (and a ``WAIT``) written at once on ``conn``; one reply per command, an error
@@ -108,19 +135,35 @@ class AsyncStore(Layout):
 
     async def requeue_failed(self, error: str | None = None,
                              limit: int = 100_000) -> tuple[list[str], tuple[Wake, ...]]:
-        return requeued(await self._run("requeue_failed", self.requeue_failed_keys,
-                                        self.requeue_failed_args(error, limit)))
+        if not self.cluster:
+            return requeued(await self._run("requeue_failed", self.requeue_failed_keys,
+                                            self.requeue_failed_args(error, limit)))
+        ids: list[str] = []
+        wakes: list[Wake] = []
+        for app in sorted(await self.known_apps()):
+            scope = self.scope(app)
+            more, woken = requeued(await self._run(
+                "requeue_failed", [scope.counters, scope.failed],
+                self.requeue_failed_args(error, limit - len(ids), scope)))
+            ids.extend(more)
+            wakes.extend(woken)
+            if len(ids) >= limit:
+                break
+        return ids, tuple(wakes)
 
     async def statuses(self, ids: Sequence[str]) -> list[Status | None]:
         if not ids:
             return []
-        raws = await self.redis.mget([self.keys.record(i) for i in ids])
+        if self.cluster:  # as many slots as apps: one GET each, sent together
+            raws = await asyncio.gather(*(self.redis.get(self.of_id(i).record(i)) for i in ids))
+        else:
+            raws = await self.redis.mget([self.keys.record(i) for i in ids])
         return [None if raw is None else record_to_status(i, json.loads(raw))
                 for i, raw in zip(ids, raws, strict=True)]
 
     async def history(self, query: HistoryQuery) -> list[Status]:
         """``Store.history`` on asyncio."""
-        keys, args = history_call(self.keys, query)
+        keys, args = history_call(self.scope(query.app), query)
         raw = await self._run("history", keys, args)
         return [record_to_status(i, rec) for i, rec in history_reply(raw, query.limit)]
 
