@@ -3,13 +3,15 @@ ids and batch ids that carry their app, one script call per app, counters summed
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 from redis.cluster import RedisCluster
 
 from tests.support.polling import wait_until
-from worker.connections import redis_client
+from worker.astore import AsyncStore
+from worker.connections import async_redis_client, redis_client
 from worker.keys import tagged_prefix
 from worker.model import Account, Intent
 from worker.store import Store
@@ -127,3 +129,22 @@ def test_expired_leases_of_every_app_are_reaped(redis_cluster: LocalCluster,
     assert store.counters()["leases_reclaimed"] == 2
     assert [s.state if s else None for s in store.statuses([f"{one}.a", f"{two}.a"])] \
         == ["queued", "queued"]
+
+
+def test_the_async_store_enqueues_one_call_per_app_and_reads_back_in_input_order(
+        redis_cluster: LocalCluster, cclient: RedisCluster, cluster_prefix: str) -> None:
+    one, two = apps_on_two_masters(redis_cluster, cclient)
+    pairs = [(f"{one}.a", login("t1", "u1", one)), (f"{two}.a", login("t1", "u1", two)),
+             (f"{one}.b", login("t1", "u1", one)), (f"{two}.a", login("t2", "u2", two))]
+
+    async def run() -> tuple[list[int], list[str | None]]:
+        store = AsyncStore(async_redis_client(redis_cluster.url), cluster_prefix, linger_ms=0)
+        assert store.cluster
+        codes = [c async for rnd in store.enqueue_rounds(pairs) for c in rnd.codes]
+        found = await store.statuses([f"{two}.a", f"{one}.b", f"{one}.zz"])
+        await store.redis.aclose()
+        return codes, [s.state if s else None for s in found]
+
+    codes, states = asyncio.run(run())
+    assert codes == [1, 1, 1, -1]  # the last: the same id in its app, another payload
+    assert states == ["queued", "queued", None]
