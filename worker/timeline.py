@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from .keys import LATENCY_BUCKETS_MS, TIMELINE_MINUTES_KEPT, TIMELINE_SECONDS_KEPT, Keys
 
@@ -96,7 +97,22 @@ def _per_minute(units: Sequence[int], slots: Mapping[int, Mapping[str, str]]) ->
             "latency_p50_ms": p50, "latency_p99_ms": p99}
 
 
-def read_timeline(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+def _merge(into: dict[int, dict[str, str]], more: Mapping[int, Mapping[str, str]]) -> None:
+    """Add ``more``'s counts into ``into`` (one app's rings into the sum of all, cluster mode)."""
+    for unit, fields in more.items():
+        mine = into.setdefault(unit, {})
+        for name, value in fields.items():
+            mine[name] = str(int(mine.get(name, 0)) + int(value))
+
+
+def _now_s(client: redis.Redis | RedisCluster) -> int:
+    reply: Any = client.time()
+    if isinstance(reply, dict):  # a cluster answers per node: any one will do
+        reply = next(iter(reply.values()))
+    return int(reply[0])
+
+
+def read_timeline(client: redis.Redis | RedisCluster, *scopes: Keys) -> dict[str, Any]:
     """The last ``TIMELINE_SECONDS_KEPT`` seconds and ``TIMELINE_MINUTES_KEPT`` minutes as arrays.
 
     ``seconds`` and ``minutes`` each have ``start`` (epoch s of the first entry), ``step`` (s)
@@ -105,19 +121,20 @@ def read_timeline(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     sampled by the sweep; the minute's highest; None where nothing was sampled). ``minutes``
     adds ``calls_by_class`` and ``failures_by_reason`` (name -> array) and ``latency_p50_ms`` /
     ``latency_p99_ms`` (bucket bounds, None in a minute without a timed call).
+
+    ``scopes`` are the key sets whose rings to sum: one standalone, each app's in cluster mode
+    (``Store.scope``), where every app counts in its own slot.
     """
-    seconds_key, minutes_key = keys.timeline
-    pipe = client.pipeline(transaction=False)
-    pipe.time()
-    pipe.hgetall(seconds_key)
-    pipe.hgetall(minutes_key)
-    (now_s, _), raw_seconds, raw_minutes = pipe.execute()
-    now_s = int(now_s)
+    now_s = _now_s(client)
     now_m = now_s // 60
     sec_units = list(range(now_s - TIMELINE_SECONDS_KEPT + 1, now_s + 1))
     min_units = list(range(now_m - TIMELINE_MINUTES_KEPT + 1, now_m + 1))
-    sec_slots = _slots(raw_seconds, TIMELINE_SECONDS_KEPT, now_s)
-    min_slots = _slots(raw_minutes, TIMELINE_MINUTES_KEPT, now_m)
+    sec_slots: dict[int, dict[str, str]] = {}
+    min_slots: dict[int, dict[str, str]] = {}
+    for keys in scopes:
+        seconds_key, minutes_key = keys.timeline
+        _merge(sec_slots, _slots(client.hgetall(seconds_key), TIMELINE_SECONDS_KEPT, now_s))
+        _merge(min_slots, _slots(client.hgetall(minutes_key), TIMELINE_MINUTES_KEPT, now_m))
     return {
         "now": now_s,
         "seconds": {"start": sec_units[0], "step": 1, **_series(sec_units, sec_slots)},

@@ -314,11 +314,16 @@ def test_with_a_token_every_route_but_healthz_needs_it(api: Api,
     headers = {"Authorization": authorization} if authorization else {}
     with api(TPNS_API_TOKEN="s3cr3t-api-token") as (client, producer):
         for method, path in [("GET", "/v1/stats"), ("GET", "/v1/intents/x"), ("GET", "/metrics"),
-                             ("GET", "/"), ("GET", "/openapi.json"), ("POST", "/v1/intents")]:
+                             ("GET", "/"), ("GET", "/openapi.json"), ("POST", "/v1/intents"),
+                             ("GET", "/v1/overview"), ("GET", "/v1/timeline"),
+                             ("GET", "/v1/events?follow=false"), ("POST", "/v1/requeue-failed"),
+                             ("POST", "/signout")]:
             r = client.request(method, path, headers=headers, json=OP4)
             assert r.status_code == 401, path
             assert r.headers["WWW-Authenticate"].startswith("Bearer")
             assert "s3cr3t" not in r.text
+        page = client.get("/", headers=headers)  # the sign-in form, and no figure
+        assert 'action="/signin"' in page.text and 'id="states"' not in page.text
         assert client.get("/healthz", headers=headers).status_code == 503  # open, no worker yet
         assert producer.store.counters() == {}
 
@@ -422,7 +427,10 @@ def test_openapi_describes_every_route(http: tuple[httpx.Client, Producer]) -> N
     assert doc["openapi"].startswith("3.")
     expected = {"/v1/intents": ("post", "get"), "/v1/intents/{intent_id}": ("get",),
                 "/v1/events": ("get",), "/v1/stats": ("get",), "/healthz": ("get",),
-                "/metrics": ("get",), "/openapi.json": ("get",), "/": ("get",)}
+                "/metrics": ("get",), "/openapi.json": ("get",), "/": ("get",),
+                "/v1/overview": ("get",), "/v1/timeline": ("get",),
+                "/v1/requeue-failed": ("post",), "/static/{name}": ("get",),
+                "/signin": ("post",), "/signout": ("post",)}
     assert set(doc["paths"]) == set(expected)
     for path, methods in expected.items():
         for method in methods:

@@ -4,8 +4,8 @@ Built on Starlette and uvicorn: a small, well-kept ASGI toolkit and server, and 
 a handful of routes over the ``Producer``, no ORM, no validation framework (the intents are
 checked by ``worker.intents``, the same rules as every other way in).
 
-Routes (every one but ``/healthz`` needs ``Authorization: Bearer <TPNS_API_TOKEN>`` when that
-variable is set)::
+Routes (with ``TPNS_API_TOKEN`` set, every one but ``/healthz``, the page's assets and sign-in
+needs ``Authorization: Bearer <token>`` or the page's session cookie, ``worker.serve.session``)::
 
     POST /v1/intents        one JSON object, a JSON array, or JSON Lines -> per-item results
     GET  /v1/intents/{id}   the status (SPEC §5), or 404
@@ -16,7 +16,12 @@ variable is set)::
     GET  /healthz           200 when Redis answers, a worker was seen and nothing is paused
     GET  /metrics           Prometheus text (cluster-wide, read from Redis at scrape time)
     GET  /openapi.json      this API described as OpenAPI 3.1
-    GET  /                  the status page (``/?id=...`` looks an intent up)
+    POST /v1/requeue-failed failed intents back into the queue (``{"error": CODE}`` optional)
+    GET  /v1/overview       the status page's figures (stats, workers, recent failures)
+    GET  /v1/timeline       the last hour as arrays (``worker.timeline``), for the charts
+    GET  /                  the live status page (``/?id=...`` looks an intent up), or the
+                            sign-in form; ``/static/*`` its script and stylesheet
+    POST /signin, /signout  the page's session cookie (form field ``token``)
 
 ``POST /v1/intents`` answers **200 whenever the body could be read**, with one result per item
 (``ids[k]`` is null where item ``k`` was refused, and ``errors`` says why): like the CLI's
@@ -37,7 +42,6 @@ threadpool (sync endpoints, or ``run_in_threadpool``): the event loop never wait
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 import threading
@@ -51,19 +55,16 @@ import redis
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..aproducer import AsyncProducer
 from ..errors import ConfigError, IntentError, StoreUnavailableError
 from ..health import check
 from ..intents import is_id
 from ..monitor.metrics import make_registry, render
-from ..monitor.overview import read_overview
 from ..producer import BulkResult, Producer
 from ..settings import Settings
 from .body import (
@@ -79,7 +80,8 @@ from .body import (
 )
 from .lookup import events_endpoint, history_endpoint
 from .openapi import openapi_schema
-from .page import render_page
+from .session import Auth, Sessions
+from .web import page_routes
 
 # Re-exported: tests and callers have imported these from here since before the split.
 __all__ = [
@@ -109,10 +111,6 @@ UVICORN_OPTIONS: dict[str, Any] = {"loop": "auto", "http": "auto", "ws": "none",
                                    "log_config": None, "server_header": False, "access_log": False}
 #: seconds ``serve`` waits for open connections when told to stop (event streams never finish)
 SHUTDOWN_GRACE_S = 5
-#: paths that answer without the bearer token (load balancers and orchestrators probe them)
-OPEN_PATHS = frozenset({"/healthz"})
-_HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-                 "form-action 'self'", "Cache-Control": "no-store"}
 
 
 def enqueue_parsed(producer: Producer, parsed: ParsedBody) -> dict[str, Any]:
@@ -171,31 +169,6 @@ def unavailable_response(exc: StoreUnavailableError,
     return JSONResponse(body, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
 
 
-class BearerAuth:
-    """ASGI middleware: with a token set, every path but ``OPEN_PATHS`` needs it as a bearer.
-
-    The comparison is constant-time (``hmac.compare_digest``); the token is never logged.
-    """
-
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        self.app = app
-        self._token = token.encode() if token else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._token is None or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                              self._token):
-            await self.app(scope, receive, send)
-            return
-        response = JSONResponse({"error": "unauthorized: send Authorization: Bearer <token>"},
-                                status_code=401,
-                                headers={"WWW-Authenticate": 'Bearer realm="tpns-batcher"'})
-        await response(scope, receive, send)
-
-
 async def post_intents_with(request: Request, producer: Producer,
                             doors: AsyncProducer) -> Response:
     """``POST /v1/intents``: one readable intent through ``doors`` (group commit), any other
@@ -226,6 +199,7 @@ def create_app(producer: Producer, settings: Settings,
     # Over 60 lines on purpose: one closure of a few lines per route over ``producer``, read
     # together with the route table at the end.
     registry = make_registry(producer.store, producer.apps)
+    sessions = Sessions(settings.api_token) if settings.api_token else None
     doors = aproducer or AsyncProducer(producer.redis_url, producer.store.prefix,
                                        settings=producer.settings, wake=producer.wake_sender)
     doors.app_names = producer.app_names  # what one door read, the other knows
@@ -258,14 +232,6 @@ def create_app(producer: Producer, settings: Settings,
     def openapi(request: Request) -> Response:
         return JSONResponse(openapi_schema())
 
-    def status_page(request: Request) -> Response:
-        intent_id = request.query_params.get("id", "").strip() or None
-        status = producer.status(intent_id) if intent_id and is_id(intent_id) else None
-        figures = read_overview(producer.store, producer.apps())
-        html = render_page(figures, intent_id, status.to_dict() if status else None)
-        code = 404 if intent_id and status is None else 200
-        return HTMLResponse(html, status_code=code, headers=_HTML_HEADERS)
-
     async def redis_down(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, StoreUnavailableError):  # a route that reads the store directly
             exc = producer.unavailable(exc)
@@ -283,10 +249,10 @@ def create_app(producer: Producer, settings: Settings,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/", status_page, methods=["GET"]),
+        *page_routes(producer, sessions),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
-                     middleware=[Middleware(BearerAuth, token=settings.api_token)],
+                     middleware=[Middleware(Auth, sessions=sessions)],
                      exception_handlers={redis.RedisError: redis_down,
                                          StoreUnavailableError: redis_down})
 

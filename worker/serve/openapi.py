@@ -198,15 +198,99 @@ def _get_events() -> Schema:
                       "400": _bad_request(), "401": _unauthorized(), "503": _unavailable()}}}
 
 
+_HTML: Schema = {"text/html": {"schema": {"type": "string"}}}
+_COOKIE: list[Schema] = [{"bearer": []}, {"session": []}]
+
+
 def _status_page() -> Schema:
     return {"get": {
-        "summary": "The status page (HTML); `?id=` looks an intent up",
+        "summary": "The live status page (HTML); `?id=` looks an intent up",
+        "description": "With TPNS_API_TOKEN set and neither the bearer token nor a session "
+                       "cookie: 401 with the sign-in form.",
+        "security": [],
         "parameters": [{"name": "id", "in": "query", "required": False,
                         "schema": {"type": "string"}}],
-        "responses": {"200": {"description": "HTML",
-                              "content": {"text/html": {"schema": {"type": "string"}}}},
+        "responses": {"200": {"description": "HTML", "content": _HTML},
+                      "401": {"description": "HTML: the sign-in form", "content": _HTML},
+                      "404": {"description": "HTML; the looked-up id is unknown",
+                              "content": _HTML},
+                      "503": _unavailable()}}}
+
+
+def _static() -> Schema:
+    return {"get": {
+        "summary": "The status page's script and stylesheet (shipped in the package)",
+        "security": [],
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "page.js or page.css", "content": {
+                          "text/javascript": {"schema": {"type": "string"}},
+                          "text/css": {"schema": {"type": "string"}}}},
+                      "404": _json(_error_schema(), "No such asset")}}}
+
+
+def _signin() -> Schema:
+    form = {"type": "object", "required": ["token"],
+            "properties": {"token": {"type": "string", "description": "TPNS_API_TOKEN"}}}
+    return {"post": {
+        "summary": "Sign the status page in: the API token for a session cookie",
+        "description": "Sets an HttpOnly, SameSite=Strict session cookie (12 h) and redirects "
+                       "to `/`. The page then sends its CSRF token as X-CSRF-Token on "
+                       "state-changing requests. 404 when no token is configured.",
+        "security": [],
+        "requestBody": {"required": True, "content": {
+            "application/x-www-form-urlencoded": {"schema": form}}},
+        "responses": {"303": {"description": "Signed in: Set-Cookie, Location /"},
+                      "401": {"description": "HTML: wrong token, the form again",
+                              "content": _HTML},
+                      "404": _json(_error_schema(), "No TPNS_API_TOKEN: nothing to sign in to"),
+                      "415": _json(_error_schema(), "Not a form")}}}
+
+
+def _signout() -> Schema:
+    body = {"type": "object", "properties": {"signed_out": {"type": "boolean"}}}
+    return {"post": {
+        "summary": "Sign the page out: clears the session cookie (needs X-CSRF-Token)",
+        "responses": {"200": _json(body, "The cookie is cleared"), "401": _unauthorized(),
+                      "403": _json(_error_schema(), "A session without its CSRF token")}}}
+
+
+def _get_overview() -> Schema:
+    return {"get": {
+        "summary": "The status page's figures: stats, call classes, workers, recent failures",
+        "responses": {"200": _json(_OBJ, "The figures"), "401": _unauthorized(),
+                      "503": _unavailable()}}}
+
+
+def _get_timeline() -> Schema:
+    series = {"type": "array", "items": {"type": ["integer", "null"]}}
+    unit = {"type": "object", "required": ["start", "step", "in", "succeeded", "failed",
+                                           "calls", "depth"],
+            "properties": {"start": {"type": "integer", "description": "Epoch s of the first"},
+                           "step": {"type": "integer"}, "in": series, "succeeded": series,
+                           "failed": series, "calls": series, "depth": series}}
+    body = {"type": "object", "required": ["now", "seconds", "minutes"], "properties": {
+        "now": {"type": "integer"}, "seconds": unit, "minutes": unit}}
+    return {"get": {
+        "summary": "The last hour as arrays: per second for 10 min, per minute for 60 min",
+        "description": "Intents in and finished, calls, queue depth (sampled each second by "
+                       "the sweep); per minute also calls by class, failures by reason and the "
+                       "call latency p50/p99 (ms, bucket bounds).",
+        "responses": {"200": _json(body, "The timeline"), "401": _unauthorized(),
+                      "503": _unavailable()}}}
+
+
+def _requeue_failed() -> Schema:
+    body = {"type": "object", "properties": {"error": {
+        "type": "string", "description": "Only failures with this error (default: all)"}}}
+    done = {"type": "object", "required": ["requeued", "ids"],
+            "properties": {"requeued": {"type": "integer"}, "ids": _IDS}}
+    return {"post": {
+        "summary": "Put failed intents back into the queue",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": body}}},
+        "responses": {"200": _json(done, "The ids requeued"), "400": _bad_request(),
                       "401": _unauthorized(),
-                      "404": {"description": "HTML; the looked-up id is unknown"},
+                      "403": _json(_error_schema(), "A session without its CSRF token"),
                       "503": _unavailable()}}}
 
 
@@ -216,8 +300,12 @@ def openapi_schema() -> Schema:
         "openapi": "3.1.0",
         "info": {"title": "tpns-batcher", "version": "1",
                  "description": "Enqueue TPNS account bind/unbind intents and watch them."},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
+        "components": {"securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "session": {"type": "apiKey", "in": "cookie", "name": "tpns_session",
+                        "description": "The status page's session (POST /signin)"}}},
+        # scripts send the bearer token; the signed-in status page its session cookie
+        "security": _COOKIE,
         "paths": {
             "/v1/intents": {**_post_intents(), "get": _get_history()},
             "/v1/intents/{intent_id}": _get_intent(),
@@ -226,6 +314,12 @@ def openapi_schema() -> Schema:
             "/healthz": _healthz(),
             "/metrics": _metrics(),
             "/openapi.json": _openapi(),
+            "/v1/overview": _get_overview(),
+            "/v1/timeline": _get_timeline(),
+            "/v1/requeue-failed": _requeue_failed(),
             "/": _status_page(),
+            "/static/{name}": _static(),
+            "/signin": _signin(),
+            "/signout": _signout(),
         },
     }

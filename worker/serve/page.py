@@ -1,8 +1,13 @@
-"""The status page of ``tpns-batcher serve`` (``GET /``): plain server-rendered HTML, no script.
+"""The status page of ``tpns-batcher serve`` (``GET /``) and its sign-in form.
 
-Everything shown comes from ``worker.monitor.overview.read_overview`` (and one status for a lookup), and
-every value goes through ``html.escape`` — ids, accounts, err_msg and reasons are user or
-service data.
+The first answer is complete server-rendered HTML (figures from
+``worker.monitor.overview.read_overview``, one status for a ``?id=`` lookup), so the page reads
+without script; ``static/page.js`` then refreshes it every ``REFRESH_S`` from ``GET /v1/overview``
+and ``GET /v1/timeline`` without a reload, draws the charts of the last hour, runs the lookup box
+and the requeue button. The script and stylesheet ship in the package (``static/``, nothing from a
+CDN) and the Content-Security-Policy allows nothing else. Every value goes through
+``html.escape`` here and ``textContent`` in the script — ids, accounts, err_msg and reasons are
+user or service data.
 """
 
 from __future__ import annotations
@@ -16,16 +21,24 @@ from urllib.parse import quote
 from ..model import OPERATOR_TYPES, STATES
 from ..monitor.overview import failure_reason
 
-_STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.2em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th:first-child,td:first-child,.left{text-align:left}
-.bad{color:#a00;font-weight:bold}.ok{color:#070;font-weight:bold}
-dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dd{margin:0}
-code{background:#f4f4f4;padding:0 .2em}
-#lookup td{text-align:left}
-"""
+#: seconds between two refreshes of the page's figures and charts (``static/page.js`` reads it)
+REFRESH_S = 2
+#: the charts: element id -> title (``static/page.js`` fills each)
+CHARTS = {
+    "chart-flow": "intents in and finished per second",
+    "chart-depth": "queue depth",
+    "chart-calls": "calls per second",
+    "chart-latency": "call latency p50 / p99 (ms)",
+    "chart-failures": "failures by reason (per minute)",
+}
+#: headers of every HTML answer: the page's own script and stylesheet and nothing else
+HTML_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def _e(value: object) -> str:
@@ -95,8 +108,9 @@ def _failures(f: Mapping[str, Any]) -> str:
 
 
 def _lookup(intent_id: str | None, status: Mapping[str, Any] | None) -> str:
-    form = ('<form method="get" action="/"><label>intent id <input name="id" size="40" '
-            f'value="{_e(intent_id)}"></label> <button type="submit">Look up</button></form>')
+    form = ('<form id="lookup-form" method="get" action="/"><label>intent id, token or account '
+            f'<input id="lookup-input" name="id" size="40" value="{_e(intent_id)}"></label> '
+            '<button type="submit">Look up</button></form>')
     if intent_id is None:
         return form
     if status is None:
@@ -110,22 +124,65 @@ def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
 
 
+
+
+def _charts() -> str:
+    return '<div id="charts">' + "".join(
+        f'<figure><figcaption>{_e(title)}</figcaption><div class="chart" id="{key}"></div>'
+        "</figure>" for key, title in CHARTS.items()) + "</div>"
+
+
+def _document(title: str, body: str, csrf: str | None = None) -> str:
+    meta = f'<meta name="csrf-token" content="{_e(csrf)}">' if csrf else ""
+    return ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>{_e(title)}</title>"
+            '<meta name="viewport" content="width=device-width">'
+            f'<meta name="refresh-seconds" content="{REFRESH_S}">{meta}'
+            '<link rel="stylesheet" href="/static/page.css">'
+            '<script src="/static/page.js" defer></script></head>'
+            f"<body>{body}</body></html>")
+
+
 def render_page(figures: Mapping[str, Any], intent_id: str | None = None,
-                status: Mapping[str, Any] | None = None) -> str:
-    """The whole page: health line, per-state table, figures, recent failures and a lookup."""
+                status: Mapping[str, Any] | None = None, *, csrf: str | None = None,
+                signed_in: bool = False) -> str:
+    """The whole page: health line, per-state table, figures, charts, lookup, recent failures.
+
+    ``csrf`` is the session's CSRF token (the script sends it on the requeue and sign-out
+    requests); ``signed_in`` adds the sign-out button.
+    """
     workers = figures["workers"]
     health = (f'<p id="health" class="ok">{len(workers)} worker(s) seen</p>' if workers else
               '<p id="health" class="bad">no worker seen in the last 30 s</p>')
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        "<title>tpns-batcher</title>"
-        f'<meta name="viewport" content="width=device-width"><style>{_STYLE}</style></head>'
-        "<body><h1>tpns-batcher</h1>"
+    signout = ('<button id="signout" type="button">Sign out</button>' if signed_in else "")
+    body = (
+        f'<header><h1>tpns-batcher</h1><span id="updated" class="muted">'
+        f"figures as served</span>{signout}</header>"
         f"{health}{_pauses(figures)}"
-        "<h2>Intents</h2>" + _state_table(figures) + _figures(figures)
-        + "<h2>Look up an intent</h2>" + _lookup(intent_id, status)
-        + "<h2>Recent failures</h2>" + _failures(figures)
-        + f'<p><small>apps: {_e(", ".join(figures["apps"]))} · '
+        "<h2>Last hour</h2>" + _charts()
+        + "<h2>Intents</h2>" + _state_table(figures) + _figures(figures)
+        + "<h2>Look up an intent, a token or an account</h2>" + _lookup(intent_id, status)
+        + '<div id="lookup-results"></div>'
+        + "<h2>Recent failures</h2>"
+        + '<p><button id="requeue" type="button">Requeue failed intents</button> '
+        + '<span id="requeue-result"></span></p>' + _failures(figures)
+        + f'<p><small>apps: <span id="apps">{_e(", ".join(figures["apps"]))}</span> · '
         '<a href="/v1/stats">/v1/stats</a> · <a href="/metrics">/metrics</a> · '
-        '<a href="/openapi.json">/openapi.json</a></small></p></body></html>'
+        '<a href="/openapi.json">/openapi.json</a></small></p>'
     )
+    return _document("tpns-batcher", body, csrf)
+
+
+def render_signin(error: str | None = None) -> str:
+    """The sign-in form shown to a browser without a session while ``TPNS_API_TOKEN`` is set.
+
+    It posts the token once (``POST /signin``); the token is never echoed back or kept in the
+    page, and ``autocomplete=off`` keeps it out of the browser's form history."""
+    failed = f'<p id="signin-error" class="bad">{_e(error)}</p>' if error else ""
+    body = ('<h1>tpns-batcher</h1><p>This server needs its API token (TPNS_API_TOKEN).</p>'
+            f"{failed}"
+            '<form id="signin" method="post" action="/signin" autocomplete="off">'
+            '<label>API token <input id="signin-token" name="token" type="password" '
+            'size="40" autocomplete="off" required></label> '
+            '<button type="submit">Sign in</button></form>')
+    return _document("tpns-batcher: sign in", body)
