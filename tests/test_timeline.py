@@ -98,7 +98,7 @@ def test_the_rings_are_bounded_whatever_the_traffic(client: redis.Redis, prefix:
         client.hset(seconds_key, mapping={str(slot): unit, **{f"{slot}:{s}": 1000
                                                               for s in ("in", "ok", "f", "c", "d")}})
     store.enqueue(intents(200))
-    assert client.hlen(seconds_key) == TIMELINE_SECONDS_KEPT * 6
+    assert client.hlen(seconds_key) <= TIMELINE_SECONDS_KEPT * 6
     assert client.hlen(minutes_key) <= TIMELINE_MINUTES_KEPT * 40
 
 
