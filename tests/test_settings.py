@@ -134,3 +134,28 @@ def test_health_names_a_bad_setting_rather_than_blaming_redis(monkeypatch: pytes
 ])
 def test_redact_url_hides_every_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_the_webhook_needs_a_url_with_a_host_and_a_secret_never_shown(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {"TPNS_BASE_URL": "http://127.0.0.1:8810"}
+    assert Settings.from_env(base).webhook_url is None
+    secret_file = tmp_path / "whsec"
+    secret_file.write_text("s3cr3t-from-file\n", encoding="utf-8")
+    s = Settings.from_env({**base, "TPNS_WEBHOOK_URL": "https://hooks.example/tpns",
+                           "TPNS_WEBHOOK_SECRET_FILE": str(secret_file)})
+    assert (s.webhook_url, s.webhook_secret) == ("https://hooks.example/tpns", "s3cr3t-from-file")
+    assert "s3cr3t" not in repr(s)
+    with pytest.raises(ConfigError, match=r"^TPNS_WEBHOOK_SECRET: is required with TPNS_WEBHOOK_URL"):
+        Settings.from_env({**base, "TPNS_WEBHOOK_URL": "https://hooks.example/tpns"})
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env({**base, "TPNS_WEBHOOK_URL": "ftp://u:pw@hooks.example/x?token=t0k",
+                           "TPNS_WEBHOOK_SECRET": "s"})
+    assert str(bad.value) == ("TPNS_WEBHOOK_URL: must be an http:// or https:// URL with a host, "
+                              "got 'ftp://hooks.example/x'")
+    # the worker stops at start-up with that one line
+    for name, value in {**base, "TPNS_WEBHOOK_URL": "hooks.example"}.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, ["worker"])
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: configuration: TPNS_WEBHOOK_URL:")

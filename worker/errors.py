@@ -8,6 +8,7 @@
     ├── StoreUnavailableError        Redis is unreachable, or a reply was lost: try again later;
     │   │                            carries ``stored``, ``refused`` and ``in_doubt`` ids
     │   └── QueueFullError           ``queue_full``: TPNS_MAX_PENDING reached, or Redis is out of memory
+    ├── WebhookError                 a POST to TPNS_WEBHOOK_URL got no 2xx (retried with backoff)
     └── TpnsError                    a call to TPNS did not succeed as a whole
         ├── LeaseSpentError          not sent: the batch's lease has too little time left
         ├── LeaseUnconfirmedError    not sent: Redis did not confirm the batch's lease is held
@@ -121,6 +122,11 @@ class QueueFullError(StoreUnavailableError):
 
     def _message(self) -> str:
         return f"queue_full: {super()._message()}"
+
+
+class WebhookError(TpnsBatcherError):
+    """Raised when a webhook POST got no 2xx answer in time; ``str()`` says what it got (a status
+    or the transport error's class), never the URL's credentials nor the secret."""
 
 
 class TpnsError(TpnsBatcherError):

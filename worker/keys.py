@@ -8,6 +8,9 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
                          (history by key; each record links to its predecessors, ``hp``)
     P hcur               the next history shard the sweep prunes (heads of expired records)
     P events             the events stream (capped at ``TPNS_EVENTS_MAXLEN``)
+    P webhook            hash: the webhook's cursor (last delivered stream id and its ordinal),
+                         delivered / failures / gaps totals, last delivery and last error
+    P webhook:lease      the webhook deliverer's lease (PX ``WEBHOOK_LEASE_MS``): one leader
     P q:{app}:{op}       list: ids eligible now, oldest first
     P d:{app}:{op}       zset: retrying ids by the time their backoff ends
     P v:{app}            zset: verifying ids by the time of their next check (SPEC §6.1)
@@ -58,6 +61,8 @@ KEY_INDEX = "ko:"
 HISTORY = "h:"
 HISTORY_CURSOR = "hcur"
 EVENTS = "events"
+WEBHOOK = "webhook"
+WEBHOOK_LEASE = "webhook:lease"
 READY = "q:"
 DELAYED = "d:"
 VERIFYING = "v:"
@@ -93,6 +98,10 @@ WORKER_TTL_S = 30
 HEARTBEAT_INTERVAL_S = 5.0
 #: life of a worker watchdog's write probe
 PROBE_TTL_MS = 10_000
+#: life of the webhook deliverer's lease: a leader that dies is replaced this long after its last
+#: renewal at most (it renews every ``WEBHOOK_RENEW_S``)
+WEBHOOK_LEASE_MS = 5000
+WEBHOOK_RENEW_S = 1.0
 #: upper bounds (ms) of the call latency buckets complete.lua counts, non-cumulatively
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 #: the timeline's rings (``worker.timeline``): per-second counts for this many seconds, then
@@ -166,6 +175,14 @@ class Keys:
     @property
     def events(self) -> str:
         return self.prefix + EVENTS
+
+    @property
+    def webhook(self) -> str:
+        return self.prefix + WEBHOOK
+
+    @property
+    def webhook_lease(self) -> str:
+        return self.prefix + WEBHOOK_LEASE
 
     def ready(self, app: str, operator_type: int) -> str:
         return f"{self.prefix}{READY}{app}:{operator_type}"

@@ -36,6 +36,7 @@ from .intents import validate
 from .model import Intent, Status
 from .settings import Settings, redact_url
 from .store import Store, Wake, merge_wakes
+from .webhook_state import read_figures
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +293,10 @@ class Producer:
 
     @_guarded
     def stats(self) -> dict[str, Any]:
-        return self.store.stats(self.apps())
+        figures = self.store.stats(self.apps())
+        # None until a worker with TPNS_WEBHOOK_URL has delivered under this prefix
+        figures["webhook"] = read_figures(self.redis, self.store.keys)
+        return figures
 
     # -- history and events ------------------------------------------------------------------
 

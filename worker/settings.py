@@ -110,6 +110,11 @@ class Settings:
     verify_timeout_s: float = 30.0
     #: cap of the events stream (entries; trimmed approximately past 10,000)
     events_maxlen: int = 1_000_000
+    #: where the workers POST the events (SPEC §8; None: no webhook); may carry credentials, so
+    #: it is shown through ``shown_webhook_url`` only
+    webhook_url: str | None = field(default=None, repr=False)
+    #: the HMAC-SHA256 key of ``X-Tpns-Signature`` (required with ``webhook_url``)
+    webhook_secret: str | None = field(default=None, repr=False)
 
     @property
     def app(self) -> AppConfig:
@@ -190,6 +195,7 @@ def _build(env: Mapping[str, str]) -> Settings:
         raise ConfigError("TPNS_LEASE_S", f"must be at least 4 x TPNS_HTTP_TIMEOUT_S "
                                           f"({4 * http_timeout_s:g}), got {lease_s:g}")
     verify, verify_delay_ms, verify_timeout_s = _verify(env)
+    webhook_url, webhook_secret = _webhook(env)
     log_format = env.get("TPNS_LOG_FORMAT", "text").strip().lower() or "text"
     if log_format not in ("text", "json"):
         raise ConfigError("TPNS_LOG_FORMAT", "must be text or json")
@@ -222,6 +228,8 @@ def _build(env: Mapping[str, str]) -> Settings:
         verify_delay_ms=verify_delay_ms,
         verify_timeout_s=verify_timeout_s,
         events_maxlen=_int(env, "TPNS_EVENTS_MAXLEN", 1_000_000, 1, 10**10),
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
     )
 
 
@@ -237,6 +245,37 @@ def _verify(env: Mapping[str, str]) -> tuple[bool, int, float]:
         raise ConfigError("TPNS_VERIFY_TIMEOUT_S", f"must be at least TPNS_VERIFY_DELAY_MS "
                                                    f"({delay_ms / 1000:g} s), got {timeout_s:g}")
     return raw == "on", delay_ms, timeout_s
+
+
+def _webhook(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """TPNS_WEBHOOK_URL and its secret (TPNS_WEBHOOK_SECRET, or _FILE); never echoes the secret."""
+    url = _opt(env, "TPNS_WEBHOOK_URL")
+    secret = _secret(env, "TPNS_WEBHOOK_SECRET")
+    if url is None:
+        return None, None
+    if not re.match(r"^https?://[^\s/?#]+(/[^\s]*)?$", url):
+        # the URL may hold credentials: name the rule, not the value
+        raise ConfigError("TPNS_WEBHOOK_URL", f"must be an http:// or https:// URL with a host, "
+                                              f"got {shown_webhook_url(url)!r}")
+    if secret is None:
+        raise ConfigError("TPNS_WEBHOOK_SECRET", "is required with TPNS_WEBHOOK_URL (the key of "
+                                                 "X-Tpns-Signature; or TPNS_WEBHOOK_SECRET_FILE)")
+    return url, secret
+
+
+def _secret(env: Mapping[str, str], var: str) -> str | None:
+    """``var``, or the contents of the file named by ``var_FILE`` (which wins, as for the keys)."""
+    value = _opt(env, var)
+    path = _opt(env, f"{var}_FILE")
+    if path is None:
+        return value
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{var}_FILE", f"cannot read the file ({exc.strerror})") from None
+    if not value:
+        raise ConfigError(f"{var}_FILE", "the file is empty")
+    return value
 
 
 def _apps(env: Mapping[str, str], base_url: str | None) -> dict[str, AppConfig]:
@@ -330,3 +369,10 @@ def redact_url(url: str | None) -> str | None:
         return None
     url = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
     return re.sub(r"([?&][^=&]*password[^=&]*=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
+
+
+def shown_webhook_url(url: str) -> str:
+    """A webhook URL fit for logs and status: no user info, no query or fragment (either may
+    carry a token the receiver checks)."""
+    url = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url.strip())
+    return re.split(r"[?#]", url, maxsplit=1)[0][:200]

@@ -74,7 +74,9 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
     """Exit 0 when healthy, 1 otherwise, with a one-line reason.
 
     Healthy: Redis answers, no app's sending is paused, and (with --worker) a worker has
-    heartbeated in the last 30 s (``worker.health``). With --local: a worker process runs on this host, its
+    heartbeated in the last 30 s (``worker.health``). With TPNS_WEBHOOK_URL, a webhook lag over a
+    tenth of TPNS_EVENTS_MAXLEN says "degraded" (exit 0), over half of it is unhealthy.
+    With --local: a worker process runs on this host, its
     heartbeat file is fresh and its watchdog does not judge it stuck (Redis unreachable is
     reported, not a failure).
     """
@@ -82,6 +84,7 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
         _health_local()
         return
     from ..health import check
+    from ..webhook_state import lag_limits
 
     try:
         producer = common.producer()
@@ -90,7 +93,9 @@ def health(need_worker: bool, local: bool, allow_paused: bool) -> None:
         sys.exit(1)
     try:
         verdict = check(producer.store, producer.apps, need_worker=need_worker,
-                        allow_paused=allow_paused)
+                        allow_paused=allow_paused,
+                        webhook_limits=lag_limits(producer.settings.webhook_url,
+                                                  producer.settings.events_maxlen))
     finally:
         producer.close()
     click.echo(verdict.line())

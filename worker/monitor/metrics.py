@@ -32,6 +32,7 @@ from ..keys import LATENCY_BUCKETS_MS
 from ..model import OPERATOR_TYPES, STATES
 from ..store import Store
 from ..tpns_codes import CALL_CLASSES
+from ..webhook_state import read_figures
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ClusterCollector(Collector):
             stats = self.store.stats(apps)
             metrics = self.store.call_metrics()
             workers = self.store.workers()
+            webhook = read_figures(self.store.redis, self.store.keys)
         except (redis.RedisError, OSError, StoreUnavailableError) as exc:
             logger.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
             up.add_metric([], 0)
@@ -71,6 +73,7 @@ class ClusterCollector(Collector):
         yield from _intent_families(stats["by_operator_type"])
         yield from _call_families(metrics)
         yield from _pipeline_families(stats, len(workers))
+        yield from _webhook_families(webhook)
 
 
 def _intent_families(by_op: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
@@ -158,6 +161,21 @@ def _pipeline_families(stats: Mapping[str, Any], workers_seen: int) -> Iterator[
                               value=float(verify["query_calls"]))
     yield GaugeMetricFamily("tpns_workers_seen", "Workers whose heartbeat is at most 30 s old.",
                             value=workers_seen)
+
+
+def _webhook_families(hook: Mapping[str, Any] | None) -> Iterator[Metric]:
+    """The webhook's lag and totals; zeros where no deliverer ever ran (no TPNS_WEBHOOK_URL)."""
+    hook = hook or {}
+    yield GaugeMetricFamily("tpns_webhook_lag_events", "Events in the stream not yet delivered to "
+                            "TPNS_WEBHOOK_URL (0 without a webhook).",
+                            value=float(hook.get("lag_events", 0)))
+    for name, key, text in (
+            ("tpns_webhook_delivered", "delivered", "Events delivered to the webhook (2xx)."),
+            ("tpns_webhook_failures", "failures", "Webhook POST attempts without a 2xx answer "
+                                                  "(each retried with backoff)."),
+            ("tpns_webhook_gaps", "gaps", "Gaps delivered: events trimmed from the stream "
+                                          "(TPNS_EVENTS_MAXLEN) before the webhook got them.")):
+        yield CounterMetricFamily(name, text, value=float(hook.get(key, 0)))
 
 
 def _seconds(ms: int) -> str:

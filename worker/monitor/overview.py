@@ -1,7 +1,8 @@
 """One read of everything an operator looks at: the figures behind ``stats --watch`` and ``/``.
 
 ``read_overview(store, apps)`` adds to ``Store.stats`` what the workers write to the metrics hash
-(calls by result class, mean call latency), the workers seen and the most recent failures. It is a
+(calls by result class, mean call latency), the workers seen, the most recent failures and the
+webhook's figures (None without one). It is a
 plain dict of JSON-ready values, so the terminal view, the HTML page and ``--json`` share it.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from ..keys import WORKER_TTL_S
 from ..store import Store
+from ..webhook_state import read_figures
 
 #: failures shown by the live views
 RECENT_FAILURES = 10
@@ -44,6 +46,7 @@ def read_overview(store: Store, apps: Iterable[str],
     figures["workers"] = {name: round(age, 1)
                           for name, age in sorted(store.workers(WORKER_TTL_S).items())}
     figures["recent_failures"] = [s.to_dict() for s in store.recent_failures(failures)]
+    figures["webhook"] = read_figures(store.redis, store.keys)
     return figures
 
 

@@ -34,7 +34,8 @@ def _caption(f: dict[str, Any]) -> str:
                        for app, p in f["paused"].items()) or "not paused"
     return (f"queue depth {f['queue_depth']}, in flight {f['in_flight']}, oldest pending "
             f"{f['oldest_pending_age_s']}s, calls {f['calls']}, items/call {f['items_per_call']}, "
-            f"leases reclaimed {f['leases_reclaimed']}{_verify_text(f['verify'])}; {paused}")
+            f"leases reclaimed {f['leases_reclaimed']}{_verify_text(f['verify'])}; {paused}"
+            f"{_webhook_note(f.get('webhook'))}")
 
 
 def _verify_text(v: dict[str, int]) -> str:
@@ -42,6 +43,16 @@ def _verify_text(v: dict[str, int]) -> str:
         return ""
     return (f", verified {v['ok']} (sent again {v['retry']}, not applied {v['not_applied']}, "
             f"query calls {v['query_calls']})")
+
+
+def _webhook_note(hook: dict[str, Any] | None) -> str:
+    """``; webhook lag N (last delivered at T, last error E)``, or nothing without a webhook."""
+    if not hook:
+        return ""
+    lag = f"{hook['lag_events']}" + ("" if hook["lag_exact"] else "+")
+    error = f", last error {hook['last_error']}" if hook["last_error"] else ""
+    return (f"; webhook lag {lag} events (last delivered {hook['last_delivered_at'] or 'never'}"
+            f"{error})")
 
 
 def dashboard(figures: dict[str, Any]) -> Group:
@@ -66,6 +77,8 @@ def dashboard(figures: dict[str, Any]) -> Group:
         ("leases reclaimed", str(figures["leases_reclaimed"])),
         ("workers seen", f"{len(workers)} " + (escape(", ".join(workers)) if workers
                                                else "(none in 30 s)")),
+        ("webhook", escape(_webhook_note(figures.get("webhook")).removeprefix("; "))
+         or "not configured"),
         ("sending", "; ".join(f"[red]{escape(app)} paused[/red] ({escape(p['reason'])}, "
                               f"{p['seconds_left']} s)"
                               for app, p in paused.items()) or "[green]not paused[/green]"),

@@ -67,6 +67,7 @@ from ..intents import is_id
 from ..monitor.metrics import make_registry, render
 from ..producer import BulkResult, Producer
 from ..settings import Settings
+from ..webhook_state import lag_limits
 from .body import (
     JSON_LINES_TYPES,
     JSON_TYPES,
@@ -223,7 +224,9 @@ def create_app(producer: Producer, settings: Settings,
         return JSONResponse(producer.stats())
 
     def healthz(request: Request) -> Response:
-        verdict = check(producer.store, producer.apps)
+        verdict = check(producer.store, producer.apps,
+                        webhook_limits=lag_limits(producer.settings.webhook_url,
+                                                  producer.settings.events_maxlen))
         return JSONResponse(verdict.to_dict(), status_code=200 if verdict.ok else 503)
 
     def metrics(request: Request) -> Response:
