@@ -224,12 +224,9 @@ def _build(env: Mapping[str, str]) -> Settings:
         api_token=_opt(env, "TPNS_API_TOKEN"),
         log_format=log_format,
         worker_stuck_s=_float(env, "TPNS_WORKER_STUCK_S", 120.0, 5.0),
-        verify=verify,
-        verify_delay_ms=verify_delay_ms,
-        verify_timeout_s=verify_timeout_s,
+        verify=verify, verify_delay_ms=verify_delay_ms, verify_timeout_s=verify_timeout_s,
         events_maxlen=_int(env, "TPNS_EVENTS_MAXLEN", 1_000_000, 1, 10**10),
-        webhook_url=webhook_url,
-        webhook_secret=webhook_secret,
+        webhook_url=webhook_url, webhook_secret=webhook_secret,
     )
 
 
