@@ -75,7 +75,7 @@ def _figures(f: Mapping[str, Any]) -> str:
         ("verification", "verification (TPNS_VERIFY)", _verification(f["verify"])),
         ("workers", "workers seen (30 s)", len(f["workers"])),
     ]
-    return "<dl>" + "".join(f'<dt>{_e(label)}</dt><dd id="{key}">{_e(value)}</dd>'
+    return '<dl id="figures">' + "".join(f'<dt>{_e(label)}</dt><dd id="{key}">{_e(value)}</dd>'
                             for key, label, value in items) + "</dl>"
 
 

@@ -7,7 +7,6 @@
   var SVG = "http://www.w3.org/2000/svg";
   var COLORS = ["#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
                 "#17becf", "#7f7f7f", "#bcbd22"];
-  var STATES = ["queued", "sending", "verifying", "retrying", "succeeded", "failed"];
   var meta = function (name) {
     var m = document.querySelector('meta[name="' + name + '"]');
     return m ? m.getAttribute("content") : null;
@@ -91,7 +90,11 @@
       });
       if (run.length) runs.push(run);
       runs.forEach(function (r) {
-        if (r.length === 1) r.push(r[0]);
+        if (r.length === 1) {  // a lone point (one minute of data) would be an invisible line
+          var xy = r[0].split(",");
+          root.appendChild(svg("circle", {cx: xy[0], cy: xy[1], r: 2.5, fill: color}));
+          r.push(r[0]);
+        }
         root.appendChild(svg("polyline", {points: r.join(" "), fill: "none", stroke: color,
                                           "stroke-width": 1.5, "data-series": s.name}));
       });
@@ -114,8 +117,10 @@
     s[name].forEach(function (v, i) { pts.push([s.start + i, v]); });
     return pts;
   }
-  function minutely(tl, values) {
-    return values.map(function (v, i) { return [tl.minutes.start + i * 60 + 30, v]; });
+  function minutely(tl, values) {  // at the middle of each minute (the current one: now)
+    return values.map(function (v, i) {
+      return [Math.min(tl.minutes.start + i * 60 + 30, tl.now), v];
+    });
   }
 
   function drawCharts(tl) {
@@ -134,90 +139,30 @@
     }), tl.now);
   }
 
-  // -- figures -----------------------------------------------------------------------------
-  function failureReason(s) {
-    var parts = [String(s.error || "failed")];
-    if (s.result_code !== null && s.result_code !== undefined && s.result_code !== "" &&
-        s.result_code !== "0") parts.push("result " + s.result_code);
-    if (s.ret_code !== null && s.ret_code !== undefined && s.ret_code !== 0)
-      parts.push("ret_code " + s.ret_code);
-    if (s.err_msg) parts.push(String(s.err_msg));
-    return parts.join(", ");
+  // -- figures: the server renders them (one formatter, worker/serve/page.py); each refresh
+  // fetches the page again and swaps these parts in, parsed inert (DOMParser runs no script)
+  var PARTS = ["health", "pause", "states", "figures", "failures", "apps"];
+
+  function swapParts(html) {
+    var fresh = new DOMParser().parseFromString(html, "text/html");
+    PARTS.forEach(function (id) {
+      var now = $(id), next = fresh.getElementById(id);
+      if (now && next) now.replaceWith(document.importNode(next, true));
+    });
   }
 
-  function statesTable(f) {
-    var table = el("table", {id: "states"}), head = el("tr");
-    ["operator_type"].concat(STATES, ["enqueued"]).forEach(function (h) {
-      head.appendChild(el("th", {}, h));
+  function getPage() {
+    return fetch("/", {credentials: "same-origin", cache: "no-store"}).then(function (r) {
+      if (r.status === 401) { window.location.reload(); throw new Error("signed out"); }
+      if (r.status !== 200) throw new Error("HTTP " + r.status);
+      return r.text();
     });
-    table.appendChild(head);
-    Object.keys(f.by_operator_type).forEach(function (op) {
-      var tr = el("tr");
-      tr.appendChild(el("td", {}, op));
-      STATES.concat(["enqueued"]).forEach(function (s) {
-        tr.appendChild(el("td", {}, f.by_operator_type[op][s]));
-      });
-      table.appendChild(tr);
-    });
-    var total = el("tr");
-    total.appendChild(el("td", {}, "all"));
-    STATES.forEach(function (s) { total.appendChild(el("td", {}, f.states[s])); });
-    total.appendChild(el("td", {}, ""));
-    table.appendChild(total);
-    return table;
-  }
-
-  function failuresTable(list) {
-    if (!list.length) return el("p", {id: "failures"}, "No recent failures.");
-    var table = el("table", {id: "failures"}), head = el("tr");
-    ["id", "op", "reason", "attempts", "updated"].forEach(function (h) {
-      head.appendChild(el("th", {}, h));
-    });
-    table.appendChild(head);
-    list.forEach(function (s) {
-      var tr = el("tr"), cell = el("td");
-      cell.appendChild(el("a", {href: "/?id=" + encodeURIComponent(s.id)}, s.id));
-      tr.appendChild(cell);
-      tr.appendChild(el("td", {}, s.operator_type));
-      tr.appendChild(el("td", {"class": "left"}, failureReason(s)));
-      tr.appendChild(el("td", {}, s.attempts));
-      tr.appendChild(el("td", {}, s.updated_at));
-      table.appendChild(tr);
-    });
-    return table;
-  }
-
-  function showOverview(f) {
-    var workers = Object.keys(f.workers).length, health = $("health");
-    health.textContent = workers ? workers + " worker(s) seen" : "no worker seen in the last 30 s";
-    health.className = workers ? "ok" : "bad";
-    var pause = $("pause"), apps = Object.keys(f.paused);
-    pause.textContent = apps.length ? apps.map(function (a) {
-      return a + " paused (" + f.paused[a].reason + ", " + f.paused[a].seconds_left + " s left)";
-    }).join("; ") : "sending: not paused";
-    pause.className = apps.length ? "bad" : "ok";
-    $("states").replaceWith(statesTable(f));
-    var classes = Object.keys(f.call_classes).map(function (k) {
-      return k + " " + f.call_classes[k];
-    }).join(", ");
-    setText("queue-depth", f.queue_depth);
-    setText("in-flight", f.in_flight);
-    setText("oldest-pending", f.oldest_pending_age_s + " s");
-    setText("calls", f.calls);
-    setText("items-per-call", f.items_per_call.toFixed(1));
-    setText("call-classes", classes || "none yet");
-    setText("latency", f.mean_latency_ms === null ? "n/a" : f.mean_latency_ms.toFixed(1) + " ms");
-    setText("retries", f.retries);
-    setText("leases-reclaimed", f.leases_reclaimed);
-    setText("workers", workers);
-    setText("apps", f.apps.join(", "));
-    $("failures").replaceWith(failuresTable(f.recent_failures));
   }
 
   function refresh() {
-    return Promise.all([getJSON("/v1/overview"), getJSON("/v1/timeline")]).then(function (r) {
-      if (r[0].status !== 200 || r[1].status !== 200) throw new Error("HTTP " + r[0].status);
-      showOverview(r[0].body);
+    return Promise.all([getPage(), getJSON("/v1/timeline")]).then(function (r) {
+      if (r[1].status !== 200) throw new Error("HTTP " + r[1].status);
+      swapParts(r[0]);
       drawCharts(r[1].body);
       window.tpnsRefreshes += 1;
       var u = $("updated");
