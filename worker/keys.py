@@ -22,6 +22,7 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
     P ts, P tm           hashes: the timeline's rings of per-second and per-minute counters
                          (``worker.timeline``; fixed in size)
     P pause:{app}        set while sending for an app is paused (PX = the pause)
+    P move:{app}         set while the app's slot moves to another master (cluster mode only)
     P backoff:{app}      epoch ms until which nobody sends for the app (after a 429 / 1008028)
     P rate:{app}         the global rate limit's next free slot (GCRA)
     P wake:{app}:{op}    a full batch's wake is on its way (PX ``WAKE_FLAG_MS``)
@@ -75,6 +76,7 @@ FAILED = "failed"
 TIMELINE_SECONDS = "ts"
 TIMELINE_MINUTES = "tm"
 PAUSE = "pause:"
+MOVE = "move:"
 BACKOFF = "backoff:"
 RATE = "rate:"
 WAKE = "wake:"
@@ -204,6 +206,10 @@ class Keys:
 
     def pause(self, app: str) -> str:
         return f"{self.prefix}{PAUSE}{app}"
+
+    def move(self, app: str) -> str:
+        """Set while the app's slot moves to another master (cluster mode): no enqueue writes."""
+        return f"{self.prefix}{MOVE}{app}"
 
     def backoff(self, app: str) -> str:
         return f"{self.prefix}{BACKOFF}{app}"

@@ -51,6 +51,11 @@ UNKNOWN = -4
 _REFUSALS = ("OOM ", "READONLY ", "MISCONF ")
 
 
+class AppMovingError(redis.ConnectionError):
+    """An app's slot is moving to another master (``worker.clustermove``): its enqueues write
+    nothing meanwhile. An outage for that app (a ``ConnectionError``): not stored, retry later."""
+
+
 def refused_before_writing(exc: BaseException) -> bool:
     """Whether Redis refused a script call at its first write (Redis 7 keeps the error's code;
     6.2 wraps it in the script's ``ERR Error running script``)."""
@@ -255,7 +260,7 @@ class Layout:
             head: list[str | int] = [keys.prefix, self.max_items, self.linger_ms, max_pending]
             for k in range(0, len(positions), ENQUEUE_CHUNK):
                 part = positions[k:k + ENQUEUE_CHUNK]
-                calls.append(([keys.counters, *keys.timeline],
+                calls.append(([keys.counters, *keys.timeline, keys.move(app)],
                               head + [intent_arg(*block[j]) for j in part]))
                 order.extend(part)
         return calls, order
@@ -786,7 +791,11 @@ def round_of(start: int, block: Sequence[Any], calls: Sequence[Sequence[Any]],
             codes.extend([NOT_WRITTEN if refused_before_writing(reply) else UNKNOWN]
                          * (len(args) - 4))
             continue
-        codes.extend(int(c) for c in reply[0])
+        answered = [int(c) for c in reply[0]]
+        if NOT_WRITTEN in answered and error is None:  # only the move flag answers it (enqueue.lua)
+            error = AppMovingError("an app's slot is moving to another Redis Cluster master: "
+                                   "nothing of it was stored, send it again after the move")
+        codes.extend(answered)
         wakes.extend(_wakes(reply[1]))
     replicas = None
     if min_replicas > 0:

@@ -8,6 +8,7 @@ The group imports no command module: each command is loaded when it is named, so
 * ``observe.py``  stats, health
 * ``lookup.py``   history (by token or account), events (the stream)
 * ``run.py``      worker (the Celery worker with its heartbeat and watchdog)
+* ``cluster.py``  move-app (an app's slot to another master of a Redis Cluster)
 * serve, sandbox, bench and demo live in their own rooms (``worker.serve``, ``worker.sandbox``,
   ``worker.tools``) and are loaded from there.
 """
@@ -27,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "events": "worker.cli.lookup:events",
     "health": "worker.cli.observe:health",
     "history": "worker.cli.lookup:history",
+    "move-app": "worker.cli.cluster:move_app",
     "requeue-failed": "worker.cli.intents:requeue_failed",
     "sandbox": "worker.sandbox.command:sandbox_command",
     "serve": "worker.serve.app:serve_command",

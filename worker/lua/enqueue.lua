@@ -1,4 +1,5 @@
--- KEYS: counters, timeline seconds, timeline minutes
+-- KEYS: counters, timeline seconds, timeline minutes[, the app's move flag (cluster mode: one
+--       app a call)]
 -- ARGV: prefix, max_items, linger_ms, max_pending (0 = none), then one JSON intent per argument:
 -- {i, a, o, t?, l?}
 -- Returns {codes, wakes}: codes[k] is 1 (stored), 0 (same id and payload already stored), -1 (same
@@ -8,6 +9,14 @@
 -- Nothing is written before the first new intent is known to fit: under Redis's maxmemory the
 -- first write of a script is refused with OOM, and then nothing at all was written.
 local N = KEYS[1]
+-- the app's slot is moving to another master (worker/clustermove.py): write nothing, answer -3
+-- (not written, safe to send again); a declared key, so that once the flag has moved the
+-- cluster sends this call to the new master, which holds every key of the app by then
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
+  local refused = {}
+  for k = 5, #ARGV do refused[#refused + 1] = -3 end
+  return {refused, {}}
+end
 local max_items, linger_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_pending = tonumber(ARGV[4])
 local now = now_ms()
