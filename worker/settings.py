@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .connections import check_broker
+from .connections import check_broker, is_cluster_url
 from .errors import ConfigError
 
 #: the service URL of each TPNS access point (data is isolated per access point)
@@ -186,7 +186,7 @@ def _build(env: Mapping[str, str]) -> Settings:
              "redis+cluster://", "rediss+cluster://")):
         raise ConfigError("REDIS_URL", "must start with redis://, rediss://, unix://, sentinel:// "
                                        "or redis+cluster://")
-    check_broker(redis_url, _opt(env, "CELERY_BROKER_URL"))
+    _cluster_rules(env, redis_url)
     http_timeout_s = _float(env, "TPNS_HTTP_TIMEOUT_S", 10.0, 0.001)
     lease_s = _float(env, "TPNS_LEASE_S", 60.0, 0.1)
     if lease_s < 4 * http_timeout_s:
@@ -242,6 +242,15 @@ def _verify(env: Mapping[str, str]) -> tuple[bool, int, float]:
         raise ConfigError("TPNS_VERIFY_TIMEOUT_S", f"must be at least TPNS_VERIFY_DELAY_MS "
                                                    f"({delay_ms / 1000:g} s), got {timeout_s:g}")
     return raw == "on", delay_ms, timeout_s
+
+
+def _cluster_rules(env: Mapping[str, str], redis_url: str | None) -> None:
+    """What a Redis Cluster store needs: a broker of its own (never the cluster), and no webhook
+    yet (its cursor and the events stream would be per app, which the deliverer does not do)."""
+    check_broker(redis_url, _opt(env, "CELERY_BROKER_URL"))
+    if is_cluster_url(redis_url) and _opt(env, "TPNS_WEBHOOK_URL"):
+        raise ConfigError("TPNS_WEBHOOK_URL", "not supported yet with a Redis Cluster store "
+                                              "(REDIS_URL=redis+cluster://)")
 
 
 def _webhook(env: Mapping[str, str]) -> tuple[str | None, str | None]:
