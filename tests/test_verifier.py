@@ -200,3 +200,15 @@ def test_verification_shows_in_stats_metrics_and_the_status_page(
     assert samples[("tpns_query_calls_total", ())] == 2 == sandbox.stats()["queries"]
     assert "seen applied 3, sent again 0, not applied 0, query calls 2" in \
         render_page(read_overview(rig.producer.store, ["default"]))
+
+
+def test_verifying_items_count_against_max_pending(rig: Rig) -> None:
+    first, = rig.producer.submit_many([bind("t1", "u1")])
+    assert first and rig.flusher.flush("default", 2).items == 1
+    assert rig.status(first)[0] == "verifying"
+    # one pending intent (verifying) and a limit of one: the next is refused, nothing stored
+    codes, _ = rig.store.enqueue([("i2", rig.producer.validate(bind("t2", "u2")))], max_pending=1)
+    assert codes == [-2] and rig.producer.status("i2") is None
+    assert rig.verifier.verify("default").verified == 1
+    codes, _ = rig.store.enqueue([("i2", rig.producer.validate(bind("t2", "u2")))], max_pending=1)
+    assert codes == [1]
