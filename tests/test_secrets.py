@@ -157,20 +157,27 @@ def test_cli_output_carries_no_secret(redis_url: str, prefix: str) -> None:
 
 def test_batch_and_call_lines_carry_structured_fields(redis_url: str, prefix: str,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """With ``TPNS_LOG_FORMAT=json`` the per-batch and per-call lines are queryable fields."""
+    """With ``TPNS_LOG_FORMAT=json`` the per-batch and per-call lines are queryable fields; the
+    worker logs one INFO line per batch (with the answered call's fields), the call's own line
+    is DEBUG."""
     with SandboxServer(access_id=ACCESS_ID, secret_key=SECRET, seed=1) as sandbox:
         settings = Settings.from_env({**env(redis_url, prefix, sandbox.url, "sign"),
                                       "TPNS_LOG_FORMAT": "json"})
-        caplog.set_level(logging.INFO)
+        caplog.set_level(logging.DEBUG)
         producer, _ = run_batches(settings, redis_url, prefix)
         producer.close()
     assert settings.log_format == "json"
     formatter = JsonFormatter()
-    batch = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "worker.flush"]
+    info = [r for r in caplog.records if r.name.startswith("worker.")
+            and r.levelno >= logging.INFO and hasattr(r, "operator_type")]
+    assert [r.name for r in info] == ["worker.flush"]  # one line per batch at INFO
+    batch = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "worker.flush"
+             and r.levelno == logging.INFO and hasattr(r, "batch_id")]
     call = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "worker.client"]
-    assert len(batch) == 1 and len(call) == 1
+    assert len(batch) == 1 and len(call) == 1 and call[0]["level"] == "debug"
     assert batch[0]["batch_id"] and batch[0]["operator_type"] == 2 and batch[0]["items"] == 6
     assert batch[0]["ret_code"] == 1008026 and batch[0]["attempt"] == 1
+    assert batch[0]["http_status"] == 200
     assert batch[0]["latency_ms"] > 0 and batch[0]["outcomes"] == {"succeeded": 5, "failed": 1}
     assert call[0]["operator_type"] == 2 and call[0]["items"] == 6
     assert call[0]["ret_code"] == 1008026 and call[0]["attempt"] == 1

@@ -113,8 +113,11 @@ class Flusher:
             if self._time_left() <= 0:
                 raise LeaseSpentError("not sent: the batch's lease would end before the call could")
 
+        # an answered attempt's line is DEBUG: the batch's line (send) carries its fields, and a
+        # second line per call was a visible share of a call's CPU; failed attempts stay INFO
         return TpnsClient(s.apps[app], timeout_s=s.http_timeout_s, budget_s=s.lease_s / 2,
-                          pool_size=s.max_in_flight, sleep=self.sleep, before_call=before_call)
+                          pool_size=s.max_in_flight, sleep=self.sleep, before_call=before_call,
+                          call_log_level=logging.DEBUG)
 
     def _confirm(self, ask: Callable[[], float | None]) -> float:
         """``ask()`` Redis about the current batch's lease; no attempt unless it answers yes."""
@@ -327,6 +330,7 @@ class Flusher:
                            "eligible": claim and claim.eligible,
                            "oldest_eligible_ms": claim and claim.oldest_eligible_ms,
                            "ret_code": getattr(last, "ret_code", None),
+                           "http_status": getattr(last, "http_status", None),
                            "latency_ms": round(getattr(last, "latency_ms", 0.0), 1) or None,
                            "attempt": max((getattr(c, "attempts", 1) for c in report.calls),
                                           default=0)})
