@@ -17,23 +17,27 @@ import redis
 
 from tests.support.polling import wait_until
 from tests.support.webhook_receiver import WebhookReceiver, serve
+from tests.test_cluster_store import apps_on_two_masters
+from worker.connections import redis_client
 from worker.health import check
 from worker.keys import Keys
 from worker.monitor.metrics import make_registry, render
+from worker.settings import Settings
 from worker.store import Store
-from worker.webhook_state import WebhookState, lag_limits, read_figures
-from worker.webhooks import Deliverer, signature
+from worker.tools.localcluster import LocalCluster
+from worker.webhook_state import WebhookState, lag_limits, read_figures, store_figures
+from worker.webhooks import Deliverer, signature, start_deliverers
 
 SECRET = "whsec-test-0123"
 
 
-def append(client: redis.Redis, keys: Keys, n: int, maxlen: int | None = None,
-           start: int = 0) -> list[str]:
+def append(client: Any, keys: Keys, n: int, maxlen: int | None = None,
+           start: int = 0, app: str = "default") -> list[str]:
     """``n`` entries as emit() writes them; their stream ids."""
     out = []
     for k in range(start, start + n):
         sid = client.xadd(keys.events, {
-            "id": f"i{k}", "app": "default", "operator_type": 2, "state": "succeeded",
+            "id": f"i{k}", "app": app, "operator_type": 2, "state": "succeeded",
             "verified": "", "error": "", "result_code": "0", "ret_code": "0", "attempts": 1,
             "at": 1764064800000 + k}, maxlen=maxlen, approximate=False)
         out.append(sid.decode() if isinstance(sid, bytes) else sid)
@@ -193,3 +197,35 @@ def test_health_says_degraded_between_the_two_limits(client: redis.Redis, prefix
     assert verdict.line().startswith("degraded: webhook lag 6 events (last delivered never)")
     body: dict[str, Any] = verdict.to_dict()
     assert body["ok"] is True and body["webhook_lag_events"] == 6 and "degraded" in body
+
+
+def test_on_a_cluster_each_app_has_its_deliverer_cursor_and_order(
+        redis_cluster: LocalCluster, cluster_prefix: str, receiver: tuple[WebhookReceiver, str],
+        deliverers: list[Deliverer]) -> None:
+    hook, url = receiver
+    client = redis_client(redis_cluster.url)
+    one, two = apps_on_two_masters(redis_cluster, client)
+    settings = Settings.from_env({
+        "TPNS_BASE_URL": "http://127.0.0.1:9", "TPNS_APPS": f"{one},{two}",
+        "TPNS_REDIS_PREFIX": cluster_prefix, "TPNS_WEBHOOK_URL": url,
+        "TPNS_WEBHOOK_SECRET": SECRET})
+    started = start_deliverers(settings, redis_cluster.url)
+    deliverers.extend(started)
+    assert len(started) == 2  # one per app: each app's stream, lease and cursor in its slot
+    store = Store(client, cluster_prefix)
+    assert store.cluster
+
+    def figures() -> dict[str, Any]:
+        return store_figures(store, [one, two]) or {}
+
+    wait_until(lambda: len(figures().get("apps", {})) == 2, 20, message="both cursors set")
+    keys = Keys(cluster_prefix)
+    sent = {app: append(client, keys.tagged(app), 30, app=app) for app in (one, two)}
+    wait_until(lambda: figures().get("delivered") == 60, 30, message="60 events delivered")
+    assert all(r.signed for r in hook.snapshot())
+    for app in (one, two):
+        assert [i["stream_id"] for i in hook.delivered() if i["app"] == app] == sent[app]
+    done = figures()
+    assert (done["lag_events"], done["gaps"], done["failures"]) == (0, 0, 0)
+    assert {app: f["delivered"] for app, f in done["apps"].items()} == {one: 30, two: 30}
+    client.close()

@@ -20,7 +20,7 @@ import redis
 
 from .keys import WORKER_TTL_S
 from .store import Store
-from .webhook_state import read_figures
+from .webhook_state import store_figures
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,9 @@ def check(store: Store, apps: Callable[[], Iterable[str]], *, need_worker: bool 
     try:
         store.redis.ping()
         workers = store.workers(WORKER_TTL_S)
-        pauses = store.pauses(apps())
-        hook = read_figures(store.redis, store.keys) if webhook_limits else None
+        names = list(apps())
+        pauses = store.pauses(names)
+        hook = store_figures(store, names) if webhook_limits else None
     except (redis.RedisError, OSError) as exc:
         return Health(ok=False, reason=f"redis unreachable ({type(exc).__name__})", redis=False)
     verdict = Health(ok=True, workers=len(workers), paused=pauses)

@@ -36,7 +36,7 @@ from .intents import validate
 from .model import Intent, Status
 from .settings import Settings, redact_url
 from .store import Store, Wake, merge_wakes
-from .webhook_state import read_figures
+from .webhook_state import store_figures
 
 logger = logging.getLogger(__name__)
 
@@ -293,9 +293,10 @@ class Producer:
 
     @_guarded
     def stats(self) -> dict[str, Any]:
-        figures = self.store.stats(self.apps())
+        apps = self.apps()
+        figures = self.store.stats(apps)
         # None until a worker with TPNS_WEBHOOK_URL has delivered under this prefix
-        figures["webhook"] = read_figures(self.redis, self.store.keys)
+        figures["webhook"] = store_figures(self.store, apps)
         return figures
 
     # -- history and events ------------------------------------------------------------------

@@ -18,15 +18,16 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
 
+from .events import as_replies
 from .keys import WEBHOOK_LEASE_MS, Keys
-from .store import iso_ms
+from .store import Store, iso_ms
 
 #: on servers without ``entries-added``, the lag is counted up to this many entries
 LAG_COUNT_CAP = 10_000
@@ -118,7 +119,7 @@ class WebhookState:
             return found
         pipe = self.client.pipeline(transaction=True)
         pipe.xinfo_stream(self.keys.events)
-        info = pipe.execute(raise_on_error=False)[0]
+        info, _ = as_replies(pipe.execute(raise_on_error=False)[0], [])
         cursor, ordinal = stream_position(info)
         self._call("init", cursor, "" if ordinal is None else ordinal, 0, 0, 0)
         return self.cursor() or (cursor, ordinal)
@@ -160,6 +161,9 @@ def read_figures(client: redis.Redis, keys: Keys) -> dict[str, Any] | None:
     pipe.xinfo_stream(keys.events)
     pipe.get(keys.webhook_lease)
     raw, info, lease = pipe.execute(raise_on_error=False)
+    info, _ = as_replies(info, [])
+    if isinstance(raw, list):  # raw from a cluster MULTI, as in as_replies
+        raw = dict(zip(raw[::2], raw[1::2], strict=False))
     if isinstance(raw, Exception):
         raise raw
     if isinstance(lease, Exception):
@@ -186,6 +190,33 @@ def read_figures(client: redis.Redis, keys: Keys) -> dict[str, Any] | None:
         "last_error_at": when("error_at"),
         # the holder's name without its random part
         "leader": _text(lease).rsplit(":", 1)[0] if lease else None,
+    }
+
+
+def store_figures(store: Store, apps: Iterable[str] = ()) -> dict[str, Any] | None:
+    """``read_figures`` for a whole store: standalone, the one cursor's; in cluster mode each
+    app has its own stream, lease and cursor (in its slot), and the figures are summed, with the
+    latest delivery and error, and each app's own under ``apps``."""
+    if not store.cluster:
+        return read_figures(store.redis, store.keys)
+    per_app = {app: f for app in store.apps_of(apps)
+               if (f := read_figures(store.redis, store.scope(app))) is not None}
+    if not per_app:
+        return None
+    rows = list(per_app.values())
+    latest_error = max(rows, key=lambda f: f["last_error_at"] or "")
+    return {
+        "lag_events": sum(f["lag_events"] for f in rows),
+        "lag_exact": all(f["lag_exact"] for f in rows),
+        "delivered": sum(f["delivered"] for f in rows),
+        "failures": sum(f["failures"] for f in rows),
+        "gaps": sum(f["gaps"] for f in rows),
+        "last_delivered_at": max((f["last_delivered_at"] for f in rows
+                                  if f["last_delivered_at"]), default=None),
+        "last_error": latest_error["last_error"],
+        "last_error_at": latest_error["last_error_at"],
+        "leader": None,
+        "apps": per_app,
     }
 
 

@@ -31,12 +31,13 @@ from typing import Any
 
 import redis
 import requests
+from redis.cluster import RedisCluster
 from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 from tenacity.stop import stop_base
 
 from .connections import redis_client
 from .errors import WebhookError
-from .events import BLOCK_MS, Event, EventReader, Gap
+from .events import BLOCK_MS, Event, EventReader, Gap, as_replies
 from .keys import WEBHOOK_RENEW_S, Keys
 from .settings import Settings, shown_webhook_url
 from .webhook_state import WebhookState
@@ -96,6 +97,7 @@ class _OrdinalReader(EventReader):
 
     def _take(self, info: Any, entries: Any) -> list[Event | Gap]:
         items = super()._take(info, entries)
+        info, _ = as_replies(info, [])
         added = None if isinstance(info, Exception) else info.get("entries-added")
         length = 0 if isinstance(info, Exception) else int(info.get("length") or 0)
         self.ordinals = []
@@ -181,8 +183,8 @@ class Deliverer:
             try:
                 if self.state.acquire():
                     self._leading.set()
-                    logger.info("webhook: this worker delivers the events to %s",
-                                shown_webhook_url(self.url))
+                    logger.info("webhook: this worker delivers the events of %s to %s",
+                                self.keys.events, shown_webhook_url(self.url))
                     self._lead()
                 self._down = False
             except (redis.RedisError, OSError) as exc:
@@ -289,11 +291,16 @@ def _version() -> str:
 REDIS_SOCKET_TIMEOUT_S = 15.0
 
 
-def start_deliverer(settings: Settings, redis_url: str) -> Deliverer | None:
-    """A running ``Deliverer`` when ``TPNS_WEBHOOK_URL`` is set, else None (worker start-up)."""
+def start_deliverers(settings: Settings, redis_url: str) -> list[Deliverer]:
+    """Running ``Deliverer``s when ``TPNS_WEBHOOK_URL`` is set (worker start-up): one, or on a
+    Redis Cluster one per configured app (each app's stream, lease and cursor are in its slot,
+    SPEC §8: order is kept per app). None without a webhook."""
     if not settings.webhook_url or not settings.webhook_secret:
-        return None
+        return []
     client = redis_client(redis_url, health_check_interval=30,
                           socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5.0)
-    return Deliverer(client, Keys(settings.prefix), settings.webhook_url,
-                     settings.webhook_secret).start()
+    keys = Keys(settings.prefix)
+    scopes = [keys.tagged(app) for app in settings.apps] if isinstance(client, RedisCluster) \
+        else [keys]
+    return [Deliverer(client, scope, settings.webhook_url, settings.webhook_secret).start()
+            for scope in scopes]

@@ -60,9 +60,9 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
         logger.warning("Redis unreachable at start (%s); waiting for it", type(exc).__name__)
     _start_heartbeat(store, settings)
     watchdog = _start_watchdog(app, settings, redis_url, store)
-    from ..webhooks import start_deliverer
+    from ..webhooks import start_deliverers
 
-    deliverer = start_deliverer(settings, redis_url)  # a thread here, never in the pool
+    deliverers = start_deliverers(settings, redis_url)  # threads here, never in the pool
     if metrics_port is not None:
         from ..monitor.metrics import start_metrics_server
 
@@ -82,7 +82,7 @@ def worker(no_beat: bool, metrics_port: int | None, metrics_host: str,
     try:
         app.start(argv=argv + list(celery_args))
     finally:
-        if deliverer is not None:
+        for deliverer in deliverers:
             deliverer.stop()
         watchdog.stop()
     sys.exit(status.code())

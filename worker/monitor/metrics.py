@@ -32,7 +32,7 @@ from ..keys import LATENCY_BUCKETS_MS
 from ..model import OPERATOR_TYPES, STATES
 from ..store import Store
 from ..tpns_codes import CALL_CLASSES
-from ..webhook_state import read_figures
+from ..webhook_state import store_figures
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ClusterCollector(Collector):
             stats = self.store.stats(apps)
             metrics = self.store.call_metrics()
             workers = self.store.workers()
-            webhook = read_figures(self.store.redis, self.store.keys)
+            webhook = store_figures(self.store, apps)
         except (redis.RedisError, OSError, StoreUnavailableError) as exc:
             logger.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
             up.add_metric([], 0)

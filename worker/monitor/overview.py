@@ -13,7 +13,7 @@ from typing import Any
 
 from ..keys import WORKER_TTL_S
 from ..store import Store
-from ..webhook_state import read_figures
+from ..webhook_state import store_figures
 
 #: failures shown by the live views
 RECENT_FAILURES = 10
@@ -38,6 +38,7 @@ def mean_latency_ms(metrics: Mapping[str, float]) -> float | None:
 def read_overview(store: Store, apps: Iterable[str],
                   failures: int = RECENT_FAILURES) -> dict[str, Any]:
     """``Store.stats`` plus call classes, mean latency, workers seen and recent failures."""
+    apps = list(apps)
     figures = store.stats(apps)
     metrics = store.call_metrics()
     figures["call_classes"] = call_classes(metrics)
@@ -46,7 +47,7 @@ def read_overview(store: Store, apps: Iterable[str],
     figures["workers"] = {name: round(age, 1)
                           for name, age in sorted(store.workers(WORKER_TTL_S).items())}
     figures["recent_failures"] = [s.to_dict() for s in store.recent_failures(failures)]
-    figures["webhook"] = read_figures(store.redis, store.keys)
+    figures["webhook"] = store_figures(store, apps)
     return figures
 
 
