@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .connections import check_broker, is_cluster_url
+from .connections import check_broker
 from .errors import ConfigError
 
 #: the service URL of each TPNS access point (data is isolated per access point)
@@ -245,12 +245,9 @@ def _verify(env: Mapping[str, str]) -> tuple[bool, int, float]:
 
 
 def _cluster_rules(env: Mapping[str, str], redis_url: str | None) -> None:
-    """What a Redis Cluster store needs: a broker of its own (never the cluster), and no webhook
-    yet (its cursor and the events stream would be per app, which the deliverer does not do)."""
+    """What a Redis Cluster store needs: a broker of its own (never the cluster). (A webhook is
+    fine: a worker runs one deliverer per app there, ``worker.webhooks.start_deliverers``.)"""
     check_broker(redis_url, _opt(env, "CELERY_BROKER_URL"))
-    if is_cluster_url(redis_url) and _opt(env, "TPNS_WEBHOOK_URL"):
-        raise ConfigError("TPNS_WEBHOOK_URL", "not supported yet with a Redis Cluster store "
-                                              "(REDIS_URL=redis+cluster://)")
 
 
 def _webhook(env: Mapping[str, str]) -> tuple[str | None, str | None]:

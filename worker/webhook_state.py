@@ -23,7 +23,6 @@ from importlib import resources
 from typing import Any
 
 import redis
-from redis.cluster import RedisCluster
 
 from .events import as_replies
 from .keys import WEBHOOK_LEASE_MS, Keys
@@ -152,10 +151,7 @@ def lag_limits(webhook_url: str | None, events_maxlen: int) -> tuple[int, int] |
 
 def read_figures(client: redis.Redis, keys: Keys) -> dict[str, Any] | None:
     """The webhook's figures for ``stats``, ``/metrics`` and ``health``; None when no deliverer
-    ever ran under this prefix, or on a Redis Cluster (where settings refuse a webhook: its
-    cursor and the events stream would be per app, which the deliverer does not do yet)."""
-    if isinstance(client, RedisCluster):
-        return None
+    ever ran under this prefix (on a Redis Cluster, ``keys`` are one app's: ``store_figures``)."""
     pipe = client.pipeline(transaction=True)
     pipe.hgetall(keys.webhook)
     pipe.xinfo_stream(keys.events)
