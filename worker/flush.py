@@ -14,12 +14,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import redis
+
 from .client import TpnsClient
 from .errors import LeaseSpentError, LeaseUnconfirmedError
 from .model import BatchItem
 from .outcomes import BatchReport, call_class, run_batch
 from .settings import Settings
-from .store import Claim, Completion, Store, Wake, unavailable
+from .store import Claim, Completion, Store, Wake, refused_before_writing, unavailable
 from .tpns_codes import RETRY_AFTER_CAP_S
 
 logger = logging.getLogger(__name__)
@@ -382,7 +384,6 @@ class Flusher:
         if reclaimed:
             logger.warning("reclaimed %d items from expired leases (a worker died or hung)",
                            reclaimed)
-        self.store.prune_history()  # heads of expired records: the history index stays bounded
         sent = list(wakes)
         apps = set(self.settings.apps) | self.store.known_apps()
         for (app, op), (ready, _retrying) in self.store.ready_counts(apps).items():
@@ -390,5 +391,12 @@ class Flusher:
                 sent.append(Wake(app, op, "now" if ready else "linger"))
         if sent:
             self.wake(sent)
+        # last, and best effort: heads of expired records go (the history index stays bounded),
+        # but a Redis at maxmemory refusing that write must not cost the wakes above
+        try:
+            self.store.prune_history()
+        except redis.ResponseError as exc:
+            if not refused_before_writing(exc):
+                raise
         return {"reclaimed": reclaimed, "wakes": len(sent)}
 
