@@ -124,6 +124,17 @@ def test_a_stale_leader_cannot_move_the_cursor(client: redis.Redis, prefix: str)
     assert client.get(keys.webhook_lease) is None
 
 
+def test_a_clean_stop_hands_the_lease_over_at_once(client: redis.Redis, prefix: str,
+                                                    receiver: tuple[WebhookReceiver, str]) -> None:
+    _, url = receiver
+    keys = Keys(prefix)
+    d = Deliverer(client, keys, url, SECRET, name="t1").start()
+    wait_until(lambda: client.get(keys.webhook_lease), 10, message="a leader")
+    d.stop()
+    assert client.get(keys.webhook_lease) is None  # released, not left to expire
+    assert WebhookState(client, keys, name="t2").acquire()
+
+
 def test_non_2xx_is_retried_with_backoff_and_counted(
         client: redis.Redis, prefix: str, receiver: tuple[WebhookReceiver, str],
         deliverers: list[Deliverer], redis_url: str) -> None:

@@ -56,6 +56,8 @@ BACKOFF_MAX_S = 30.0
 #: how often a follower asks for the lease
 ACQUIRE_EVERY_S = 1.0
 SIGNATURE_HEADER = "X-Tpns-Signature"
+#: while a receiver keeps failing, a warning this often (the lag shows in stats and health)
+FAILURE_LOG_EVERY_S = 60.0
 
 #: ``post(url, body, headers, timeout_s) -> HTTP status``; raises ``requests.RequestException``
 Transport = Callable[[str, bytes, Mapping[str, str], float], int]
@@ -144,6 +146,7 @@ class Deliverer:
         self._leading = threading.Event()
         self._threads: list[threading.Thread] = []
         self._failing = 0
+        self._warned_at = 0.0
         self._down = False
         self._agent = f"tpns-batcher/{_version()}"
 
@@ -162,7 +165,7 @@ class Deliverer:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout_s)
-        if self._leading.is_set():
+        if self._leading.is_set():  # still in a POST: give the lease up without it (fenced)
             try:
                 self.state.release()
             except (redis.RedisError, OSError):
@@ -186,6 +189,8 @@ class Deliverer:
                     logger.info("webhook: this worker delivers the events of %s to %s",
                                 self.keys.events, shown_webhook_url(self.url))
                     self._lead()
+                    if self._stop.is_set():  # a clean stop: the next leader need not wait
+                        self.state.release()
                 self._down = False
             except (redis.RedisError, OSError) as exc:
                 if not self._down:  # once per outage; the watchdog reports the outage itself
@@ -270,9 +275,13 @@ class Deliverer:
                 return
             error = f"HTTP {status}"
         self._failing += 1
-        if self._failing == 1:  # once per run of failures, not once per retry
-            logger.warning("webhook: POST to %s failed: %s; retrying with backoff",
-                           shown_webhook_url(self.url), error)
+        now = time.monotonic()
+        # the first failure of a run, then once a minute: not once per retry
+        if self._failing == 1 or now - self._warned_at >= FAILURE_LOG_EVERY_S:
+            self._warned_at = now
+            logger.warning("webhook: POST to %s failed: %s; retrying with backoff (%d failed "
+                           "attempt(s) in a row)", shown_webhook_url(self.url), error,
+                           self._failing)
         try:
             self.state.note_failure(error)
         except (redis.RedisError, OSError):
