@@ -126,9 +126,11 @@ def _get_stats() -> Schema:
 
 def _healthz() -> Schema:
     return {"get": {
-        "summary": "Health: Redis answers, a worker was seen in 30 s, nothing paused",
+        "summary": "Health: Redis answers, a worker was seen in 30 s, nothing paused, the "
+                   "webhook's lag under half of TPNS_EVENTS_MAXLEN",
         "security": [],  # open: load balancers and orchestrators probe it without the token
-        "responses": {"200": _json(_OBJ, "Healthy"),
+        "responses": {"200": _json(_OBJ, "Healthy (`degraded` says why when the webhook lags over "
+                                         "a tenth of TPNS_EVENTS_MAXLEN)"),
                       "503": _json(_OBJ, "Unhealthy; `reason` says why")}}}
 
 
