@@ -265,3 +265,16 @@ def test_the_lease_check_before_an_attempt(client: redis.Redis, prefix: str) -> 
     assert client.get(f"{prefix}rate:default") is None
     store.complete(claim.batch_id, [{"id": "i1", "state": "succeeded"}], calls=1, items_sent=1)
     assert store.before_attempt("default", 0, claim.batch_id) is None
+
+
+def test_counters_by_name_and_timings(client: redis.Redis, prefix: str) -> None:
+    store = make(client, prefix)
+    before = redis_ms(client)
+    store.enqueue([("c1", intent("t1")), ("c2", intent("t2", op=4))])
+    after = redis_ms(client)
+    assert store.counters(["queued:2", "queued:4", "done_failed:2"]) == {
+        "queued:2": 1, "queued:4": 1, "done_failed:2": 0}
+    first, unknown = store.timings(["c1", "nope"])
+    assert unknown is None and first is not None
+    assert before <= first[0] == first[1] <= after  # never changed since enqueued
+    assert store.timings([]) == []

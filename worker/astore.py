@@ -19,19 +19,20 @@ import redis.asyncio
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from .history import HistoryQuery, history_call, history_reply
+from .keys import DEFAULT_PREFIX
 from .model import Intent, Status
-from .store import (
+from .store_calls import (
     ENQUEUE_CHUNK,
     SCRIPTS,
     Layout,
     Round,
     Wake,
-    _load_script,
-    _text,
-    record_to_status,
+    as_text,
+    load_script,
     requeued,
     round_of,
 )
+from .store_read import record_to_status
 
 #: intents per round trip: as the sync store (``ENQUEUE_CHUNK`` per script call, ten calls)
 PER_ROUND = ENQUEUE_CHUNK * 10
@@ -40,10 +41,10 @@ PER_ROUND = ENQUEUE_CHUNK * 10
 class AsyncStore(Layout):
     """Enqueue, requeue and read statuses through a ``redis.asyncio`` client."""
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str = "tpns:", **limits: Any) -> None:
+    def __init__(self, client: redis.asyncio.Redis, prefix: str = DEFAULT_PREFIX, **limits: Any) -> None:
         super().__init__(prefix, cluster=isinstance(client, AsyncRedisCluster), **limits)
         self.redis = client
-        self._sources = {name: _load_script(name) for name in SCRIPTS}
+        self._sources = {name: load_script(name) for name in SCRIPTS}
         self._shas = {name: hashlib.sha1(src.encode("utf-8")).hexdigest()
                       for name, src in self._sources.items()}
 
@@ -168,7 +169,7 @@ class AsyncStore(Layout):
         return [record_to_status(i, rec) for i, rec in history_reply(raw, query.limit)]
 
     async def known_apps(self) -> set[str]:
-        return {_text(a) for a in await self.redis.smembers(self.keys.apps)}
+        return {as_text(a) for a in await self.redis.smembers(self.keys.apps)}
 
 
 async def _dropped(conn: Any, error: BaseException) -> None:

@@ -31,7 +31,8 @@ import redis
 from redis.cluster import RedisCluster
 
 from .errors import ConfigError
-from .store import Store, _text
+from .store import Store
+from .store_calls import as_text
 
 #: the pause's reason while an app's slot moves (what ``stats`` and ``health`` show)
 MOVING = "moving"
@@ -117,14 +118,14 @@ def _move_slot(client: RedisCluster, slot: int, source: Any, target: Any,
     """``slot`` from ``source`` to ``target``, the keys of ``last`` after all others; the number
     of keys moved. Every master learns the new owner."""
     src, dst = _node_client(source), _node_client(target)
-    src_id = _text(src.execute_command("CLUSTER", "MYID"))  # type: ignore[no-untyped-call]
-    dst_id = _text(dst.execute_command("CLUSTER", "MYID"))  # type: ignore[no-untyped-call]
+    src_id = as_text(src.execute_command("CLUSTER", "MYID"))  # type: ignore[no-untyped-call]
+    dst_id = as_text(dst.execute_command("CLUSTER", "MYID"))  # type: ignore[no-untyped-call]
     dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)  # type: ignore[no-untyped-call]
     src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)  # type: ignore[no-untyped-call]
     moved = 0
     while True:
-        found = [_text(k) for k in src.execute_command(  # type: ignore[no-untyped-call]
-            "CLUSTER", "GETKEYSINSLOT", slot, BATCH * 2) if _text(k) not in last]
+        found = [as_text(k) for k in src.execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "GETKEYSINSLOT", slot, BATCH * 2) if as_text(k) not in last]
         if not found:
             break
         for start in range(0, len(found), BATCH):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .connections import check_broker
 from .errors import ConfigError
+from .keys import DEFAULT_PREFIX
 
 #: the service URL of each TPNS access point (data is isolated per access point)
 REGION_URLS: dict[str, str] = {
@@ -75,7 +76,7 @@ class Settings:
     redis_url: str | None = None
     data_dir: Path = Path(".")
     broker_url: str | None = None
-    prefix: str = "tpns:"
+    prefix: str = DEFAULT_PREFIX
     max_items_per_call: int = 20
     linger_ms: int = 250
     http_timeout_s: float = 10.0
@@ -177,7 +178,7 @@ def _build(env: Mapping[str, str]) -> Settings:
     default_app = _opt(env, "TPNS_DEFAULT_APP") or ("default" if "default" in apps else next(iter(apps)))
     if default_app not in apps:
         raise ConfigError("TPNS_DEFAULT_APP", f"{default_app!r} is not one of TPNS_APPS ({', '.join(apps)})")
-    prefix = env.get("TPNS_REDIS_PREFIX", "tpns:")
+    prefix = env.get("TPNS_REDIS_PREFIX", DEFAULT_PREFIX)
     if not prefix or any(c.isspace() for c in prefix):
         raise ConfigError("TPNS_REDIS_PREFIX", "must be non-empty without whitespace")
     redis_url = _opt(env, "REDIS_URL")

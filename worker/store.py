@@ -1,9 +1,10 @@
-"""The intent store in Redis: enqueue, claim, complete, reap, requeue, status and counters.
+"""The intent store in Redis: enqueue, claim, complete, reap, requeue, pauses, wakes, heartbeats.
 
 Every state change is one Lua script call (``worker/lua/*.lua``, loaded once and run by SHA), so a
 change, its counters and its place in the queues move together or not at all. Every key name,
 TTL and flag is in ``worker/keys.py`` (its docstring has the key layout); the scripts get them
 from there too, through a generated prelude, and the keys a script knows up front in ``KEYS``.
+The calls' arguments and replies are ``worker.store_calls``; the reads ``worker.store_read``.
 
 Per-key order: an intent waits for the latest pending intent that holds any of its keys (a chain
 along ``P ko:*``), and only intents with nothing to wait for enter ``P q:...``. A claim therefore never
@@ -12,287 +13,51 @@ hands out two intents that share a key, and the earlier one is terminal before t
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
 
 from .errors import StoreError
 from .history import PRUNE_BUDGET, PRUNE_SHARDS, HistoryQuery, history_call, history_reply
-from .keys import (
-    DEFAULT_PREFIX,
-    RECORD_STATES,
-    SWEEP_LOCK_MS,
-    WAKE_FLAG_MS,
-    WORKER_TTL_S,
-    Keys,
-    app_of_batch,
-    app_of_id,
-    batch_nonce,
-    lua_prelude,
+from .keys import DEFAULT_PREFIX, SWEEP_LOCK_MS, WAKE_FLAG_MS, WORKER_TTL_S, app_of_batch
+from .model import Account, BatchItem, Intent, Status
+from .store_calls import (
+    ENQUEUE_CHUNK,
+    NOT_WRITTEN,
+    OUTCOME_CODES,
+    SCRIPTS,
+    UNKNOWN,
+    UNREACHABLE,
+    AppMovingError,
+    Claim,
+    Completion,
+    Layout,
+    Round,
+    Wake,
+    as_text,
+    evalsha,
+    intent_arg,
+    load_script,
+    merge_wakes,
+    refused_before_writing,
+    requeued,
+    round_of,
+    unavailable,
+    wakes_of,
 )
-from .model import OPERATOR_TYPES, STATES, Account, BatchItem, Intent, Status
+from .store_read import StoreReads, iso_ms, record_to_status
 
-_OUTCOME = {"succeeded": "ok", "failed": "f", "retry": "r", "requeue": "q"}
-#: intents per script call when enqueueing; a few hundred keeps Redis responsive between calls
-ENQUEUE_CHUNK = 500
-#: enqueue codes beyond the script's own (1, 0, -1, -2): Redis refused the script call before it
-#: wrote anything (the intent is not stored), or failed it in a way that leaves that unknown
-NOT_WRITTEN = -3
-UNKNOWN = -4
-#: errors Redis answers to a script's first write (so nothing was written): out of memory, a
-#: replica's read-only mode (after a failover), writes stopped by a disk error
-_REFUSALS = ("OOM ", "READONLY ", "MISCONF ")
+# what other modules have always imported from here
+__all__ = ["ENQUEUE_CHUNK", "NOT_WRITTEN", "SCRIPTS", "UNKNOWN", "UNREACHABLE", "AppMovingError", "Claim",
+           "Completion", "Layout", "Round", "Store", "Wake", "evalsha", "intent_arg", "iso_ms",
+           "merge_wakes", "record_to_status", "refused_before_writing", "requeued", "round_of",
+           "unavailable"]
 
 
-class AppMovingError(redis.ConnectionError):
-    """An app's slot is moving to another master (``worker.clustermove``): its enqueues write
-    nothing meanwhile. An outage for that app (a ``ConnectionError``): not stored, retry later."""
-
-
-def refused_before_writing(exc: BaseException) -> bool:
-    """Whether Redis refused a script call at its first write (Redis 7 keeps the error's code;
-    6.2 wraps it in the script's ``ERR Error running script``)."""
-    if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
-        return True
-    text = str(exc)
-    return isinstance(exc, redis.ResponseError) and any(
-        text.startswith(code.strip()) or f"-{code}" in text or f": {code}" in text
-        for code in _REFUSALS)
-#: what an unreachable Redis raises through redis-py: a refused, reset or timed-out connection,
-#: a server still loading its AOF (BusyLoadingError), Sentinel finding no master
-#: (MasterNotFoundError), an old master turned replica after a failover (ReadOnlyError)
-UNREACHABLE: tuple[type[BaseException], ...] = (
-    redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError, OSError)
-#: error replies of a Redis that answers but cannot serve writes for now: a failed AOF write or
-#: snapshot (a full disk), a replica cut from its master, a server still loading
-_UNAVAILABLE_REPLIES = ("MISCONF", "MASTERDOWN", "LOADING", "READONLY")
-
-
-def unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means Redis is out of service for now (an outage), not a bug or bad data."""
-    if isinstance(exc, UNREACHABLE) or refused_before_writing(exc):
-        return True
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
-
-
-@dataclass(frozen=True)
-class Wake:
-    """A flush should be woken for ``(app, operator_type)``: at once, or after the linger."""
-
-    app: str
-    operator_type: int
-    #: ``verify``: check the app's due verifying items (operator_type 0, SPEC §6.1)
-    kind: Literal["now", "linger", "verify"]
-    #: for a linger wake: how long to wait, when known better than the whole linger
-    delay_s: float | None = None
-
-
-@dataclass(frozen=True)
-class Round:
-    """One round trip of an enqueue: intents ``start`` to ``start + size`` of the input."""
-
-    start: int
-    size: int
-    #: one code per intent (see ``Store.enqueue``, plus ``NOT_WRITTEN`` and ``UNKNOWN`` for the
-    #: calls Redis failed); empty when no reply was read
-    codes: list[int] = field(default_factory=list)
-    wakes: tuple[Wake, ...] = ()
-    #: replicas that acknowledged the round (``WAIT``), None when not asked
-    replicas: int | None = None
-    #: why the round failed (the first error); nothing after a failed round was sent
-    error: Exception | None = None
-    #: whether the round may have reached Redis (False: its connection could not be made)
-    sent: bool = False
-
-
-def merge_wakes(wakes: Iterable[Wake]) -> tuple[Wake, ...]:
-    """One wake per (app, operator_type), ``now`` winning over ``linger``."""
-    merged: dict[tuple[str, int], Wake] = {}
-    for wake in wakes:
-        key = (wake.app, wake.operator_type)
-        if key not in merged or wake.kind == "now":
-            merged[key] = wake
-    return tuple(merged.values())
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What a claim found: a ``batch`` to send, or why not (``wait``, ``empty``, ``paused``)."""
-
-    kind: Literal["batch", "wait", "empty", "paused"]
-    batch_id: str | None = None
-    items: tuple[BatchItem, ...] = ()
-    #: eligible items left in the queue after this claim
-    eligible_left: int = 0
-    #: wait: ms until the partial batch may go; empty: ms until a retry is due (-1 none);
-    #: paused: ms left; batch: ms until what is left may go
-    wait_ms: int = 0
-    #: paused: why; batch: ``full`` (``max_items`` were eligible) or ``linger`` (fewer were,
-    #: and the oldest of them had been eligible for the linger)
-    reason: str = ""
-    #: ms until the app's shared backoff ends (read with the claim when asked to, else 0)
-    backoff_ms: int = 0
-    #: batch: items eligible for (app, op) at the claim, before it took any (SPEC §3.2)
-    eligible: int = 0
-    #: batch: how long the oldest item taken had been eligible, in ms (for a partial batch,
-    #: which takes every eligible item, the oldest eligible one)
-    oldest_eligible_ms: int = 0
-
-
-@dataclass(frozen=True)
-class Completion:
-    """How many outcomes were applied, how many were stale (lease lost), and wakes to send."""
-
-    applied: int
-    stale: int
-    wakes: tuple[Wake, ...]
-
-
-def _load_script(name: str) -> str:
-    """The prelude of names and constants from ``worker.keys``, ``lib.lua``, then the script."""
-    lib = resources.files("worker").joinpath("lua/lib.lua").read_text(encoding="utf-8")
-    body = resources.files("worker").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
-    return lua_prelude() + lib + "\n" + body
-
-
-def evalsha(pipe: Any, sha: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-    """Queue ``EVALSHA`` on a pipeline: as a plain command, which a cluster pipeline routes by
-    the first key (redis-py blocks its ``evalsha`` method there)."""
-    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-
-
-def _wakes(raw: Iterable[Any]) -> tuple[Wake, ...]:
-    out = []
-    for item in raw:
-        app, op, kind = _text(item).rsplit(":", 2)
-        out.append(Wake(app, int(op), kind))  # type: ignore[arg-type]
-    return tuple(out)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def iso_ms(epoch_ms: int | float) -> str:
-    """``2026-11-25T10:00:00.000Z`` for an epoch time in milliseconds."""
-    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch_ms) % 1000:03d}Z"
-
-
-def intent_arg(intent_id: str, intent: Intent) -> str:
-    """The compact JSON one intent is passed to ``enqueue.lua`` as."""
-    payload: dict[str, Any] = {"i": intent_id, "a": intent.app, "o": intent.operator_type}
-    if intent.token is not None:
-        payload["t"] = intent.token
-    if intent.accounts:
-        payload["l"] = [[a.account, a.account_type] for a in intent.accounts]
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-
-
-#: the Lua scripts, each ``lua/lib.lua`` + ``lua/<name>.lua``
-SCRIPTS = ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle", "verify_claim",
-           "verify_done", "history", "prune_history")
-
-
-class Layout:
-    """The store's prefix and limits, and the arguments its script calls take: written once for
-    the sync ``Store`` and the asyncio ``worker.astore.AsyncStore``, which send the same calls."""
-
-    def __init__(self, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20, linger_ms: int = 250,
-                 lease_s: float = 60.0, status_ttl_s: int = 604800,
-                 events_maxlen: int = 1_000_000, cluster: bool = False) -> None:
-        self.prefix = prefix
-        self.keys = Keys(prefix)
-        #: Redis Cluster: each app's keys under ``P{app}:`` (one slot), see ``worker.keys``
-        self.cluster = cluster
-        self.events_maxlen = events_maxlen
-        self.max_items = max_items
-        self.linger_ms = linger_ms
-        self.lease_ms = int(lease_s * 1000)
-        self.status_ttl_s = status_ttl_s
-
-    def key(self, *parts: object) -> str:
-        return self.prefix + ":".join(str(p) for p in parts)
-
-    def scope(self, app: str) -> Keys:
-        """The keys of ``app``'s intents, queues and counters: its own slot's in cluster mode."""
-        return self.keys.tagged(app) if self.cluster else self.keys
-
-    def of_id(self, intent_id: str) -> Keys:
-        """The keys of the app an intent id belongs to (all the same keys when standalone)."""
-        return self.keys.tagged(app_of_id(intent_id)) if self.cluster else self.keys
-
-    def of_batch(self, batch_id: str) -> Keys:
-        """The keys of the app a batch id belongs to (all the same keys when standalone)."""
-        return self.keys.tagged(app_of_batch(batch_id)) if self.cluster else self.keys
-
-    def nonce(self, app: str) -> str:
-        """The random end of a claim's batch id (in cluster mode followed by the app)."""
-        raw = secrets.token_hex(4)
-        return batch_nonce(raw, app) if self.cluster else raw
-
-    def enqueue_groups(self, block: Sequence[tuple[str, Intent]], max_pending: int
-                       ) -> tuple[list[tuple[list[str], list[str | int]]], list[int]]:
-        """The ``(KEYS, ARGV)`` of the ``enqueue.lua`` calls storing ``block``, and the order of
-        ``block`` they store it in (the codes come back in that order).
-
-        Standalone: ``enqueue_calls`` in input order. Cluster: one call per app (per
-        ``ENQUEUE_CHUNK`` of it), each run with its app's prefix, so it touches one slot; the
-        order between apps is free (no key is shared by two apps), within an app it is kept.
-        """
-        if not self.cluster:
-            return ([(self.enqueue_keys, args) for args in self.enqueue_calls(block, max_pending)],
-                    list(range(len(block))))
-        by_app: dict[str, list[int]] = {}
-        for j, (_, intent) in enumerate(block):
-            by_app.setdefault(intent.app, []).append(j)
-        calls: list[tuple[list[str], list[str | int]]] = []
-        order: list[int] = []
-        for app, positions in by_app.items():
-            keys = self.scope(app)
-            head: list[str | int] = [keys.prefix, self.max_items, self.linger_ms, max_pending]
-            for k in range(0, len(positions), ENQUEUE_CHUNK):
-                part = positions[k:k + ENQUEUE_CHUNK]
-                calls.append(([keys.counters, *keys.timeline, keys.move(app)],
-                              head + [intent_arg(*block[j]) for j in part]))
-                order.extend(part)
-        return calls, order
-
-    def enqueue_calls(self, block: Sequence[tuple[str, Intent]],
-                      max_pending: int) -> list[list[str | int]]:
-        """The arguments of the ``enqueue.lua`` calls storing ``block``, ``ENQUEUE_CHUNK`` a call."""
-        head: list[str | int] = [self.prefix, self.max_items, self.linger_ms, max_pending]
-        return [head + [intent_arg(i, it) for i, it in block[k:k + ENQUEUE_CHUNK]]
-                for k in range(0, len(block), ENQUEUE_CHUNK)]
-
-    @property
-    def enqueue_keys(self) -> list[str]:
-        """The ``KEYS`` of every ``enqueue.lua`` call."""
-        return [self.keys.counters, *self.keys.timeline]
-
-    def requeue_failed_args(self, error: str | None, limit: int,
-                            keys: Keys | None = None) -> list[Any]:
-        return [(keys or self.keys).prefix, error or "", limit, self.max_items, self.linger_ms]
-
-    @property
-    def requeue_failed_keys(self) -> list[str]:
-        """The ``KEYS`` of a ``requeue_failed.lua`` call."""
-        return [self.keys.counters, self.keys.failed]
-
-
-def requeued(raw: Any) -> tuple[list[str], tuple[Wake, ...]]:
-    """The ids and wakes ``requeue_failed.lua`` answered."""
-    return [_text(i) for i in raw[0]], _wakes(raw[1])
-
-
-class Store(Layout):
+class Store(StoreReads):
     """The Redis side of tpns-batcher. Thread-safe as far as the given redis client is."""
 
     def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20,
@@ -304,16 +69,7 @@ class Store(Layout):
         self.redis = client
         #: (delay ms, timeout ms) with TPNS_VERIFY=on: accepted items go verifying (SPEC §6.1)
         self.verify = verify
-        self._scripts = {name: client.register_script(_load_script(name)) for name in SCRIPTS}
-
-    def apps_of(self, apps: Iterable[str] = ()) -> list[str]:
-        """The apps whose keys to visit for something global (counters, leases, failures): in
-        cluster mode each has its own, so ``apps`` and the known ones; standalone, one pass."""
-        if not self.cluster:
-            return [""]
-        return sorted(set(apps) | self.known_apps())
-
-    # -- producers ---------------------------------------------------------------------------
+        self._scripts = {name: client.register_script(load_script(name)) for name in SCRIPTS}
 
     def enqueue(self, intents: Sequence[tuple[str, Intent]], *,
                 max_pending: int = 0) -> tuple[list[int], tuple[Wake, ...]]:
@@ -379,8 +135,6 @@ class Store(Layout):
             if done.error is not None:
                 return
 
-    # -- workers -----------------------------------------------------------------------------
-
     def claim(self, app: str, operator_type: int, *, clear_wake: bool = False,
               read_backoff: bool = False) -> Claim:
         """Atomically take up to ``max_items`` eligible intents of one app and op, under a lease.
@@ -428,9 +182,9 @@ class Store(Layout):
         return keys, args
 
     def _claim_reply(self, raw: Any, backoff_ms: int = 0) -> Claim:
-        kind = _text(raw[0])
+        kind = as_text(raw[0])
         if kind == "paused":
-            return Claim("paused", wait_ms=int(raw[1]), reason=_text(raw[2]),
+            return Claim("paused", wait_ms=int(raw[1]), reason=as_text(raw[2]),
                          backoff_ms=backoff_ms)
         if kind in ("empty", "wait"):
             return Claim(kind, wait_ms=int(raw[1]), backoff_ms=backoff_ms)  # type: ignore[arg-type]
@@ -442,7 +196,7 @@ class Store(Layout):
                       attempts=int(n), created_at_ms=int(c))
             for i, t, accs, n, c in json.loads(raw[2]))
         eligible = int(raw[5])
-        return Claim("batch", batch_id=_text(raw[1]), items=items, eligible_left=int(raw[3]),
+        return Claim("batch", batch_id=as_text(raw[1]), items=items, eligible_left=int(raw[3]),
                      wait_ms=int(raw[4]), backoff_ms=backoff_ms, eligible=eligible,
                      oldest_eligible_ms=int(raw[6]),
                      reason="full" if eligible >= self.max_items else "linger")
@@ -481,7 +235,7 @@ class Store(Layout):
         """
         packed = []
         for out in outcomes:
-            entry: dict[str, Any] = {"i": out["id"], "s": _OUTCOME[out["state"]]}
+            entry: dict[str, Any] = {"i": out["id"], "s": OUTCOME_CODES[out["state"]]}
             for name, short in (("result_code", "rc"), ("ret_code", "ret"), ("err_msg", "m"),
                                 ("error", "er")):
                 if out.get(name) is not None:
@@ -498,7 +252,7 @@ class Store(Layout):
             json.dumps({"op": operator_type, "bs": len(packed),
                         "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]}),
             self.events_maxlen, *(self.verify or ())])
-        return Completion(int(raw[0]), int(raw[1]), _wakes(raw[2]))
+        return Completion(int(raw[0]), int(raw[1]), wakes_of(raw[2]))
 
     def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
         """Return the items of expired leases to their queues; (items reclaimed, wakes).
@@ -510,7 +264,7 @@ class Store(Layout):
                 keys=[scope.counters, scope.leases, scope.batches, *scope.timeline],
                 args=[scope.prefix, self.max_items, self.linger_ms, limit])
             reclaimed += int(raw[0])
-            wakes.extend(_wakes(raw[1]))
+            wakes.extend(wakes_of(raw[1]))
         return reclaimed, tuple(wakes)
 
     def requeue_failed(self, error: str | None = None,
@@ -571,21 +325,6 @@ class Store(Layout):
     def resume(self, app: str) -> None:
         self.redis.delete(self.scope(app).pause(app))
 
-    def pauses(self, apps: Iterable[str]) -> dict[str, tuple[float, str]]:
-        """Apps paused now: app -> (seconds left, reason)."""
-        apps = list(apps)
-        pipe = self.redis.pipeline(transaction=False)
-        for app in apps:
-            pipe.pttl(self.scope(app).pause(app))
-            pipe.get(self.scope(app).pause(app))
-        res = pipe.execute()
-        out = {}
-        for k, app in enumerate(apps):
-            ms, reason = res[2 * k], res[2 * k + 1]
-            if ms and ms > 0 and reason is not None:
-                out[app] = (ms / 1000, _text(reason))
-        return out
-
     def clear_wake(self, app: str, operator_type: int) -> None:
         """A flush started: the next full batch may send a new immediate wake."""
         self.redis.delete(self.scope(app).wake(app, operator_type))
@@ -602,6 +341,16 @@ class Store(Layout):
         return bool(self.redis.set(self.scope(app).wake_linger(app, operator_type), "1", nx=True,
                                    px=max(1, wait_ms)))
 
+    def claim_verify_wake(self, app: str, px_ms: int = WAKE_FLAG_MS) -> bool:
+        """Whether this caller should send ``app``'s verify wake (due in ``px_ms`` at most): true
+        for the first caller while none is on its way."""
+        return bool(self.redis.set(self.scope(app).wake_verify(app), "1", nx=True,
+                                   px=max(1, px_ms)))
+
+    def clear_verify_wake(self, app: str) -> None:
+        """A verify task started: the next verify wake may be sent."""
+        self.redis.delete(self.scope(app).wake_verify(app))
+
     def claim_sweep(self) -> bool:
         """Count a sweep run; whether this one is the beat's (extra beats skip theirs)."""
         # every run counts (skipped ones too): runs per second show how many beats are scheduling
@@ -610,27 +359,11 @@ class Store(Layout):
         pipe.set(self.keys.sweep_lock, "1", nx=True, px=SWEEP_LOCK_MS)
         return bool(pipe.execute()[1])
 
-    def ready_counts(self, apps: Iterable[str]) -> dict[tuple[str, int], tuple[int, int]]:
-        """(app, op) -> (eligible now, retrying) for every pair with work."""
-        pairs = [(a, op) for a in apps for op in OPERATOR_TYPES]
-        pipe = self.redis.pipeline(transaction=False)
-        for app, op in pairs:
-            pipe.llen(self.scope(app).ready(app, op))
-            pipe.zcard(self.scope(app).delayed(app, op))
-        res = pipe.execute()
-        return {pair: (res[2 * k], res[2 * k + 1]) for k, pair in enumerate(pairs)
-                if res[2 * k] or res[2 * k + 1]}
-
-    # -- apps and workers --------------------------------------------------------------------
-
     def register_apps(self, names: Iterable[str]) -> None:
         """Workers publish the app names they serve, so producers need no configuration."""
         names = list(names)
         if names:
             self.redis.sadd(self.keys.apps, *names)
-
-    def known_apps(self) -> set[str]:
-        return {_text(a) for a in self.redis.smembers(self.keys.apps)}
 
     def heartbeat(self, worker: str, ttl_s: int = WORKER_TTL_S) -> None:
         """Note that ``worker`` is alive (entries older than ``ttl_s`` are dropped)."""
@@ -639,115 +372,6 @@ class Store(Layout):
         pipe.zadd(self.keys.workers, {worker: now_s})
         pipe.zremrangebyscore(self.keys.workers, "-inf", now_s - ttl_s)
         pipe.execute()
-
-    def workers(self, ttl_s: int = WORKER_TTL_S) -> dict[str, float]:
-        """Workers seen in the last ``ttl_s`` seconds -> seconds since last seen."""
-        now_s = int(self.redis.time()[0])
-        seen: Any = self.redis.zrangebyscore(self.keys.workers, now_s - ttl_s, "+inf",
-                                             withscores=True)
-        return {_text(w): now_s - float(score) for w, score in seen}
-
-    # -- status and stats --------------------------------------------------------------------
-
-    def status(self, intent_id: str) -> Status | None:
-        """The status of one intent, or None for an unknown id."""
-        return self.statuses([intent_id])[0]
-
-    def statuses(self, ids: Sequence[str]) -> list[Status | None]:
-        """Statuses of many intents in one round trip (None for unknown ids)."""
-        if not ids:
-            return []
-        raws = self.records(ids)
-        return [None if raw is None else record_to_status(i, json.loads(raw))
-                for i, raw in zip(ids, raws, strict=True)]
-
-    def records(self, ids: Sequence[str]) -> list[Any]:
-        """The raw records of ``ids`` (None where gone): one MGET, or in cluster mode one
-        pipelined GET each (their keys are in as many slots as they have apps)."""
-        if not self.cluster:
-            return list(self.redis.mget([self.keys.record(i) for i in ids]))
-        pipe = self.redis.pipeline(transaction=False)
-        for intent_id in ids:
-            pipe.get(self.of_id(intent_id).record(intent_id))
-        return list(pipe.execute())
-
-    def _summed(self, key_of: Any, convert: Any) -> dict[str, Any]:
-        """A hash of counters (``key_of(keys)``) summed over the apps' keys in cluster mode."""
-        total: dict[str, Any] = {}
-        names = [key_of(self.keys)] + [key_of(self.keys.tagged(a)) for a in self.apps_of()
-                                       if self.cluster]
-        for name in names:
-            for k, v in self.redis.hgetall(name).items():
-                total[_text(k)] = total.get(_text(k), 0) + convert(v)
-        return total
-
-    def counters(self) -> dict[str, int]:
-        """The counters; in cluster mode each app's summed (plus the global ``sweeps``)."""
-        return self._summed(lambda keys: keys.counters, int)
-
-    def call_metrics(self) -> dict[str, float]:
-        """The raw metrics hash: ``call:<op>:<class>``, ``lat:<le ms>``, ``lat_sum_ms``,
-        ``bs:<size>`` and ``retries:<op>`` (see complete.lua); summed over apps in cluster mode."""
-        return self._summed(lambda keys: keys.metrics, float)
-
-    def stats(self, apps: Iterable[str]) -> dict[str, Any]:
-        """Counts per state and op, queue depth, oldest pending age, calls, items per call, pauses."""
-        apps = sorted(set(apps) | self.known_apps())
-        counters = self.counters()
-        by_op: dict[str, dict[str, int]] = {}
-        totals = dict.fromkeys(STATES, 0)
-        for op in OPERATOR_TYPES:
-            row = {state: counters.get(f"{state}:{op}", 0) for state in totals}
-            row["enqueued"] = counters.get(f"enqueued:{op}", 0)
-            # ever-growing terminal counts (``failed`` drops when failed intents are requeued)
-            row["done_succeeded"] = counters.get(f"done_succeeded:{op}", 0)
-            row["done_failed"] = counters.get(f"done_failed:{op}", 0)
-            by_op[str(op)] = row
-            for state in totals:
-                totals[state] += row[state]
-        pairs = [(a, op) for a in apps for op in OPERATOR_TYPES]
-        pipe = self.redis.pipeline(transaction=False)
-        # as a plain command: a cluster pipeline blocks .time() (it goes to one node)
-        pipe.execute_command("TIME")  # type: ignore[no-untyped-call]
-        for app, op in pairs:
-            pipe.llen(self.scope(app).ready(app, op))
-            pipe.lindex(self.scope(app).ready(app, op), 0)
-        for app in apps:  # the verifying item checked next: roughly the longest verifying
-            pipe.zrange(self.scope(app).verifying(app), 0, 0)
-        res = pipe.execute()
-        now_ms = res[0][0] * 1000 + res[0][1] // 1000
-        heads = [res[1 + 2 * k + 1] for k in range(len(pairs))]
-        heads += [r[0] for r in res[1 + 2 * len(pairs):] if r]
-        depth = {f"{a}:{op}": res[1 + 2 * k] for k, (a, op) in enumerate(pairs) if res[1 + 2 * k]}
-        head_ids = [_text(h) for h in heads if h is not None]
-        oldest_ms = 0
-        if head_ids:
-            for raw in self.records(head_ids):
-                if raw is not None:
-                    rec = json.loads(raw)
-                    oldest_ms = max(oldest_ms, now_ms - int(rec.get("u", rec["c"])))
-        calls = counters.get("calls", 0)
-        items_sent = counters.get("items_sent", 0)
-        return {
-            "states": totals,
-            "by_operator_type": by_op,
-            "eligible": depth,
-            # verifying items are pending: they hold their keys until seen applied (SPEC §6.1)
-            "queue_depth": totals["queued"] + totals["retrying"] + totals["verifying"],
-            "in_flight": totals["sending"],
-            "oldest_pending_age_s": round(oldest_ms / 1000, 3),
-            "calls": calls,
-            "items_sent": items_sent,
-            "items_per_call": round(items_sent / calls, 2) if calls else 0.0,
-            "leases_reclaimed": counters.get("leases_reclaimed", 0),
-            "verify": {"ok": counters.get("verify_ok", 0),
-                       "retry": counters.get("verify_retry", 0),
-                       "not_applied": counters.get("verify_not_applied", 0),
-                       "query_calls": counters.get("query_calls", 0)},
-            "paused": {app: {"seconds_left": round(left, 1), "reason": reason}
-                       for app, (left, reason) in self.pauses(apps).items()},
-            "apps": apps,
-        }
 
     def history(self, query: HistoryQuery) -> list[Status]:
         """The intents that named ``query``'s key, newest first, while their records live."""
@@ -766,63 +390,3 @@ class Store(Layout):
                                                  args=[scope.prefix, budget, shards])
             seen, dropped = seen + int(raw[0]), dropped + int(raw[1])
         return seen, dropped
-
-    def recent_failures(self, limit: int = 20) -> list[Status]:
-        """The most recently failed intents, newest first."""
-        scored: list[tuple[float, str]] = []
-        for app in self.apps_of():
-            found: Any = self.redis.zrevrange(self.scope(app).failed, 0, limit - 1,
-                                              withscores=True)
-            scored += [(float(t), _text(i)) for i, t in found]
-        ids = [i for _, i in sorted(scored, reverse=True)[:limit]]
-        return [s for s in self.statuses(ids) if s is not None]
-
-
-def round_of(start: int, block: Sequence[Any], calls: Sequence[Sequence[Any]],
-           replies: Sequence[Any], min_replicas: int) -> Round:
-    """The codes of one answered round: a script call that Redis refused before it wrote
-    anything (OOM, READONLY, MISCONF) gives ``NOT_WRITTEN``, any other error ``UNKNOWN``."""
-    codes: list[int] = []
-    wakes: list[Wake] = []
-    error: Exception | None = None
-    for args, reply in zip(calls, replies, strict=False):
-        if isinstance(reply, redis.RedisError):
-            error = error or reply
-            codes.extend([NOT_WRITTEN if refused_before_writing(reply) else UNKNOWN]
-                         * (len(args) - 4))
-            continue
-        answered = [int(c) for c in reply[0]]
-        if NOT_WRITTEN in answered and error is None:  # only the move flag answers it (enqueue.lua)
-            error = AppMovingError("an app's slot is moving to another Redis Cluster master: "
-                                   "nothing of it was stored, send it again after the move")
-        codes.extend(answered)
-        wakes.extend(_wakes(reply[1]))
-    replicas = None
-    if min_replicas > 0:
-        last = replies[-1]
-        replicas = 0 if isinstance(last, Exception) else int(last)
-    return Round(start, len(block), codes=codes, wakes=merge_wakes(wakes),
-                 replicas=replicas, error=error, sent=True)
-
-
-def record_to_status(intent_id: str, rec: Mapping[str, Any]) -> Status:
-    """Turn a stored record into the status of SPEC §5."""
-    op = int(rec["o"])
-    accounts = [{"account": a, "account_type": int(k)} for a, k in (rec.get("l") or [])]
-    return Status(
-        id=intent_id,
-        operator_type=op,
-        app=rec.get("a", "default"),
-        token=rec.get("t"),
-        account_list=accounts,
-        state=RECORD_STATES[rec["s"]],
-        attempts=int(rec.get("n", 0)),
-        result_code=rec.get("rc"),
-        ret_code=rec.get("ret"),
-        err_msg=rec.get("m"),
-        error=rec.get("er"),
-        batch_id=rec.get("b"),
-        verified=rec.get("vf"),
-        created_at=iso_ms(rec["c"]),
-        updated_at=iso_ms(rec.get("u", rec["c"])),
-    )

@@ -38,6 +38,7 @@ from .model import BatchItem
 from .outcomes import retry_or_exhausted
 from .settings import Settings
 from .store import Store, Wake, unavailable
+from .tpns_codes import RETRY_AFTER_CAP_S
 from .verify import Observed, Subject, needs, plan, read_answer, shown
 from .verifying import VerifyClaim, VerifyItem, claim_verify, due_apps, verify_done
 
@@ -126,8 +127,7 @@ class Verifier:
         the number of wakes sent."""
         apps = sorted(set(self.settings.apps) | self.store.known_apps())
         wakes = [Wake(app, 0, "verify", 0.0) for app in due_apps(self.store, apps)
-                 if self.store.redis.set(self.store.scope(app).wake_verify(app), "1", nx=True,
-                                         px=WAKE_FLAG_MS)]
+                 if self.store.claim_verify_wake(app)]
         if wakes:
             self.wake(wakes)
         return len(wakes)
@@ -135,8 +135,7 @@ class Verifier:
     def verify(self, app: str) -> VerifyResult:
         """Check up to ``ROUNDS_PER_TASK`` rounds of ``app``'s due verifying items."""
         result = VerifyResult()
-        flag = self.store.scope(app).wake_verify(app)
-        self.store.redis.delete(flag)  # started: the next wake may be sent
+        self.store.clear_verify_wake(app)  # started: the next wake may be sent
         for _ in range(ROUNDS_PER_TASK):
             claim = claim_verify(self.store, app, CLAIM_ITEMS)
             if claim.kind != "batch":
@@ -160,8 +159,7 @@ class Verifier:
     def _come_back(self, app: str, next_ms: int) -> None:
         """A check comes due within the sweep's reach: one wake for then (the completions'
         wakes are one per app and delay window, so later items would wait for the sweep)."""
-        if 0 <= next_ms <= WAKE_FLAG_MS and self.store.redis.set(
-                self.store.scope(app).wake_verify(app), "1", nx=True, px=max(1, next_ms)):
+        if 0 <= next_ms <= WAKE_FLAG_MS and self.store.claim_verify_wake(app, next_ms):
             self.wake([Wake(app, 0, "verify", next_ms / 1000)])
 
     def check(self, app: str, claim: VerifyClaim) -> tuple[int, int]:
@@ -187,7 +185,7 @@ class Verifier:
                 except RateLimitedError as exc:
                     calls += 1
                     if exc.retry_after_s:
-                        self.store.set_backoff(app, min(exc.retry_after_s, 30.0))
+                        self.store.set_backoff(app, min(exc.retry_after_s, RETRY_AFTER_CAP_S))
                     break
                 except TpnsError:  # transient, already retried in-call: those keys stay unseen
                     calls += 1

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .model import Account
-from .store import Completion, Store, _text, _wakes
+from .store import Completion, Store
+from .store_calls import as_text, wakes_of
 
 #: a check's outcome -> its code in verify_done.lua
 _OUTCOME = {"verified": "ok", "check": "v", "keep": "k", "retry": "r", "failed": "f"}
@@ -60,9 +61,9 @@ def claim_verify(store: Store, app: str, limit: int) -> VerifyClaim:
         keys=[keys.counters, keys.verifying(app), keys.pause(app), keys.seq, keys.batches,
               keys.leases],
         args=[keys.prefix, app, limit, store.lease_ms, store.nonce(app)])
-    kind = _text(raw[0])
+    kind = as_text(raw[0])
     if kind == "paused":
-        return VerifyClaim("paused", left=int(raw[1]), reason=_text(raw[2]))
+        return VerifyClaim("paused", left=int(raw[1]), reason=as_text(raw[2]))
     if kind == "empty":
         return VerifyClaim("empty", left=int(raw[1]))
     items = tuple(
@@ -70,7 +71,7 @@ def claim_verify(store: Store, app: str, limit: int) -> VerifyClaim:
                    accounts=tuple(Account(a, int(k)) for a, k in (accs or [])),
                    attempts=int(n), created_at_ms=int(c), deadline_ms=int(dl), checks=int(vk))
         for i, op, t, accs, n, c, dl, vk in json.loads(raw[2]))
-    return VerifyClaim("batch", batch_id=_text(raw[1]), items=items, left=int(raw[3]),
+    return VerifyClaim("batch", batch_id=as_text(raw[1]), items=items, left=int(raw[3]),
                        next_ms=int(raw[4]))
 
 
@@ -93,7 +94,7 @@ def verify_done(store: Store, batch_id: str, outcomes: Sequence[Mapping[str, Any
         args=[keys.prefix, batch_id, store.status_ttl_s, store.max_items, store.linger_ms,
               json.dumps(packed, separators=(",", ":"), ensure_ascii=False), query_calls,
               store.events_maxlen])
-    return Completion(int(raw[0]), int(raw[1]), _wakes(raw[2]))
+    return Completion(int(raw[0]), int(raw[1]), wakes_of(raw[2]))
 
 
 def due_apps(store: Store, apps: Sequence[str]) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, StoreUnavailableError
+from ..keys import WORKER_TTL_S
 from ..settings import Settings
 from . import common
 
@@ -62,7 +63,7 @@ def _watch_stats(producer: Any, as_json: bool, interval_s: float) -> None:
 
 @click.command()
 @click.option("--worker", "need_worker", is_flag=True,
-              help="Also require a worker seen in the last 30 s.")
+              help=f"Also require a worker seen in the last {WORKER_TTL_S} s.")
 @click.option("--local", "local", is_flag=True,
               help="Judge the worker processes of this host from their heartbeat files under "
                    "TPNS_DATA_DIR: alive and not stuck. Never asks Redis, so an outage does not "

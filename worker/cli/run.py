@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
+from ..keys import HEARTBEAT_INTERVAL_S
 from ..settings import DEFAULT_CONCURRENCY, DEFAULT_POOL, Settings
 from ..store import UNREACHABLE
 from . import common
@@ -131,7 +132,7 @@ def _start_heartbeat(store: Any, settings: Settings) -> None:
                 store.register_apps(settings.apps)
             except Exception:  # Redis away for a moment: the next beat tries again
                 pass
-            if stop.wait(5.0):
+            if stop.wait(HEARTBEAT_INTERVAL_S):
                 return
 
     threading.Thread(target=beat, name="tpns-heartbeat", daemon=True).start()
@@ -154,8 +155,8 @@ def _start_watchdog(app: Any, settings: Settings, redis_url: str, store: Any) ->
 
     watchdog = Watchdog(name=f"{socket.gethostname()}:{os.getpid()}", store_url=redis_url,
                         broker_url=broker_url,
-                        store_probe=redis_probe(redis_url, store.key("probe", socket.gethostname(),
-                                                                     os.getpid())),
+                        store_probe=redis_probe(redis_url,
+                                                store.keys.probe(socket.gethostname(), os.getpid())),
                         broker_probe=broker_probe(broker_url), work_waiting=work_waiting,
                         heartbeat_dir=heartbeat_dir(settings.data_dir),
                         stuck_s=settings.worker_stuck_s, progress=progress, rebuild=rebuild)

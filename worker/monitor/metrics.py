@@ -28,7 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..errors import StoreUnavailableError
-from ..keys import LATENCY_BUCKETS_MS
+from ..keys import LATENCY_BUCKETS_MS, WORKER_TTL_S
 from ..model import OPERATOR_TYPES, STATES
 from ..store import Store
 from ..tpns_codes import CALL_CLASSES
@@ -159,7 +159,7 @@ def _pipeline_families(stats: Mapping[str, Any], workers_seen: int) -> Iterator[
     yield checks
     yield CounterMetricFamily("tpns_query_calls", "Query API calls made to verify items.",
                               value=float(verify["query_calls"]))
-    yield GaugeMetricFamily("tpns_workers_seen", "Workers whose heartbeat is at most 30 s old.",
+    yield GaugeMetricFamily("tpns_workers_seen", f"Workers whose heartbeat is at most {WORKER_TTL_S} s old.",
                             value=workers_seen)
 
 

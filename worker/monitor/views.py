@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from ..keys import WORKER_TTL_S
 from ..model import OPERATOR_TYPES, STATES
 from .overview import failure_reason
 
@@ -76,7 +77,7 @@ def dashboard(figures: dict[str, Any]) -> Group:
         ("items retried", str(figures["retries"])),
         ("leases reclaimed", str(figures["leases_reclaimed"])),
         ("workers seen", f"{len(workers)} " + (escape(", ".join(workers)) if workers
-                                               else "(none in 30 s)")),
+                                               else f"(none in {WORKER_TTL_S} s)")),
         ("webhook", escape(_webhook_note(figures.get("webhook")).removeprefix("; "))
          or "not configured"),
         ("sending", "; ".join(f"[red]{escape(app)} paused[/red] ({escape(p['reason'])}, "

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..events import EVENT_STATES
+from ..keys import WORKER_TTL_S
+from ..model import STATES
 from .body import MAX_BODY_BYTES, MAX_INTENTS
 
 Schema = dict[str, Any]
@@ -54,8 +57,7 @@ def _result_schema() -> Schema:
 
 def _status_schema() -> Schema:
     return {"type": "object", "description": "An intent's status (SPEC §5)",
-            "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": [
-                "queued", "sending", "retrying", "verifying", "succeeded", "failed"]},
+            "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": list(STATES)},
                 "verified": {"type": ["boolean", "null"], "description": (
                     "With TPNS_VERIFY=on: true once a query showed the intent applied, false "
                     "while verifying (or never seen); null when verification is off")}}}
@@ -126,7 +128,7 @@ def _get_stats() -> Schema:
 
 def _healthz() -> Schema:
     return {"get": {
-        "summary": "Health: Redis answers, a worker was seen in 30 s, nothing paused, the "
+        "summary": f"Health: Redis answers, a worker was seen in {WORKER_TTL_S} s, nothing paused, the "
                    "webhook's lag under half of TPNS_EVENTS_MAXLEN",
         "security": [],  # open: load balancers and orchestrators probe it without the token
         "responses": {"200": _json(_OBJ, "Healthy (`degraded` says why when the webhook lags over "
@@ -189,8 +191,7 @@ def _get_events() -> Schema:
         "parameters": [
             _query("from", {"type": "string"}, "0 (all kept, the default), $ (only new) or a "
                                                "stream id to resume after"),
-            _query("state", {"type": "string", "enum": [
-                "retrying", "verifying", "succeeded", "failed"]}, "Only this state"),
+            _query("state", {"type": "string", "enum": list(EVENT_STATES)}, "Only this state"),
             _query("follow", {"type": "boolean"}, "false: send what is kept, then close "
                                                   "(default true: keep sending)"),
             {"name": "Last-Event-ID", "in": "header", "required": False,

@@ -18,6 +18,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
+from ..keys import WORKER_TTL_S
 from ..model import OPERATOR_TYPES, STATES
 from ..monitor.overview import failure_reason
 
@@ -73,7 +74,7 @@ def _figures(f: Mapping[str, Any]) -> str:
         ("leases-reclaimed", "leases reclaimed", f["leases_reclaimed"]),
         ("verifying", "verifying now", f["states"]["verifying"]),
         ("verification", "verification (TPNS_VERIFY)", _verification(f["verify"])),
-        ("workers", "workers seen (30 s)", len(f["workers"])),
+        ("workers", f"workers seen ({WORKER_TTL_S} s)", len(f["workers"])),
     ]
     return '<dl id="figures">' + "".join(f'<dt>{_e(label)}</dt><dd id="{key}">{_e(value)}</dd>'
                             for key, label, value in items) + "</dl>"
@@ -153,7 +154,7 @@ def render_page(figures: Mapping[str, Any], intent_id: str | None = None,
     """
     workers = figures["workers"]
     health = (f'<p id="health" class="ok">{len(workers)} worker(s) seen</p>' if workers else
-              '<p id="health" class="bad">no worker seen in the last 30 s</p>')
+              f'<p id="health" class="bad">no worker seen in the last {WORKER_TTL_S} s</p>')
     signout = ('<button id="signout" type="button">Sign out</button>' if signed_in else "")
     body = (
         f'<header><h1>tpns-batcher</h1><span id="updated" class="muted">'

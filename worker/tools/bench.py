@@ -51,6 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..celery_app import make_celery
+from ..model import OPERATOR_TYPES, TERMINAL_STATES
 from ..producer import Producer
 from ..settings import Settings
 from ..store import Store
@@ -79,8 +80,7 @@ __all__ = ["BenchConfig", "Reporter", "bench_command", "bench_intents", "machine
 
 
 def _done_count(store: Store) -> int:
-    fields = [f"done_{state}:{op}" for state in ("succeeded", "failed") for op in range(1, 6)]
-    return sum(int(v) for v in store.redis.hmget(store.key("n"), fields) if v is not None)
+    return sum(store.counters([f"done_{s}:{op}" for s in TERMINAL_STATES for op in OPERATOR_TYPES]).values())
 
 
 class Bench:
@@ -214,13 +214,8 @@ class Bench:
                 time.sleep(pause)
             ids.append(producer.submit(intent))
         producer.wait(ids, timeout_s=60.0)
-        latencies = []
-        raws = producer.redis.mget([producer.store.key("i", i) for i in ids])
-        for raw in raws:
-            if raw is None:  # cannot happen: statuses live for TPNS_STATUS_TTL_S
-                continue
-            rec = json.loads(raw)
-            latencies.append(int(rec.get("u", rec["c"])) - int(rec["c"]))
+        # (None cannot happen: statuses live for TPNS_STATUS_TTL_S)
+        latencies = [t[1] - t[0] for t in producer.store.timings(ids) if t is not None]
         self.results.update(
             latency_intents=count, latency_rate_per_s=config.light_rate,
             latency_p50_ms=round(percentile(latencies, 50), 1),

@@ -22,6 +22,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from ..model import STATES
 from ..producer import Producer
 from ..sandbox.server import SandboxServer
 from ..settings import Settings
@@ -52,9 +53,9 @@ BAD_INTENTS: list[Any] = [
 def _view(stats: dict[str, Any], sandbox: dict[str, Any], total: int, elapsed: float) -> Group:
     states = stats["states"]
     table = Table(title=f"tpns-batcher demo — {elapsed:5.1f} s", min_width=60)
-    for col in ("queued", "sending", "verifying", "retrying", "succeeded", "failed"):
+    for col in STATES:
         table.add_column(col, justify="right")
-    table.add_row(*(str(states[c]) for c in ("queued", "sending", "verifying", "retrying", "succeeded", "failed")))
+    table.add_row(*(str(states[c]) for c in STATES))
     done = states["succeeded"] + states["failed"]
     calls = sandbox.get("calls", 0)
     items = sandbox.get("items", 0)

@@ -28,6 +28,7 @@ from typing import IO, Any
 import requests
 
 from ..embedded import start_private
+from ..keys import DEFAULT_PREFIX
 
 
 def mixed_intent(roll: float, token: str, account: str, account_type: int = 1005,
@@ -73,7 +74,7 @@ def local_redis(workdir: Path, name: str = "stack") -> Iterator[StackRedis]:
         return
     proc, url = start_private(workdir / "redis")
     try:
-        yield StackRedis(url, "tpns:", private=True)
+        yield StackRedis(url, DEFAULT_PREFIX, private=True)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
