@@ -8,8 +8,10 @@ call is in flight, the next callers queue behind it, and the first of them leads
 
 A lone caller pays nothing: it leads at once, and no window is waited. A leader waits (at most
 ``window_s``) only for callers already on their way in — those preparing their item (validating)
-right now, counted by ``GroupCommit.run`` — so a burst of threads lands in one call instead of
-the first one going alone. ``AsyncGroupCommit`` does the same for coroutines on one event loop,
+right now, counted by ``GroupCommit.run``, and as many as the last call carried (the callers it
+answered are typically back with their next item within microseconds) — so a burst of threads
+lands in one call instead of the first one going alone. After a burst, the first lone caller
+waits the window once; the next ones not at all. ``AsyncGroupCommit`` does the same for coroutines on one event loop,
 where "on their way" is "runnable now": the leader yields to the loop once before taking its batch.
 
 ``commits`` and ``items`` count the calls made and the items they carried (tests and the
