@@ -62,6 +62,7 @@ def figures(browser: Browser) -> dict[str, Any]:
                 states: text('states'), flow: chart('chart-flow'),
                 failed_by: chart('chart-failures'), latency: chart('chart-latency'),
                 requeue: text('requeue-result'), lookup: text('lookup-results'),
+                live: text('live-failures'),
                 signin: !!document.getElementById('signin')};
     })()"""))
 
@@ -76,7 +77,8 @@ def test_the_page_signs_in_and_follows_a_real_worker_without_a_reload(
     browser.evaluate(f"document.getElementById('signin-token').value = {json.dumps(TOKEN)};"
                      "document.getElementById('signin').submit(); true")
     wait_until(lambda: (figures(browser)["refreshes"] or 0) >= 1, 30,
-               message="the signed-in page refreshed once")
+               message=lambda: "the signed-in page refreshed once: " + str(browser.evaluate(
+                   "document.location.href + ' ' + document.body.innerText.slice(0, 300)")))
     assert browser.evaluate("document.cookie") == ""  # HttpOnly: the page's script cannot read it
     browser.evaluate("window.testMarker = 'same document'; true")  # gone if the page reloads
     before = figures(browser)
@@ -96,7 +98,8 @@ def test_the_page_signs_in_and_follows_a_real_worker_without_a_reload(
     def caught_up() -> dict[str, Any] | None:
         now = figures(browser)
         done = (now["calls"] not in ("0", None) and now["flow"]["sum"] > 0
-                and now["failed_by"]["lines"] and all(i in (now["failures"] or "") for i in failed))
+                and now["failed_by"]["lines"]
+                and all(i in (now["failures"] or "") and i in (now["live"] or "") for i in failed))
         return now if done else None
 
     after = wait_until(caught_up, 30, message=lambda: f"the page to show the run: {figures(browser)}")
@@ -105,6 +108,7 @@ def test_the_page_signs_in_and_follows_a_real_worker_without_a_reload(
     assert after["failed_by"]["series"] == ["invalid_token"]
     assert after["latency"]["lines"], "a call latency line once calls were made"
     assert "invalid_token" in after["failures"]
+    assert after["live"].count("invalid_token") == 3  # pushed by /v1/events, the cookie's stream
 
     # the requeue button: a POST from the page with its CSRF token
     browser.evaluate("document.getElementById('requeue').click(); true")

@@ -115,9 +115,10 @@ def test_state_changes_from_the_cookie_need_the_csrf_token_bearer_needs_none(
                         headers={"X-CSRF-Token": csrf})
         assert r.status_code == 200 and r.json() == {"requeued": 1, "ids": [failed]}
         # scripts: the bearer token, no cookie, no CSRF
-        fail_again = httpx.post(f"{base}/v1/requeue-failed", headers=BEARER, timeout=10)
+        fail_again = httpx.post(f"{base}/v1/requeue-failed", headers=BEARER, json={}, timeout=10)
         assert fail_again.status_code == 200 and fail_again.json()["requeued"] == 0
-        bad = httpx.post(f"{base}/v1/requeue-failed", headers=BEARER, content=b"[1]", timeout=10)
+        bad = httpx.post(f"{base}/v1/requeue-failed", content=b"[1]", timeout=10,
+                         headers={**BEARER, "Content-Type": "application/json"})
         assert bad.status_code == 400 and bad.json()["field"] == "body"
 
 
@@ -159,3 +160,26 @@ def test_without_a_token_there_is_nothing_to_sign_in_to(redis_url: str, prefix: 
         assert httpx.get(f"{base}/static/../app.py").status_code == 404
         csp = page.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "http" not in csp  # nothing from elsewhere
+
+
+def test_another_sites_page_cannot_post_here_token_or_not(server: tuple[str, Producer],
+                                                          redis_url: str, prefix: str) -> None:
+    base, producer = server
+    failed = fail_one(producer)
+    evil = {"Origin": "http://evil.example", "Content-Type": "application/json"}
+    with sign_in(base) as (client, csrf, _):
+        r = client.post("/v1/requeue-failed", json={}, headers={**evil, "X-CSRF-Token": csrf})
+        assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+        same = {"Origin": base, "X-CSRF-Token": csrf}  # the page's own fetch sends its origin
+        assert client.post("/v1/requeue-failed", json={}, headers=same).json()["ids"] == [failed]
+    settings = Settings.from_env({"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix})
+    with Producer(redis_url, prefix, settings=settings, wake=lambda wakes: None) as open_one, \
+            serving(create_app(open_one, settings)) as open_base:
+        # no token at all: still no target for a page elsewhere (form posts or JSON alike)
+        r = httpx.post(f"{open_base}/v1/requeue-failed", content=b"{}", headers=evil)
+        assert r.status_code == 403
+        form = httpx.post(f"{open_base}/v1/requeue-failed", data={"x": "1"})
+        assert form.status_code == 415  # not JSON: a cross-site form cannot send JSON
+        assert httpx.post(f"{open_base}/v1/intents", json={"operator_type": 4, "token": "t9"},
+                          headers={"Origin": "null"}).status_code == 403
+        assert httpx.post(f"{open_base}/v1/requeue-failed", json={}).status_code == 200

@@ -247,6 +247,7 @@ def _signin() -> Schema:
                       "401": {"description": "HTML: wrong token, the form again",
                               "content": _HTML},
                       "404": _json(_error_schema(), "No TPNS_API_TOKEN: nothing to sign in to"),
+                      "413": _json(_error_schema(), "Body over 4 kB"),
                       "415": _json(_error_schema(), "Not a form")}}}
 
 
@@ -293,6 +294,8 @@ def _requeue_failed() -> Schema:
         "requestBody": {"required": False, "content": {"application/json": {"schema": body}}},
         "responses": {"200": _json(done, "The ids requeued"), "400": _bad_request(),
                       "401": _unauthorized(),
+                      "413": _json(_error_schema(), "Body over 4 kB"),
+                      "415": _json(_error_schema(), "Not application/json"),
                       "403": _json(_error_schema(), "A session without its CSRF token"),
                       "503": _unavailable()}}}
 

@@ -38,7 +38,9 @@ HTML_HEADERS = {
                                "img-src 'self'; connect-src 'self'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
     "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on the
+    # sign-in form's POST, which the cross-origin check must refuse
+    "Referrer-Policy": "same-origin",
 }
 
 
@@ -167,6 +169,8 @@ def render_page(figures: Mapping[str, Any], intent_id: str | None = None,
         + "<h2>Recent failures</h2>"
         + '<p><button id="requeue" type="button">Requeue failed intents</button> '
         + '<span id="requeue-result"></span></p>' + _failures(figures)
+        + '<h3>Failures as they happen <span id="live-status" class="muted"></span></h3>'
+        + '<ul id="live-failures"></ul>'
         + f'<p><small>apps: <span id="apps">{_e(", ".join(figures["apps"]))}</span> · '
         '<a href="/v1/stats">/v1/stats</a> · <a href="/metrics">/metrics</a> · '
         '<a href="/openapi.json">/openapi.json</a></small></p>'

@@ -10,7 +10,9 @@ Redis; changing the token ends every session), and it never carries the token it
 State-changing requests authenticated by the cookie must carry the CSRF token in the
 ``X-CSRF-Token`` header: a MAC of the session's nonce (bound to that session), which the page
 gets in its HTML and no other origin can read. Bearer requests need none: a browser never adds a
-bearer header by itself. Every comparison is constant-time (``hmac.compare_digest``).
+bearer header by itself. Every comparison is constant-time (``hmac.compare_digest``). Whatever
+the token, a state-changing request whose ``Origin`` names another site is refused (403): a
+server left open on localhost cannot be driven by a page the operator happens to visit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
@@ -82,6 +85,15 @@ def session_cookie(headers: Headers) -> str | None:
     return cookie_parser(headers.get("cookie", "")).get(COOKIE)
 
 
+def _cross_origin(headers: Headers) -> bool:
+    """Whether a browser says the request comes from a page of another origin than this host."""
+    origin = headers.get("origin")
+    if origin is None:
+        return False  # scripts, curl, same-origin GETs: no Origin header
+    host = headers.get("host", "")
+    return origin == "null" or urlsplit(origin).netloc.lower() != host.lower()
+
+
 def _is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
@@ -100,10 +112,18 @@ class Auth:
         self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.sessions is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        if scope["method"] not in _SAFE_METHODS and _cross_origin(headers):
+            # another site's page posting here (a browser always sends Origin on a POST): refused
+            # with or without a token configured, so an open server on localhost is no target
+            await _refuse(403, "forbidden: a cross-origin request", scope, receive, send)
+            return
+        if self.sessions is None:
+            await self.app(scope, receive, send)
+            return
         state = scope.setdefault("state", {})
         scheme, _, given = headers.get("authorization", "").partition(" ")
         nonce = self.sessions.nonce(session_cookie(headers))

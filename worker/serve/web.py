@@ -23,7 +23,7 @@ from ..intents import is_id
 from ..monitor.overview import read_overview
 from ..producer import Producer
 from ..timeline import read_timeline
-from .body import media_type
+from .body import BodyError, media_type, read_limited
 from .page import HTML_HEADERS, render_page, render_signin
 from .session import COOKIE, SESSION_TTL_S, Sessions
 
@@ -47,12 +47,61 @@ def _static(request: Request) -> Response:
                                    "X-Content-Type-Options": "nosniff"})
 
 
+async def _requeue_filter(request: Request) -> str | Response | None:
+    """The ``error`` a ``POST /v1/requeue-failed`` asks for (None: every failure), or the
+    answer refusing its body."""
+    if media_type(request.headers.get("content-type")) != "application/json":
+        # JSON only: another site's page cannot send it without a CORS preflight
+        return JSONResponse({"error": "send application/json (an object, optionally with "
+                                      "error)"}, status_code=415)
+    try:
+        body = await read_limited(request, _SMALL_BODY)
+    except BodyError as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    if not body.strip():
+        return None
+    try:
+        parsed: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("error", ""), str | None):
+        return JSONResponse({"error": "body: a JSON object, optionally with error (a string: "
+                                      "only failures with this error)", "field": "body"},
+                            status_code=400)
+    return parsed.get("error") or None
+
+
 def _auth(request: Request, sessions: Sessions | None) -> str | None:
     """``bearer``, ``session``, None (a stranger), or ``open`` when no token is configured."""
     if sessions is None:
         return "open"
     auth = getattr(request.state, "auth", None)
     return str(auth) if auth else None
+
+
+async def _signin(request: Request, sessions: Sessions | None) -> Response:
+    """``POST /signin``: the form's token for a session cookie, or the form again."""
+    if sessions is None:
+        return JSONResponse({"error": "no sign-in: TPNS_API_TOKEN is not set"},
+                            status_code=404)
+    if media_type(request.headers.get("content-type")) != "application/x-www-form-urlencoded":
+        return JSONResponse({"error": "send the form: application/x-www-form-urlencoded "
+                                      "with token=<TPNS_API_TOKEN>"}, status_code=415)
+    try:
+        body = await read_limited(request, _SMALL_BODY)
+    except BodyError as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    given = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
+    if not sessions.token_matches(given):
+        logger.warning("sign-in refused from %s: wrong token",
+                       request.client.host if request.client else "?")
+        return HTMLResponse(render_signin("Wrong token."), status_code=401,
+                            headers=_SIGNIN_HEADERS)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(COOKIE, sessions.issue(), max_age=SESSION_TTL_S, path="/",
+                        secure=request.url.scheme == "https", httponly=True,
+                        samesite="strict")
+    return response
 
 
 def page_routes(producer: Producer, sessions: Sessions | None) -> list[Route]:
@@ -73,24 +122,7 @@ def page_routes(producer: Producer, sessions: Sessions | None) -> list[Route]:
         return HTMLResponse(html, status_code=code, headers=HTML_HEADERS)
 
     async def signin(request: Request) -> Response:
-        if sessions is None:
-            return JSONResponse({"error": "no sign-in: TPNS_API_TOKEN is not set"},
-                                status_code=404)
-        if media_type(request.headers.get("content-type")) != "application/x-www-form-urlencoded":
-            return JSONResponse({"error": "send the form: application/x-www-form-urlencoded "
-                                          "with token=<TPNS_API_TOKEN>"}, status_code=415)
-        body = await request.body()
-        given = parse_qs(body[:_SMALL_BODY].decode("utf-8", "replace")).get("token", [""])[0]
-        if len(body) > _SMALL_BODY or not sessions.token_matches(given):
-            logger.warning("sign-in refused from %s: wrong token",
-                           request.client.host if request.client else "?")
-            return HTMLResponse(render_signin("Wrong token."), status_code=401,
-                                headers=_SIGNIN_HEADERS)
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, sessions.issue(), max_age=SESSION_TTL_S, path="/",
-                            secure=request.url.scheme == "https", httponly=True,
-                            samesite="strict")
-        return response
+        return await _signin(request, sessions)
 
     def signout(request: Request) -> Response:
         response = JSONResponse({"signed_out": _auth(request, sessions) == "session"})
@@ -107,19 +139,10 @@ def page_routes(producer: Producer, sessions: Sessions | None) -> list[Route]:
         return JSONResponse(read_timeline(producer.redis, *scopes))
 
     async def requeue_failed(request: Request) -> Response:
-        body = await request.body()
-        error = None
-        if body.strip():
-            try:
-                parsed: Any = json.loads(body[:_SMALL_BODY]) if len(body) <= _SMALL_BODY else None
-            except (ValueError, UnicodeDecodeError):
-                parsed = None
-            if not isinstance(parsed, dict) or not isinstance(parsed.get("error", ""), str | None):
-                return JSONResponse({"error": "body: a JSON object, optionally with error "
-                                              "(a string: only failures with this error)",
-                                     "field": "body"}, status_code=400)
-            error = parsed.get("error") or None
-        ids = await run_in_threadpool(producer.requeue_failed, error)
+        wanted = await _requeue_filter(request)
+        if isinstance(wanted, Response):
+            return wanted
+        ids = await run_in_threadpool(producer.requeue_failed, wanted)
         return JSONResponse({"requeued": len(ids), "ids": ids})
 
     def route(path: str, endpoint: Callable[..., Any], method: str) -> Route:

@@ -210,6 +210,29 @@
     }).catch(function (err) { out.replaceChildren(el("p", {"class": "bad"}, err.message)); });
   }
 
+  // -- failures as they happen: the events stream (SSE; EventSource sends the session cookie)
+  function follow() {
+    var list = $("live-failures");
+    if (!list || !window.EventSource) return;
+    var source = new EventSource("/v1/events?from=%24&state=failed");
+    source.onopen = function () { setText("live-status", "(live)"); };
+    source.onerror = function () { setText("live-status", "(reconnecting)"); };
+    source.onmessage = function (m) {
+      var e = JSON.parse(m.data);
+      var text = e.at + " " + e.id + " op " + e.operator_type + ": " + (e.error || "failed") +
+        (e.result_code ? ", result " + e.result_code : "") +
+        (e.ret_code !== null ? ", ret_code " + e.ret_code : "");
+      list.insertBefore(el("li", {}, text), list.firstChild);
+      while (list.children.length > 20) list.removeChild(list.lastChild);
+    };
+    source.addEventListener("gap", function (m) {
+      var g = JSON.parse(m.data);
+      list.insertBefore(el("li", {"class": "bad"}, "gap: events trimmed before they were read" +
+                                                  " (next kept: " + g.first_id + ")"),
+                        list.firstChild);
+    });
+  }
+
   function start() {
     var form = $("lookup-form");
     if (!form) return;  // the sign-in form: nothing to refresh
@@ -233,6 +256,7 @@
     });
     refresh();
     window.setInterval(refresh, refreshMs);
+    follow();
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
