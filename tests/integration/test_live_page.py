@@ -120,6 +120,12 @@ def test_the_page_signs_in_and_follows_a_real_worker_without_a_reload(
                      "document.getElementById('lookup-form').requestSubmit(); true")
     wait_until(lambda: ids[7] in (figures(browser)["lookup"] or ""), 30,
                message="the lookup's answer")
+    # and by account (with its type)
+    browser.evaluate("document.getElementById('lookup-input').value = 'u5';"
+                     "document.getElementById('lookup-type').value = '0';"
+                     "document.getElementById('lookup-form').requestSubmit(); true")
+    wait_until(lambda: ids[5] in (figures(browser)["lookup"] or ""), 30,
+               message="the account lookup's answer")
     assert figures(browser)["marker"] == "same document"
 
     shot = os.environ.get("TPNS_SCREENSHOT")

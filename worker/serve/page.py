@@ -113,7 +113,8 @@ def _failures(f: Mapping[str, Any]) -> str:
 def _lookup(intent_id: str | None, status: Mapping[str, Any] | None) -> str:
     form = ('<form id="lookup-form" method="get" action="/"><label>intent id, token or account '
             f'<input id="lookup-input" name="id" size="40" value="{_e(intent_id)}"></label> '
-            '<button type="submit">Look up</button></form>')
+            '<label>account type <input id="lookup-type" type="number" min="0" value="0" '
+            'size="5"></label> <button type="submit">Look up</button></form>')
     if intent_id is None:
         return form
     if status is None:

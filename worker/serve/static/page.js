@@ -196,16 +196,18 @@
   }
 
   function lookup(text) {
+    var kind = ($("lookup-type") || {}).value || "0";
     var out = $("lookup-results"), q = encodeURIComponent(text);
     out.replaceChildren(el("p", {"class": "muted"}, "looking up " + text + " …"));
     var asId = /^[A-Za-z0-9._~:-]{1,64}$/.test(text) ?
       getJSON("/v1/intents/" + q) : Promise.resolve({status: 404});
     return Promise.all([asId, getJSON("/v1/intents?token=" + q),
-                        getJSON("/v1/intents?account=" + q)]).then(function (r) {
+                        getJSON("/v1/intents?account=" + q + "&account_type=" +
+                                encodeURIComponent(kind))]).then(function (r) {
       out.replaceChildren();
       out.appendChild(statusRows("as an intent id", r[0].status === 200 ? [r[0].body] : []));
       out.appendChild(statusRows("as a token", r[1].status === 200 ? r[1].body.intents : []));
-      out.appendChild(statusRows("as an account (type 0)",
+      out.appendChild(statusRows("as an account (type " + kind + ")",
                                  r[2].status === 200 ? r[2].body.intents : []));
     }).catch(function (err) { out.replaceChildren(el("p", {"class": "bad"}, err.message)); });
   }
