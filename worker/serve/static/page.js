@@ -201,8 +201,9 @@
     out.replaceChildren(el("p", {"class": "muted"}, "looking up " + text + " …"));
     var asId = /^[A-Za-z0-9._~:-]{1,64}$/.test(text) ?
       getJSON("/v1/intents/" + q) : Promise.resolve({status: 404});
-    return Promise.all([asId, getJSON("/v1/intents?token=" + q),
-                        getJSON("/v1/intents?account=" + q + "&account_type=" +
+    // the latest 20 by key: a glance; the CLI and the API give up to 500
+    return Promise.all([asId, getJSON("/v1/intents?limit=20&token=" + q),
+                        getJSON("/v1/intents?limit=20&account=" + q + "&account_type=" +
                                 encodeURIComponent(kind))]).then(function (r) {
       out.replaceChildren();
       out.appendChild(statusRows("as an intent id", r[0].status === 200 ? [r[0].body] : []));
