@@ -12,6 +12,8 @@ from redis.cluster import RedisCluster
 from tests.support.polling import wait_until
 from worker.astore import AsyncStore
 from worker.connections import async_redis_client, redis_client
+from worker.errors import IntentError
+from worker.events import Event, EventReader
 from worker.keys import tagged_prefix
 from worker.model import Account, Intent
 from worker.store import Store
@@ -148,3 +150,25 @@ def test_the_async_store_enqueues_one_call_per_app_and_reads_back_in_input_order
     codes, states = asyncio.run(run())
     assert codes == [1, 1, 1, -1]  # the last: the same id in its app, another payload
     assert states == ["queued", "queued", None]
+
+
+def test_each_app_has_its_own_events_stream_and_a_reader_names_the_app(
+        redis_cluster: LocalCluster, cclient: RedisCluster, cluster_prefix: str) -> None:
+    store = make(cclient, cluster_prefix)
+    one, two = apps_on_two_masters(redis_cluster, cclient)
+    store.enqueue([(f"{one}.a", login("t", "u", one)), (f"{two}.a", login("t", "u", two))])
+    for app in (one, two):
+        claim = store.claim(app, 2)
+        assert claim.batch_id is not None
+        store.complete(claim.batch_id, [{"id": f"{app}.a", "state": "succeeded"}], calls=1,
+                       items_sent=1, operator_type=2)
+    for app in (one, two):
+        reader = EventReader(cclient, store.events_key(app, ()), "0")
+        read = reader.read()
+        assert [(e.id, e.state) for e in read if isinstance(e, Event)] == [
+            (f"{app}.a", "succeeded")]
+        # resuming after it: the gap check reads the stream's info (unparsed on a cluster)
+        assert EventReader(cclient, store.events_key(app, ()), read[0].stream_id).read() == []
+    assert store.events_key(None, [one]) == store.scope(one).events
+    with pytest.raises(IntentError, match="required on a Redis Cluster store"):
+        store.events_key(None, [one, two])

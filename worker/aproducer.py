@@ -221,10 +221,12 @@ class AsyncProducer:
                               limit=limit, default_app=self.settings.default_app)
         return await self.store.history(query)
 
-    def events(self, from_id: str = "0", *, follow: bool = False,
-               state: str | None = None) -> AsyncIterator[Event | Gap]:
-        """``Producer.events`` as an async iterator (``async for event in p.events(...)``)."""
-        reader = AsyncEventReader(self.redis, self.store.keys.events, from_id, state=state)
+    def events(self, from_id: str = "0", *, follow: bool = False, state: str | None = None,
+               app: str | None = None) -> AsyncIterator[Event | Gap]:
+        """``Producer.events`` as an async iterator (``async for event in p.events(...)``); on a
+        Redis Cluster store, ``app`` names the app's stream (the configured apps are known)."""
+        key = self.store.events_key(app, self.settings.apps if self.store.cluster else ())
+        reader = AsyncEventReader(self.redis, key, from_id, state=state)
         return self._guard_iter(reader.follow(follow=follow))
 
     async def _guard_iter(self, items: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -109,9 +109,18 @@ def _opt_int(value: str) -> int | None:
     return int(value) if value not in ("", None) else None
 
 
+def _mapping(value: Any) -> Mapping[Any, Any]:
+    """A reply as a mapping: redis-py parses XRANGE's fields and XINFO STREAM into dicts, but a
+    cluster client's transaction hands the flat ``[name, value, …]`` lists back unparsed."""
+    if isinstance(value, (list, tuple)):
+        return {_text(value[k]): value[k + 1] for k in range(0, len(value) - 1, 2)}
+    mapping: Mapping[Any, Any] = value
+    return mapping
+
+
 def to_event(stream_id: str, fields: Mapping[Any, Any]) -> Event:
     """An entry as emit() wrote it (empty strings for nulls, ``at`` in epoch ms) as an Event."""
-    f = {_text(k): _text(v) for k, v in fields.items()}
+    f = {_text(k): _text(v) for k, v in _mapping(fields).items()}
     verified = f.get("verified", "")
     return Event(
         stream_id=stream_id, id=f.get("id", ""), app=f.get("app") or "default",
@@ -164,7 +173,7 @@ class _Cursor:
         out: list[Event | Gap] = []
         # no stream at all: XINFO answers an error, and nothing can have been trimmed
         if not isinstance(info, Exception) and self._check_gap:
-            gap = self._gap(info)
+            gap = self._gap(_mapping(info))
             if gap is not None:
                 out.append(gap)
         self._check_gap = True

@@ -313,12 +313,14 @@ class Producer:
         return self.store.history(query)
 
     def events(self, from_id: str = "0", *, follow: bool = False,
-               state: str | None = None) -> Iterator[Event | Gap]:
+               state: str | None = None, app: str | None = None) -> Iterator[Event | Gap]:
         """The events stream (SPEC §8) from ``from_id`` (``0``: all kept, ``$``: only new ones,
         or a stream id to resume after): ``Event``s, and a ``Gap`` where entries were trimmed
         before they were read. With ``follow``, waits for new ones until the caller stops.
-        Bad parameters raise ``IntentError`` at once."""
-        reader = EventReader(self.redis, self.store.keys.events, from_id, state=state)
+        Bad parameters raise ``IntentError`` at once. On a Redis Cluster store each app has its
+        own stream: ``app`` names it (needed when there are several apps)."""
+        key = self.store.events_key(app, self.apps() if self.store.cluster else ())
+        reader = EventReader(self.redis, key, from_id, state=state)
         return self._guard_iter(reader.follow(follow=follow))
 
     def _guard_iter(self, items: Iterator[T]) -> Iterator[T]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import redis
 
+from .errors import IntentError
 from .keys import DEFAULT_PREFIX, Keys, app_of_batch, app_of_id, batch_nonce, lua_prelude
 from .model import BatchItem, Intent
 
@@ -222,6 +223,20 @@ class Layout:
     def of_batch(self, batch_id: str) -> Keys:
         """The keys of the app a batch id belongs to (all the same keys when standalone)."""
         return self.keys.tagged(app_of_batch(batch_id)) if self.cluster else self.keys
+
+    def events_key(self, app: str | None, known: Iterable[str]) -> str:
+        """The events stream to read: the one stream, or in cluster mode ``app``'s (each app has
+        its own; merged readers are not built yet). Without ``app`` on a cluster, the one known
+        app's; ``IntentError`` (field ``app``) when there are several."""
+        if not self.cluster:
+            return self.keys.events
+        if app is None:
+            names = sorted(set(known))
+            if len(names) != 1:
+                raise IntentError("app", "required on a Redis Cluster store: each app has its own "
+                                         f"events stream (known apps: {', '.join(names)})")
+            app = names[0]
+        return self.scope(app).events
 
     def nonce(self, app: str) -> str:
         """The random end of a claim's batch id (in cluster mode followed by the app)."""

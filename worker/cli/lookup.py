@@ -51,13 +51,15 @@ def history(token: str | None, account: str | None, account_type: int | None, ap
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events until Ctrl-C.")
 @click.option("--state", type=click.Choice(["retrying", "verifying", "succeeded", "failed"]),
               help="Only events of this state (gaps are always printed).")
-def events(from_id: str, follow: bool, state: str | None) -> None:
+@click.option("--app", help="On a Redis Cluster store, the app whose stream to read (each app "
+                            "has its own).")
+def events(from_id: str, follow: bool, state: str | None, app: str | None) -> None:
     """The events stream as JSON lines, each with its stream_id: every change of an intent to
     retrying, verifying, succeeded or failed. Where entries were trimmed (TPNS_EVENTS_MAXLEN)
     before they were read, a line {"event": "gap", ...} names the first id kept."""
     producer = common.producer()
     try:
-        for item in producer.events(from_id, follow=follow, state=state):
+        for item in producer.events(from_id, follow=follow, state=state, app=app):
             click.echo(json.dumps(item.as_dict(), ensure_ascii=False))
             if follow:
                 sys.stdout.flush()

@@ -68,8 +68,9 @@ def _reader(producer: Producer, request: Request) -> tuple[EventReader, bool]:
     follow = _FLAGS.get((q.get("follow") or "true").strip().lower())
     if follow is None:
         raise IntentError("follow", "must be true or false")
-    reader = EventReader(producer.redis, producer.store.keys.events, start,
-                         state=parse_state(q.get("state")))
+    key = producer.store.events_key(q.get("app"),
+                                    producer.apps() if producer.store.cluster else ())
+    reader = EventReader(producer.redis, key, start, state=parse_state(q.get("state")))
     return reader, follow
 
 

@@ -194,6 +194,8 @@ def _get_events() -> Schema:
             _query("state", {"type": "string", "enum": list(EVENT_STATES)}, "Only this state"),
             _query("follow", {"type": "boolean"}, "false: send what is kept, then close "
                                                   "(default true: keep sending)"),
+            _query("app", {"type": "string"}, "On a Redis Cluster store, the app whose stream "
+                                              "to read (each app has its own)"),
             {"name": "Last-Event-ID", "in": "header", "required": False,
              "schema": {"type": "string"}, "description": "Resume after this id"}],
         "responses": {"200": {"description": "text/event-stream",
