@@ -278,3 +278,27 @@ def test_counters_by_name_and_timings(client: redis.Redis, prefix: str) -> None:
     assert unknown is None and first is not None
     assert before <= first[0] == first[1] <= after  # never changed since enqueued
     assert store.timings([]) == []
+
+
+def test_complete_many_records_each_batch_as_complete_does_in_one_round_trip(
+        client: redis.Redis, prefix: str) -> None:
+    """The flush's group commit of completions: each call is the same atomic script, each gets
+    its own answer (a lease already gone shows as stale for that batch only)."""
+    store = make(client, prefix, max_items=2)
+    store.enqueue([(f"i{k}", intent(f"t{k}", account=f"u{k}")) for k in range(6)])
+    claims = store.claim_many("default", 2, 3)
+    assert [len(c.items) for c in claims] == [2, 2, 2]
+    client.hdel(store.keys.batches, claims[2].batch_id or "")
+    client.zrem(store.keys.leases, claims[2].batch_id or "")
+    for item in claims[2].items:  # as a reap would: back to the queue, another batch's now
+        record = json.loads(client.get(store.key("i", item.id)) or b"{}")
+        record["b"] = "another"
+        client.set(store.key("i", item.id), json.dumps(record))
+    calls = [store.complete_call(c.batch_id or "", [
+        {"id": i.id, "state": "succeeded", "result_code": "0"} for i in c.items],
+        calls=1, items_sent=2, operator_type=2) for c in claims]
+    answers = store.complete_many(calls)
+    assert [(a.applied, a.stale) for a in answers] == [(2, 0), (2, 0), (0, 2)]  # type: ignore[union-attr]
+    statuses = store.statuses([f"i{k}" for k in range(6)])
+    assert [s.state if s else None for s in statuses] == ["succeeded"] * 4 + ["sending"] * 2
+    assert store.counters()["done_succeeded:2"] == 4

@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from .client import TpnsClient
 from .errors import LeaseSpentError, LeaseUnconfirmedError
+from .groupcommit import GroupCommit
 from .model import BatchItem
 from .outcomes import BatchReport, call_class, run_batch
 from .settings import Settings
@@ -39,6 +41,8 @@ SUCCESSOR_EVERY_S = 0.05
 SLOT_POLL_S = 0.25
 #: while Redis is unreachable after a call, how often recording its outcome is tried again
 RECORD_RETRY_S = 0.25
+#: completions one round trip carries at most
+COMPLETIONS_PER_TRIP = 16
 
 WakeSender = Callable[[Sequence[Wake]], None]
 
@@ -87,6 +91,10 @@ class Flusher:
         #: that the next claim need not wait for the recording: twice as many threads as slots
         #: (started as needed) let a new call start while the last ones are being recorded
         self._senders = ThreadPoolExecutor(2 * self.max_in_flight, thread_name_prefix="tpns-call")
+        #: completions of calls answered about together share a round trip (each its own atomic
+        #: script); no window is waited: a lone one goes at once, later ones go together next
+        self._completions: GroupCommit[tuple[list[Any], list[Any]], Completion] = GroupCommit(
+            store.complete_many, max_batch=COMPLETIONS_PER_TRIP, window_s=0.0)
         self.clients = clients if clients is not None else {
             name: self._make_client(name) for name in settings.apps}
 
@@ -308,10 +316,11 @@ class Flusher:
         sent = len(items) if report.calls else 0
         # vars(), not dataclasses.asdict(): the fields are flat, and asdict's deep copy of every
         # field of every outcome was a visible share of a batch's CPU
-        completion = self._record(lambda: self.store.complete(
+        call = self.store.complete_call(
             batch_id, [vars(o) for o in report.outcomes],
             calls=len(report.calls), items_sent=sent, operator_type=operator_type,
-            call_metrics=[call_class(c) for c in report.calls]))
+            call_metrics=[call_class(c) for c in report.calls])
+        completion = self._record(lambda: self._completions.run(lambda: call))
         if completion.stale:
             logger.warning("batch %s: %d outcomes arrived after the lease was lost and were "
                            "dropped (the items were or will be sent again)", batch_id,

@@ -27,7 +27,6 @@ from .model import Account, BatchItem, Intent, Status
 from .store_calls import (
     ENQUEUE_CHUNK,
     NOT_WRITTEN,
-    OUTCOME_CODES,
     SCRIPTS,
     UNKNOWN,
     UNREACHABLE,
@@ -38,6 +37,7 @@ from .store_calls import (
     Round,
     Wake,
     as_text,
+    completion_of,
     evalsha,
     intent_arg,
     load_script,
@@ -202,12 +202,13 @@ class Store(StoreReads):
                      reason="full" if eligible >= self.max_items else "linger")
 
     def _evalsha_pipeline(self, calls: Sequence[tuple[str, list[Any], list[Any]]],
-                          delete: Sequence[str] = ()) -> list[Any]:
+                          delete: Sequence[str] = (), *, raise_errors: bool = True) -> list[Any]:
         """``DEL delete…`` then each ``(script name, keys, args)`` in one round trip; replies.
 
         By SHA in a plain pipeline: redis-py's script-aware pipeline would add a ``SCRIPT
         EXISTS`` round trip to every execute. On a server that lost its scripts (a restart),
-        each call that did not run is run again through its ``Script``, which loads it.
+        each call that did not run is run again through its ``Script``, which loads it. A call's
+        own error is raised, or with ``raise_errors=False`` left in its place among the replies.
         """
         pipe = self.redis.pipeline(transaction=False)
         if delete:
@@ -220,7 +221,7 @@ class Store(StoreReads):
                 # only the calls that did not run go again (Script loads itself on NOSCRIPT)
                 name, keys, args = calls[n]
                 replies[n] = self._scripts[name](keys=keys, args=args)
-            elif isinstance(reply, Exception):
+            elif isinstance(reply, Exception) and raise_errors:
                 raise reply
         return replies
 
@@ -233,26 +234,20 @@ class Store(StoreReads):
         ``result_code``, ``ret_code``, ``err_msg``, ``error`` and ``delay_s``. ``call_metrics``
         has one ``(result class, latency ms or -1)`` per HTTP call made, for the metrics hash.
         """
-        packed = []
-        for out in outcomes:
-            entry: dict[str, Any] = {"i": out["id"], "s": OUTCOME_CODES[out["state"]]}
-            for name, short in (("result_code", "rc"), ("ret_code", "ret"), ("err_msg", "m"),
-                                ("error", "er")):
-                if out.get(name) is not None:
-                    entry[short] = out[name]
-            if out["state"] == "retry":
-                entry["dl"] = int(float(out.get("delay_s") or 0) * 1000)
-            packed.append(entry)
-        scope = self.of_batch(batch_id)
-        raw = self._scripts["complete"](keys=[
-            scope.counters, scope.metrics, scope.batches, scope.leases,
-            scope.failed, scope.events, *scope.timeline], args=[
-            scope.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
-            json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
-            json.dumps({"op": operator_type, "bs": len(packed),
-                        "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]}),
-            self.events_maxlen, *(self.verify or ())])
-        return Completion(int(raw[0]), int(raw[1]), wakes_of(raw[2]))
+        keys, args = self.complete_call(batch_id, outcomes, calls=calls, items_sent=items_sent,
+                                        operator_type=operator_type, call_metrics=call_metrics)
+        return completion_of(self._scripts["complete"](keys=keys, args=args))
+
+    def complete_many(self, completions: Sequence[tuple[list[Any], list[Any]]]
+                      ) -> list[Completion | BaseException]:
+        """Several batches' ``complete`` calls (from ``complete_call``) in one round trip, each
+        the same atomic script as ``complete``; one answer per call, in order: its
+        ``Completion``, or the error that call alone met. An error of the round trip itself
+        (Redis unreachable) is raised: none of them is known to have run."""
+        replies = self._evalsha_pipeline([("complete", keys, args) for keys, args in completions],
+                                         raise_errors=False)
+        return [reply if isinstance(reply, Exception) else completion_of(reply)
+                for reply in replies]
 
     def reap(self, limit: int = 200) -> tuple[int, tuple[Wake, ...]]:
         """Return the items of expired leases to their queues; (items reclaimed, wakes).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -172,6 +172,11 @@ def wakes_of(raw: Iterable[Any]) -> tuple[Wake, ...]:
     return tuple(out)
 
 
+def completion_of(raw: Any) -> Completion:
+    """A ``complete.lua`` reply."""
+    return Completion(int(raw[0]), int(raw[1]), wakes_of(raw[2]))
+
+
 def as_text(value: Any) -> str:
     """A Redis reply as text (clients may or may not decode)."""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -208,6 +213,8 @@ class Layout:
         self.linger_ms = linger_ms
         self.lease_ms = int(lease_s * 1000)
         self.status_ttl_s = status_ttl_s
+        #: (first check delay ms, timeout ms) with TPNS_VERIFY=on (``Store`` sets it)
+        self.verify: tuple[int, int] | None = None
 
     def key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(p) for p in parts)
@@ -285,6 +292,33 @@ class Layout:
     def requeue_failed_args(self, error: str | None, limit: int,
                             keys: Keys | None = None) -> list[Any]:
         return [(keys or self.keys).prefix, error or "", limit, self.max_items, self.linger_ms]
+
+    def complete_call(self, batch_id: str, outcomes: Sequence[Mapping[str, Any]], *,
+                      calls: int, items_sent: int, operator_type: int = 0,
+                      call_metrics: Sequence[tuple[str, float]] = ()
+                      ) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV of the ``complete`` call that ``complete`` makes (for
+        ``complete_many``)."""
+        packed = []
+        for out in outcomes:
+            entry: dict[str, Any] = {"i": out["id"], "s": OUTCOME_CODES[out["state"]]}
+            for name, short in (("result_code", "rc"), ("ret_code", "ret"), ("err_msg", "m"),
+                                ("error", "er")):
+                if out.get(name) is not None:
+                    entry[short] = out[name]
+            if out["state"] == "retry":
+                entry["dl"] = int(float(out.get("delay_s") or 0) * 1000)
+            packed.append(entry)
+        scope = self.of_batch(batch_id)
+        keys: list[Any] = [scope.counters, scope.metrics, scope.batches, scope.leases,
+                           scope.failed, scope.events, *scope.timeline]
+        args: list[Any] = [
+            scope.prefix, batch_id, self.status_ttl_s, self.max_items, self.linger_ms,
+            json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
+            json.dumps({"op": operator_type, "bs": len(packed),
+                        "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]}),
+            self.events_maxlen, *(self.verify or ())]
+        return keys, args
 
     @property
     def requeue_failed_keys(self) -> list[str]:
