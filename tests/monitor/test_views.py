@@ -100,3 +100,22 @@ def test_stats_watch_exits_0_on_ctrl_c(producer: Producer, redis_url: str, prefi
     assert len(lines) == 2 and all(json.loads(line)["calls"] == 1 for line in lines)
     result = CliRunner().invoke(main, ["stats", "--json"], env=environ)
     assert json.loads(result.output)["states"]["failed"] == 1
+
+
+def test_the_views_show_the_webhook_lag_and_last_error(producer: Producer) -> None:
+    from worker.webhook_state import WebhookState
+
+    out = io.StringIO()
+    Console(file=out, width=200).print(views.dashboard(read_overview(producer.store, {"default"})))
+    assert "not configured" in out.getvalue()  # no deliverer ever ran under this prefix
+    state = WebhookState(producer.redis, producer.store.keys, name="w")
+    assert state.acquire()
+    state.start()
+    fill(producer)  # three events after the cursor: succeeded, failed, retrying
+    state.note_failure("HTTP 502")
+    out = io.StringIO()
+    Console(file=out, width=200).print(views.dashboard(read_overview(producer.store, {"default"})))
+    assert "webhook lag 3 events (last delivered never, last error HTTP 502)" in out.getvalue()
+    result = CliRunner().invoke(main, ["stats"], env={"REDIS_URL": producer.redis_url,
+                                                       "TPNS_REDIS_PREFIX": producer.store.prefix})
+    assert "webhook lag 3 events" in result.stdout
