@@ -131,19 +131,12 @@ def to_event(stream_id: str, fields: Mapping[Any, Any]) -> Event:
         at=iso_ms(int(f.get("at") or 0)))
 
 
-def _as_map(value: Any) -> Any:
-    """A flat ``[name, value, ...]`` reply as a dict with str names; anything else as it is."""
-    if isinstance(value, list | tuple):
-        return {_text(k): v for k, v in zip(value[::2], value[1::2], strict=False)}
-    return value
-
-
 def as_replies(info: Any, entries: Any) -> tuple[Any, Any]:
     """XINFO STREAM's and XRANGE's replies as redis-py parses them outside a transaction: a
     cluster client's ``MULTI`` (redis-py 8) hands them back raw, as flat lists."""
     if not isinstance(info, Exception):
-        info = _as_map(info)
-    return info, [(raw_id, _as_map(fields)) for raw_id, fields in entries]
+        info = _mapping(info)
+    return info, [(raw_id, _mapping(fields)) for raw_id, fields in entries]
 
 
 class _Cursor:
@@ -173,7 +166,7 @@ class _Cursor:
         out: list[Event | Gap] = []
         # no stream at all: XINFO answers an error, and nothing can have been trimmed
         if not isinstance(info, Exception) and self._check_gap:
-            gap = self._gap(_mapping(info))
+            gap = self._gap(info)
             if gap is not None:
                 out.append(gap)
         self._check_gap = True
