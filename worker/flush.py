@@ -1,4 +1,4 @@
-"""The flush and sweep loops, free of Celery: claim a batch, call TPNS, record every outcome.
+"""The flush loop, free of Celery: claim a batch, call TPNS, record every outcome.
 
 ``Flusher`` holds what one worker process needs (the store, one ``TpnsClient`` per app, a waker)
 and is what the Celery tasks call. Tests drive it directly as well.
@@ -15,15 +15,14 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
+from .attempt_guard import AttemptGuard
 from .client import TpnsClient
-from .errors import LeaseSpentError, LeaseUnconfirmedError
 from .groupcommit import GroupCommit
 from .model import BatchItem
 from .outcomes import BatchReport, call_class, run_batch
 from .settings import Settings
-from .store import Claim, Completion, Store, Wake, refused_before_writing, unavailable
+from .store import Claim, Completion, Store, Wake, unavailable
+from .sweep import sweep as run_sweep
 from .tpns_codes import RETRY_AFTER_CAP_S
 
 logger = logging.getLogger(__name__)
@@ -76,14 +75,10 @@ class Flusher:
         self.monotonic = monotonic
         #: called after every claim (the watchdog's proof of progress)
         self.on_claim = on_claim
-        #: per thread (for a threads pool), about the batch being sent: ``backoff_read``, the
-        #: app's shared backoff was read with the claim, so the first attempt need not read it
-        #: again; ``send_by``, the monotonic time after which no HTTP attempt may start;
-        #: ``batch_id``, whose lease every attempt confirms first
-        self._batch = threading.local()
-        #: an attempt takes at most a connect and a read timeout, plus some slack (Settings keeps
-        #: the lease at least 4 timeouts long, so a fresh batch always has time for one attempt)
-        self._attempt_s = 2 * settings.http_timeout_s + min(1.0, settings.lease_s / 10)
+        #: the lease check and deadline of every HTTP attempt (its ``batch``: per sender thread)
+        self._guard = AttemptGuard(settings, store, sleep=sleep, monotonic=monotonic)
+        self._batch = self._guard.batch
+        self._time_left = self._guard.time_left
         #: calls in flight at most in this process, over all its flushes (SPEC §2)
         self.max_in_flight = settings.max_in_flight
         self._slots = threading.BoundedSemaphore(self.max_in_flight)
@@ -100,53 +95,12 @@ class Flusher:
 
     def _make_client(self, app: str) -> TpnsClient:
         s = self.settings
-
-        def before_call() -> None:
-            # No HTTP attempt without a live lease (SPEC §3.7): the claim itself confirmed it
-            # for the first attempt (one round trip ago, with the backoff read); every other
-            # attempt (tenacity's retries, the halves of a rejected call) asks Redis again, in
-            # the throttle's round trip, and once more after any wait.
-            batch = self._batch
-            if getattr(batch, "backoff_read", False):
-                batch.backoff_read = False
-                if getattr(batch, "waited", False):  # held for the backoff: ask again
-                    batch.waited = False
-                    self._confirm(lambda: 0.0 if self.store.lease_held(batch.batch_id) else None)
-            else:
-                batch_id = getattr(batch, "batch_id", None)
-                wait_s = self._confirm(lambda: self.store.before_attempt(
-                    app, s.max_calls_per_s, batch_id))
-                if wait_s is not None and wait_s > 0:
-                    self.sleep(min(wait_s, self._time_left()))
-                    if batch_id:
-                        self._confirm(lambda: 0.0 if self.store.lease_held(batch_id) else None)
-            if self._time_left() <= 0:
-                raise LeaseSpentError("not sent: the batch's lease would end before the call could")
-
         # an answered attempt's line is DEBUG: the batch's line (send) carries its fields, and a
         # second line per call was a visible share of a call's CPU; failed attempts stay INFO
         return TpnsClient(s.apps[app], timeout_s=s.http_timeout_s, budget_s=s.lease_s / 2,
-                          pool_size=s.max_in_flight, sleep=self.sleep, before_call=before_call,
+                          pool_size=s.max_in_flight, sleep=self.sleep,
+                          before_call=self._guard.before_call(app),
                           call_log_level=logging.DEBUG)
-
-    def _confirm(self, ask: Callable[[], float | None]) -> float:
-        """``ask()`` Redis about the current batch's lease; no attempt unless it answers yes."""
-        try:
-            answer = ask()
-        except Exception as exc:
-            if not unavailable(exc):
-                raise
-            raise LeaseUnconfirmedError("not sent: Redis is unreachable, so the batch's lease "
-                                        "cannot be confirmed") from None
-        if answer is None:
-            raise LeaseUnconfirmedError("not sent: the batch's lease is no longer held (lost in "
-                                        "a Redis restart or failover, or expired)")
-        return answer
-
-    def _time_left(self) -> float:
-        """Seconds until no HTTP attempt of the current batch may start (inf outside a batch)."""
-        send_by = getattr(self._batch, "send_by", None)
-        return float("inf") if send_by is None else send_by - self.monotonic()
 
     def close(self) -> None:
         """Wait for the calls in flight, then close the HTTP sessions."""
@@ -216,7 +170,7 @@ class Flusher:
             batches = [claim for claim in claims if claim.kind == "batch"]
             if slots > len(batches):
                 self._slots.release(slots - len(batches))
-            send_by = now + self.settings.lease_s - self._attempt_s
+            send_by = now + self.settings.lease_s - self._guard.attempt_s
             for claim in batches:  # every batch claimed is leased: all of them go
                 sending.append(self._senders.submit(self._send_claimed, app, op, claim, send_by,
                                                     unlimited, trouble))
@@ -383,29 +337,6 @@ class Flusher:
         self.wake([Wake(app, op, "now") if delay_s <= 0 else Wake(app, op, "linger", delay_s)])
 
     def sweep(self) -> dict[str, int]:
-        """Reap expired leases and wake every (app, op) with eligible or retrying work.
-
-        Runs every second from beat; a Redis lock makes extra beats (two workers with beat) skip.
-        """
-        if not self.store.claim_sweep():
-            return {"skipped": 1}
-        reclaimed, wakes = self.store.reap()
-        if reclaimed:
-            logger.warning("reclaimed %d items from expired leases (a worker died or hung)",
-                           reclaimed)
-        sent = list(wakes)
-        apps = set(self.settings.apps) | self.store.known_apps()
-        for (app, op), (ready, _retrying) in self.store.ready_counts(apps).items():
-            if self.store.claim_wake(app, op):
-                sent.append(Wake(app, op, "now" if ready else "linger"))
-        if sent:
-            self.wake(sent)
-        # last, and best effort: heads of expired records go (the history index stays bounded),
-        # but a Redis at maxmemory refusing that write must not cost the wakes above
-        try:
-            self.store.prune_history()
-        except redis.ResponseError as exc:
-            if not refused_before_writing(exc):
-                raise
-        return {"reclaimed": reclaimed, "wakes": len(sent)}
-
+        """Reap expired leases and wake every (app, op) with work (``worker.sweep``); runs every
+        second from beat."""
+        return run_sweep(self.settings, self.store, self.wake)
