@@ -128,65 +128,87 @@ def run_batch(client_call: Callable[[int, Sequence[BatchItem]], CallResult], ope
     sending: every item not yet decided is requeued and ``pause`` is set. Exceptions that are not
     ``TpnsError`` (a bug, a ``ValueError`` from ``build_body``) propagate.
     """
-    decided: dict[str, ItemOutcome] = {}
-    calls: list[CallResult | TpnsError] = []
-    pause: CredentialsError | None = None
-    retry_after: float | None = None
+    run = _BatchRun(client_call, operator_type, now_ms=now_ms, max_attempts=max_attempts,
+                    max_age_s=max_age_s, rng=rng)
+    run.send(list(items))
+    return run.report(items)
 
-    def again(item: BatchItem, error: str, ret_code: int | None,
+
+class _BatchRun:
+    """The steps of one ``run_batch``: each call (halving on a rejection) and what it decided."""
+
+    def __init__(self, client_call: Callable[[int, Sequence[BatchItem]], CallResult],
+                 operator_type: int, *, now_ms: int, max_attempts: int, max_age_s: float,
+                 rng: random.Random) -> None:
+        self.client_call = client_call
+        self.operator_type = operator_type
+        self.now_ms = now_ms
+        self.max_attempts = max_attempts
+        self.max_age_s = max_age_s
+        self.rng = rng
+        self.decided: dict[str, ItemOutcome] = {}
+        self.calls: list[CallResult | TpnsError] = []
+        self.pause: CredentialsError | None = None
+        self.retry_after: float | None = None
+
+    def again(self, item: BatchItem, error: str, ret_code: int | None,
               err_msg: str | None) -> ItemOutcome:
-        return retry_or_exhausted(item, error, now_ms=now_ms, max_attempts=max_attempts,
-                                  max_age_s=max_age_s, rng=rng, ret_code=ret_code,
+        return retry_or_exhausted(item, error, now_ms=self.now_ms, max_attempts=self.max_attempts,
+                                  max_age_s=self.max_age_s, rng=self.rng, ret_code=ret_code,
                                   err_msg=err_msg)
 
-    def send(group: Sequence[BatchItem]) -> None:
-        nonlocal pause, retry_after
-        if pause is not None:
+    def send(self, group: Sequence[BatchItem]) -> None:
+        """One call for ``group``, and the outcomes it decides (the halves' calls on a rejection)."""
+        if self.pause is not None:
             return
         try:
-            result = client_call(operator_type, group)
+            result = self.client_call(self.operator_type, group)
         except RejectedError as exc:
-            calls.append(exc)
+            self.calls.append(exc)
             if len(group) == 1:
-                decided[group[0].id] = ItemOutcome(
+                self.decided[group[0].id] = ItemOutcome(
                     group[0].id, "failed", None, exc.ret_code, exc.err_msg,
                     f"rejected:{exc.ret_code}")
                 return
             middle = (len(group) + 1) // 2
-            send(group[:middle])
-            send(group[middle:])
+            self.send(group[:middle])
+            self.send(group[middle:])
             return
         except CredentialsError as exc:
-            calls.append(exc)
-            pause = exc
+            self.calls.append(exc)
+            self.pause = exc
             return
         except TpnsError as exc:  # transient (already retried in-call) or an unnamed permanent one
-            calls.append(exc)
+            self.calls.append(exc)
             if isinstance(exc, RateLimitedError) and exc.retry_after_s is not None:
-                retry_after = max(retry_after or 0.0, exc.retry_after_s)
+                self.retry_after = max(self.retry_after or 0.0, exc.retry_after_s)
             for item in group:
-                decided[item.id] = again(item, exc.code, exc.ret_code, exc.err_msg)
+                self.decided[item.id] = self.again(item, exc.code, exc.ret_code, exc.err_msg)
             return
-        calls.append(result)
+        self.calls.append(result)
         if result.ret_code not in ITEM_LEVEL_RET_CODES:  # a client returned what it should raise
             for item in group:
-                decided[item.id] = again(item, f"ret_{result.ret_code}", result.ret_code,
-                                         result.err_msg)
+                self.decided[item.id] = self.again(item, f"ret_{result.ret_code}",
+                                                   result.ret_code, result.err_msg)
             return
-        for outcome in judge_items(result, group, now_ms=now_ms, max_attempts=max_attempts,
-                                   max_age_s=max_age_s, rng=rng):
-            decided[outcome.id] = outcome
+        for outcome in judge_items(result, group, now_ms=self.now_ms,
+                                   max_attempts=self.max_attempts, max_age_s=self.max_age_s,
+                                   rng=self.rng):
+            self.decided[outcome.id] = outcome
 
-    send(list(items))
-    outcomes: list[ItemOutcome] = []
-    for item in items:
-        outcome = decided.get(item.id)
-        if outcome is None:
-            assert pause is not None, "every item is decided unless sending paused"
-            outcome = ItemOutcome(item.id, "requeue", None, pause.ret_code, pause.err_msg,
-                                  pause.code)
-        outcomes.append(outcome)
-    return BatchReport(outcomes=outcomes, calls=calls, pause=pause, retry_after_s=retry_after)
+    def report(self, items: Sequence[BatchItem]) -> BatchReport:
+        """One outcome per item, in order: what a call decided, or requeued by the pause."""
+        outcomes: list[ItemOutcome] = []
+        pause = self.pause
+        for item in items:
+            outcome = self.decided.get(item.id)
+            if outcome is None:
+                assert pause is not None, "every item is decided unless sending paused"
+                outcome = ItemOutcome(item.id, "requeue", None, pause.ret_code, pause.err_msg,
+                                      pause.code)
+            outcomes.append(outcome)
+        return BatchReport(outcomes=outcomes, calls=self.calls, pause=pause,
+                           retry_after_s=self.retry_after)
 
 
 def call_class(call: CallResult | TpnsError) -> tuple[str, float]:
