@@ -45,7 +45,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
@@ -197,8 +197,8 @@ def create_app(producer: Producer, settings: Settings,
     """The Starlette application over ``producer`` (its Redis, prefix and known apps) and, for
     single-intent posts, ``aproducer`` (by default one on the same Redis, prefix and wakes; its
     connections belong to the serving event loop, and are closed at the app's shutdown)."""
-    # Over 60 lines on purpose: one closure of a few lines per route over ``producer``, read
-    # together with the route table at the end.
+    # one closure of a few lines per route over ``producer``, read together with the route table
+    # at the end
     registry = make_registry(producer.store, producer.apps)
     sessions = Sessions(settings.api_token) if settings.api_token else None
     doors = aproducer or AsyncProducer(producer.redis_url, producer.store.prefix,
@@ -235,14 +235,6 @@ def create_app(producer: Producer, settings: Settings,
     def openapi(request: Request) -> Response:
         return JSONResponse(openapi_schema())
 
-    async def redis_down(request: Request, exc: Exception) -> Response:
-        if not isinstance(exc, StoreUnavailableError):  # a route that reads the store directly
-            exc = producer.unavailable(exc)
-            if not isinstance(exc, StoreUnavailableError):
-                raise exc
-        logger.warning("%s %s: %s", request.method, request.url.path, exc)
-        return unavailable_response(exc)
-
     routes = [
         Route("/v1/intents", post_intents, methods=["POST"]),
         Route("/v1/intents", history_endpoint(producer), methods=["GET"]),
@@ -254,10 +246,25 @@ def create_app(producer: Producer, settings: Settings,
         Route("/openapi.json", openapi, methods=["GET"]),
         *page_routes(producer, sessions),
     ]
+    redis_down = _redis_down(producer)
     return Starlette(routes=routes, lifespan=lifespan,
                      middleware=[Middleware(Auth, sessions=sessions)],
                      exception_handlers={redis.RedisError: redis_down,
                                          StoreUnavailableError: redis_down})
+
+
+def _redis_down(producer: Producer) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """The handler of a Redis error raised by any route: 503 with the store's error."""
+
+    async def redis_down(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, StoreUnavailableError):  # a route that reads the store directly
+            exc = producer.unavailable(exc)
+            if not isinstance(exc, StoreUnavailableError):
+                raise exc
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        return unavailable_response(exc)
+
+    return redis_down
 
 
 def _is_loopback(host: str) -> bool:
