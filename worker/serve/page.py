@@ -2,8 +2,9 @@
 
 The first answer is complete server-rendered HTML (figures from
 ``worker.monitor.overview.read_overview``, one status for a ``?id=`` lookup), so the page reads
-without script; ``static/page.js`` then refreshes it every ``REFRESH_S`` from ``GET /v1/overview``
-and ``GET /v1/timeline`` without a reload, draws the charts of the last hour, runs the lookup box
+without script; ``static/page.js`` then refreshes it every ``REFRESH_S`` without a reload — the
+figures by fetching this page again and swapping its parts in (one formatter: this module), the
+charts from ``GET /v1/timeline`` — draws the charts of the last hour, runs the lookup box
 and the requeue button. The script and stylesheet ship in the package (``static/``, nothing from a
 CDN) and the Content-Security-Policy allows nothing else. Every value goes through
 ``html.escape`` here and ``textContent`` in the script — ids, accounts, err_msg and reasons are
