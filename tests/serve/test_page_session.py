@@ -136,6 +136,8 @@ def test_signing_out_clears_the_cookie(server: tuple[str, Producer]) -> None:
 def test_sessions_expire_and_die_with_a_new_token() -> None:
     now = [1_000_000.0]
     sessions = Sessions(TOKEN, clock=lambda: now[0])
+    assert sessions.token_matches(TOKEN) and sessions.token_matches(f" {TOKEN}\n")
+    assert not any(sessions.token_matches(t) for t in ("", TOKEN[:-1], TOKEN + "x"))
     cookie = sessions.issue()
     nonce = sessions.nonce(cookie)
     assert nonce is not None and sessions.csrf_matches(nonce, sessions.csrf(nonce))
