@@ -156,9 +156,13 @@ def test_worker_rides_out_redis_kills_mid_drain(
         def during() -> None:  # liveness from the local heartbeat: an outage is not death
             wait_until(lambda: "Redis unreachable" in worker.log(), 30,
                        message="the worker noticed the outage")
-            local = health(env, "--worker", "--local")
-            assert local.returncode == 0, local.stdout + local.stderr
-            assert "Redis unreachable" in local.stdout
+            # the heartbeat file carries the outage from the watchdog's next beat, a moment after
+            # the log line: poll the local check until it reports it, and it must stay healthy
+            def local_check_reports_it() -> bool:
+                local = health(env, "--worker", "--local")
+                assert local.returncode == 0, local.stdout + local.stderr
+                return "Redis unreachable" in local.stdout
+            wait_until(local_check_reports_it, 30, message="the local health check reports the outage")
             assert health(env).returncode == 1  # readiness: Redis is down
 
         drain_through_outages(aof_redis, worker, own_prefix, len(intents), OUTAGES,
