@@ -18,6 +18,7 @@ from .harness import (
     NAIVE_CONCURRENCY,
     BenchConfig,
     Reporter,
+    alive_or_raise,
     bench_intents,
     close_gate,
     hostnames,
@@ -54,6 +55,10 @@ class NaiveBaseline:
                       for k, name in enumerate(self.names)]
         self.app = make_naive_celery(settings, redis.url, redis.prefix)
         self.queue = f"{redis.prefix}naive"
+        # the warm-up has a queue of its own: the drain then adds a queue the workers never
+        # consumed, instead of re-adding a cancelled one (kombu may apply a cancel late, after
+        # its read, and drop a queue added again in between: the drain would never start)
+        self.warm_queue = f"{redis.prefix}naive-warm"
         self.counter = done_key(redis.prefix)
 
     def run(self) -> dict[str, Any]:
@@ -82,13 +87,13 @@ class NaiveBaseline:
     def _warm_up(self, client: Any) -> None:
         warm = self.config.workers * 40 * (self.config.concurrency or NAIVE_CONCURRENCY) // 20 * 2
         self.report.phase(f"baseline: warming the workers up ({warm} tasks, not measured)")
-        open_gate(self.app, self.queue, self.names)
+        open_gate(self.app, self.warm_queue, self.names)
         for k in range(warm):
             self.app.send_task(NAIVE_TASK, args=[new_id(), 4, f"warm-{k:035d}", []],
-                               queue=self.queue)
+                               queue=self.warm_queue)
         self.report.waiting("baseline warm-up", warm, lambda: int(client.get(self.counter) or 0),
-                            timeout_s=120.0)
-        close_gate(self.app, self.queue, self.names)
+                            timeout_s=120.0, on_poll=lambda: alive_or_raise(self.procs))
+        close_gate(self.app, self.warm_queue, self.names)
         client.delete(self.counter)
 
     def _publish(self) -> float:
@@ -110,7 +115,12 @@ class NaiveBaseline:
         self.report.phase("baseline: draining")
         started = time.monotonic()
         open_gate(self.app, self.queue, self.names)
-        ended = self.report.waiting("baseline drain", self.count,
-                                    lambda: int(client.get(self.counter) or 0),
-                                    timeout_s=max(120.0, self.count / 5))
+        try:
+            ended = self.report.waiting("baseline drain", self.count,
+                                        lambda: int(client.get(self.counter) or 0),
+                                        timeout_s=max(120.0, self.count / 5),
+                                        on_poll=lambda: alive_or_raise(self.procs))
+        except TimeoutError as exc:  # what the workers said is what tells why
+            tails = "\n".join(f"{p.log_path}:\n{p.log()[-1500:]}" for p in self.procs)
+            raise TimeoutError(f"{exc}\n{tails}") from exc
         return ended - started

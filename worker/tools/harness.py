@@ -132,9 +132,26 @@ def open_gate(app: Any, queue: str, names: Sequence[str], timeout_s: float = 60.
             raise RuntimeError(f"add_consumer: no answer from {sorted(waiting)}")
 
 
-def close_gate(app: Any, queue: str, names: Sequence[str]) -> None:
-    """Make every named worker stop consuming ``queue``."""
-    app.control.cancel_consumer(queue, destination=list(names), reply=True, timeout=5.0)
+def close_gate(app: Any, queue: str, names: Sequence[str], timeout_s: float = 60.0) -> None:
+    """Make every named worker stop consuming ``queue``; returns once each has answered."""
+    # as open_gate: a loaded machine may answer after the reply window, and a phase that
+    # publishes before a worker has cancelled races it for the next phase's messages
+    deadline = time.monotonic() + timeout_s
+    waiting = set(names)
+    while waiting:
+        replies = app.control.cancel_consumer(queue, destination=sorted(waiting), reply=True,
+                                              timeout=5.0) or []
+        waiting -= {name for reply in replies for name in reply}
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"cancel_consumer: no answer from {sorted(waiting)}")
+
+
+def alive_or_raise(procs: Sequence[WorkerProcess]) -> None:
+    """``RuntimeError`` naming the log of a worker that has exited (a wait would only time out)."""
+    for proc in procs:
+        if not proc.alive():
+            raise RuntimeError(f"a worker exited; the end of {proc.log_path}:\n"
+                               f"{proc.log()[-2000:]}")
 
 
 #: pool processes of the naive design unless --concurrency is given: it has one call in flight

@@ -66,7 +66,9 @@ async def _connection(port: int, conn: int, deadline: float, warm_until: float,
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     k = 0
     try:
-        while time.monotonic() < deadline:
+        # at least one request: on a loaded machine a connection may open after the deadline,
+        # and a run whose figures are all zero tells nothing
+        while k == 0 or time.monotonic() < deadline:
             body = b'{"operator_type":4,"token":"ingest-%d-%d-%s"}' % (conn, k, secrets.token_hex(4).encode())
             writer.write(b"POST /v1/intents HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json"
                          b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -148,12 +150,18 @@ def _answers(port: int) -> bool:
         return False
 
 
-def _free_port() -> int:
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all held open while they are chosen: never the same twice)."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def serve_bare(port: int) -> None:
@@ -182,7 +190,7 @@ def submit_rate(producer: Producer, threads: int, seconds: float) -> tuple[float
 
     def run(t: int) -> None:
         k = 0
-        while time.monotonic() < deadline:
+        while k == 0 or time.monotonic() < deadline:  # one at least, however late it starts
             producer.submit(_intent(f"s{threads}x{t}", k))
             k += 1
         done[t] = k
@@ -202,7 +210,7 @@ async def async_submit_rate(producer: AsyncProducer, tasks: int, seconds: float)
 
     async def run(t: int) -> int:
         k = 0
-        while time.monotonic() < deadline:
+        while k == 0 or time.monotonic() < deadline:  # one at least, however late it starts
             await producer.submit(_intent(f"a{t}", k))
             k += 1
         return k
@@ -254,7 +262,7 @@ def post_rates(tmp: Path, env: dict[str, str], connections: int, seconds: float,
     """The bare endpoint and ``serve`` side by side, loaded in turn (``rounds`` times each,
     ``seconds`` in all), so that a change in the machine's load between phases does not pass
     for a difference between the two. Only one of them is loaded at a time."""
-    ports = {"bare": _free_port(), "serve": _free_port()}
+    ports = dict(zip(("bare", "serve"), _free_ports(2), strict=True))
     argv = {"bare": [sys.executable, "-m", "worker.tools.ingest", "bare", str(ports["bare"])],
             "serve": [sys.executable, "-c", "from worker.cli import main; main()", "serve",
                       "--port", str(ports["serve"])]}
