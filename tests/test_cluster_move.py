@@ -76,7 +76,10 @@ def test_an_app_moves_to_another_master_after_its_calls_in_flight_and_resumes_th
     assert report.keys > 12 and report.stalled_s >= report.waited_in_flight_s > 0
 
     assert redis_cluster.port_of_slot(slot) == target
-    assert not redis_cluster.node(source).keys(f"{cluster_prefix}*")
+    # nothing of the moved slot left behind (keys outside it, as the app registry ``apps``,
+    # live wherever the random prefix hashes them: on the source a third of the time)
+    assert not [k for k in redis_cluster.node(source).keys(f"{cluster_prefix}*")
+                if cclient.keyslot(k) == slot]
     # resumed on the new master with everything: records, queue, counters; writes go there
     assert APP not in store.pauses([APP])
     states = [s.state if s else None for s in store.statuses(ids)]
