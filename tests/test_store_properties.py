@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+from tests.support.fuzz import examples
 from worker.model import Account, Intent
 from worker.store import Store
 
@@ -266,5 +267,5 @@ def test_store_keeps_its_guarantees_under_any_sequence(redis_url: str) -> None:
     machine = type("StoreMachineHere", (StoreMachine,), {"redis_url": redis_url})
     run_state_machine_as_test(
         machine,
-        settings=settings(max_examples=100, stateful_step_count=50, deadline=None,
+        settings=settings(max_examples=examples(30, 300), stateful_step_count=50, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow]))
