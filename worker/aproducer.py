@@ -22,22 +22,21 @@ from typing import Any, ParamSpec, TypeVar
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from . import bulk
 from .astore import AsyncStore
 from .bulk import AppNames, BulkResult, Failure, Prepared
 from .connections import async_redis_client
 from .embedded import resolve_redis_url
-from .errors import IdConflictError, IntentError, StoreError, StoreUnavailableError
+from .errors import IdConflictError, StoreError, StoreUnavailableError
 from .events import AsyncEventReader, Event, Gap
 from .groupcommit import AsyncGroupCommit
 from .history import history_query
 from .intents import validate
 from .model import Intent, Status
-from .producer import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, RETRIES, WakeHook, WakeSender
+from .producer import WakeHook, WakeSender, client_options, store_options
 from .settings import Settings, redact_url
-from .store import Wake, merge_wakes
+from .store import Wake
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,13 +68,8 @@ class AsyncProducer:
         self.settings = s = settings or Settings.from_env()
         url = redis_url or resolve_redis_url(s.redis_url, s.data_dir)
         self.redis_url = url
-        self.redis = client or async_redis_client(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=REPLY_TIMEOUT_S + (s.enqueue_wait_ms / 1000 if s.enqueue_min_replicas else 0),
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), RETRIES))
-        self.store = AsyncStore(self.redis, prefix or s.prefix, max_items=s.max_items_per_call,
-                                linger_ms=s.linger_ms, lease_s=s.lease_s,
-                                status_ttl_s=s.status_ttl_s)
+        self.redis = client or async_redis_client(url, **client_options(s, Retry))
+        self.store = AsyncStore(self.redis, prefix or s.prefix, **store_options(s))
         self.wake_sender = WakeSender(s, url, self.store.prefix, wake)
         self.app_names = AppNames(s.apps)
         #: concurrent ``submit`` calls share one enqueue call
@@ -131,7 +125,7 @@ class AsyncProducer:
         return prepared.result
 
     async def _commit_group(self, valid: list[tuple[str, Intent]]) -> list[str | BaseException]:
-        prepared = Prepared(BulkResult(ids=[i for i, _ in valid]), valid, list(range(len(valid))))
+        prepared = bulk.grouped(valid)
         failure = await self._store(prepared, None)
         return bulk.per_caller(prepared, failure, self._url)
 
@@ -140,7 +134,7 @@ class AsyncProducer:
 
         With ``strict=True`` the first invalid intent raises ``IntentError`` and nothing is stored.
         """
-        items = _listed(intents)
+        items = bulk.listed(intents)
         if strict:
             apps = await self.apps()
             for obj in items:
@@ -154,14 +148,11 @@ class AsyncProducer:
         Raises ``StoreUnavailableError`` (``QueueFullError`` for back-pressure) when Redis did
         not take all of them; its ``result`` is this call's ``BulkResult`` so far.
         """
-        items = _listed(intents)
+        items = bulk.listed(intents)
         prepared = await self._prepare(items, line_numbers)
         if prepared.valid:
             failure = await self._store(prepared, line_numbers)
-            if failure is not None:
-                error = bulk.failure_error(self._url, failure, prepared.result)
-                cause = failure.cause if isinstance(failure.cause, BaseException) else None
-                raise error from cause
+            bulk.raise_failure(self._url, failure, prepared.result)
         return prepared.result
 
     async def _prepare(self, items: Sequence[Any], line_numbers: Sequence[int] | None) -> Prepared:
@@ -175,21 +166,14 @@ class AsyncProducer:
     async def _store(self, prepared: Prepared, line_numbers: Sequence[int] | None) -> Failure | None:
         """``Producer._store`` on asyncio: each intent's fate in ``prepared``; what went wrong."""
         s = self.settings
-        failure: Failure | None = None
-        done = 0
-        wakes: list[Wake] = []
+        rounds = bulk.Rounds(prepared, line_numbers, s)
         async for rnd in self.store.enqueue_rounds(prepared.valid, max_pending=s.max_pending,
                                                    min_replicas=s.enqueue_min_replicas,
                                                    wait_ms=s.enqueue_wait_ms):
-            done = rnd.start + rnd.size
-            wakes.extend(rnd.wakes)
-            failure = bulk.apply_round(rnd, prepared, line_numbers, s.enqueue_min_replicas,
-                                       s.max_pending, s.enqueue_wait_ms)
-            if failure is not None:
+            if rounds.take(rnd):
                 break
-        bulk.unsent(prepared, done)
-        await self._send_wakes(merge_wakes(wakes))
-        return failure
+        await self._send_wakes(rounds.finish())
+        return rounds.failure
 
     @_guarded
     async def requeue_failed(self, error: str | None = None) -> list[str]:
@@ -245,12 +229,8 @@ class AsyncProducer:
         deadline = time.monotonic() + timeout_s
         while True:
             statuses = await self.statuses(ids)
-            if all(st is None or st.terminal for st in statuses):
+            if bulk.all_terminal(statuses, timeout_s, deadline):
                 return statuses
-            if time.monotonic() >= deadline:
-                pending = sum(1 for st in statuses if st is not None and not st.terminal)
-                raise TimeoutError(f"{pending} of {len(ids)} intents not terminal after "
-                                   f"{timeout_s:g} s")
             await asyncio.sleep(poll_s)
 
     async def aclose(self) -> None:
@@ -263,10 +243,3 @@ class AsyncProducer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _listed(intents: Iterable[Any]) -> list[Any]:
-    try:
-        return list(intents)
-    except TypeError:
-        raise IntentError("intents", "must be an iterable of intents") from None

@@ -21,8 +21,9 @@ import redis
 from .errors import IdConflictError, IntentError, QueueFullError, StoreError, StoreUnavailableError
 from .intents import validate
 from .keys import app_id
-from .model import Intent
-from .store import NOT_WRITTEN, UNKNOWN, Round, unavailable
+from .model import Intent, Status
+from .settings import Settings
+from .store import NOT_WRITTEN, UNKNOWN, Round, Wake, merge_wakes, unavailable
 
 #: seconds a caller refused for back-pressure is told to wait (``Retry-After``)
 RETRY_AFTER_S = 5
@@ -187,6 +188,66 @@ def unsent(prepared: Prepared, done: int) -> None:
         k = prepared.positions[j]
         prepared.result.ids[k] = None
         prepared.result.not_stored[k] = prepared.valid[j][0]
+
+
+def grouped(valid: list[tuple[str, Intent]]) -> Prepared:
+    """The items of concurrent ``submit`` calls (one group commit), as one enqueue to store."""
+    return Prepared(BulkResult(ids=[i for i, _ in valid]), valid, list(range(len(valid))))
+
+
+def listed(intents: Iterable[Any]) -> list[Any]:
+    """The intents of an enqueue as a list; ``IntentError`` if they are not an iterable."""
+    try:
+        return list(intents)
+    except TypeError:
+        raise IntentError("intents", "must be an iterable of intents") from None
+
+
+class Rounds:
+    """What the rounds of one enqueue did, round by round: the loop over the store's rounds is
+    the one part the blocking and asyncio producers cannot share (``for`` / ``async for``)."""
+
+    def __init__(self, prepared: Prepared, line_numbers: Sequence[int] | None,
+                 settings: Settings) -> None:
+        self.prepared = prepared
+        self.line_numbers = line_numbers
+        self.settings = settings
+        self.failure: Failure | None = None
+        self.done = 0
+        self.wakes: list[Wake] = []
+
+    def take(self, rnd: Round) -> bool:
+        """Record one round's outcome; True when the enqueue must stop (something went wrong)."""
+        s = self.settings
+        self.done = rnd.start + rnd.size
+        self.wakes.extend(rnd.wakes)
+        self.failure = apply_round(rnd, self.prepared, self.line_numbers, s.enqueue_min_replicas,
+                                   s.max_pending, s.enqueue_wait_ms)
+        return self.failure is not None
+
+    def finish(self) -> tuple[Wake, ...]:
+        """Mark what was never sent; the wakes of what was stored, merged (to send now)."""
+        unsent(self.prepared, self.done)
+        return merge_wakes(self.wakes)
+
+
+def raise_failure(url: str, failure: Failure | None, result: BulkResult) -> None:
+    """Raise the one error of an enqueue that went wrong (``failure_error``), if it did."""
+    if failure is not None:
+        cause = failure.cause if isinstance(failure.cause, BaseException) else None
+        raise failure_error(url, failure, result) from cause
+
+
+def all_terminal(statuses: Sequence[Status | None], timeout_s: float, deadline: float) -> bool:
+    """One poll of ``wait``: whether every known intent is terminal; ``TimeoutError`` once
+    ``deadline`` (monotonic) has passed with some not."""
+    if all(st is None or st.terminal for st in statuses):
+        return True
+    if time.monotonic() >= deadline:
+        pending = sum(1 for st in statuses if st is not None and not st.terminal)
+        raise TimeoutError(f"{pending} of {len(statuses)} intents not terminal after "
+                           f"{timeout_s:g} s")
+    return False
 
 
 def error_for(url: str, exc: BaseException, **groups: Any) -> StoreUnavailableError | StoreError:

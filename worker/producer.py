@@ -28,14 +28,14 @@ from . import bulk
 from .bulk import AppNames, BulkResult, Failure, Prepared, new_id
 from .connections import redis_client
 from .embedded import resolve_redis_url
-from .errors import IntentError, StoreError, StoreUnavailableError
+from .errors import StoreError, StoreUnavailableError
 from .events import Event, EventReader, Gap
 from .groupcommit import GroupCommit
 from .history import history_query
 from .intents import validate
 from .model import Intent, Status
 from .settings import Settings, redact_url
-from .store import Store, Wake, merge_wakes
+from .store import Store, Wake
 from .webhook_state import store_figures
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,23 @@ class WakeSender:
             closer()
 
 
+def client_options(settings: Settings, retry_class: Any) -> dict[str, Any]:
+    """The Redis client options of both producers (``retry_class``: redis-py's ``Retry``, or
+    its asyncio twin): answer rather than hang when Redis is away, retry a failed connection."""
+    s = settings
+    return {"socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_timeout": REPLY_TIMEOUT_S + (s.enqueue_wait_ms / 1000
+                                                 if s.enqueue_min_replicas else 0),
+            "retry": retry_class(ExponentialWithJitterBackoff(base=0.05, cap=0.5), RETRIES)}
+
+
+def store_options(settings: Settings) -> dict[str, Any]:
+    """The store options both producers take from the settings."""
+    s = settings
+    return {"max_items": s.max_items_per_call, "linger_ms": s.linger_ms, "lease_s": s.lease_s,
+            "status_ttl_s": s.status_ttl_s}
+
+
 def _guarded(method: Callable[P, R]) -> Callable[P, R]:
     """Turn the Redis errors of a producer method into ``StoreUnavailableError``."""
 
@@ -127,17 +144,11 @@ class Producer:
     def __init__(self, redis_url: str | None = None, prefix: str | None = None, *,
                  settings: Settings | None = None, client: redis.Redis | None = None,
                  wake: WakeHook | None = None) -> None:
-        self.settings = settings or Settings.from_env()
-        url = redis_url or resolve_redis_url(self.settings.redis_url, self.settings.data_dir)
+        self.settings = s = settings or Settings.from_env()
+        url = redis_url or resolve_redis_url(s.redis_url, s.data_dir)
         self.redis_url = url
-        s = self.settings
-        self.redis = client or redis_client(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=REPLY_TIMEOUT_S + (s.enqueue_wait_ms / 1000 if s.enqueue_min_replicas else 0),
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), RETRIES))
-        self.store = Store(self.redis, prefix or s.prefix,
-                           max_items=s.max_items_per_call, linger_ms=s.linger_ms,
-                           lease_s=s.lease_s, status_ttl_s=s.status_ttl_s,
+        self.redis = client or redis_client(url, **client_options(s, Retry))
+        self.store = Store(self.redis, prefix or s.prefix, **store_options(s),
                            events_maxlen=s.events_maxlen)
         self.wake_sender = WakeSender(s, url, self.store.prefix, wake)
         self.app_names = AppNames(s.apps)
@@ -186,7 +197,7 @@ class Producer:
 
     def _commit_group(self, valid: list[tuple[str, Intent]]) -> list[str | BaseException]:
         """Store the items of concurrent ``submit`` calls at once; each caller's answer."""
-        prepared = Prepared(BulkResult(ids=[i for i, _ in valid]), valid, list(range(len(valid))))
+        prepared = bulk.grouped(valid)
         failure = self._store(prepared, None)
         return bulk.per_caller(prepared, failure, redact_url(self.redis_url) or "")
 
@@ -195,10 +206,7 @@ class Producer:
 
         With ``strict=True`` the first invalid intent raises ``IntentError`` and nothing is stored.
         """
-        try:
-            items = list(intents)
-        except TypeError:
-            raise IntentError("intents", "must be an iterable of intents") from None
+        items = bulk.listed(intents)
         if strict:
             for obj in items:
                 self.validate(obj)
@@ -211,18 +219,11 @@ class Producer:
         Raises ``StoreUnavailableError`` (``QueueFullError`` for back-pressure) when Redis did
         not take all of them; its ``result`` is this call's ``BulkResult`` so far.
         """
-        try:
-            items = list(intents)
-        except TypeError:
-            raise IntentError("intents", "must be an iterable of intents") from None
+        items = bulk.listed(intents)
         prepared = self._prepare(items, line_numbers)
         if prepared.valid:
             failure = self._store(prepared, line_numbers)
-            if failure is not None:
-                error = bulk.failure_error(redact_url(self.redis_url) or "", failure,
-                                           prepared.result)
-                cause = failure.cause if isinstance(failure.cause, BaseException) else None
-                raise error from cause
+            bulk.raise_failure(redact_url(self.redis_url) or "", failure, prepared.result)
         return prepared.result
 
     def _prepare(self, items: Sequence[Any], line_numbers: Sequence[int] | None) -> Prepared:
@@ -238,21 +239,14 @@ class Producer:
         """Store the valid intents round by round, recording each one's fate; once the wakes of
         what was stored are sent, what went wrong (None: everything was stored)."""
         s = self.settings
-        failure: Failure | None = None
-        done = 0
-        wakes: list[Wake] = []
+        rounds = bulk.Rounds(prepared, line_numbers, s)
         for rnd in self.store.enqueue_rounds(prepared.valid, max_pending=s.max_pending,
                                              min_replicas=s.enqueue_min_replicas,
                                              wait_ms=s.enqueue_wait_ms):
-            done = rnd.start + rnd.size
-            wakes.extend(rnd.wakes)
-            failure = bulk.apply_round(rnd, prepared, line_numbers, s.enqueue_min_replicas,
-                                       s.max_pending, s.enqueue_wait_ms)
-            if failure is not None:
+            if rounds.take(rnd):
                 break
-        bulk.unsent(prepared, done)
-        self._send_wakes(merge_wakes(wakes))
-        return failure
+        self._send_wakes(rounds.finish())
+        return rounds.failure
 
     @_guarded
     def requeue_failed(self, error: str | None = None) -> list[str]:
@@ -283,12 +277,8 @@ class Producer:
         deadline = time.monotonic() + timeout_s
         while True:
             statuses = self.statuses(ids)
-            if all(s is None or s.terminal for s in statuses):
+            if bulk.all_terminal(statuses, timeout_s, deadline):
                 return statuses
-            if time.monotonic() >= deadline:
-                pending = sum(1 for s in statuses if s is not None and not s.terminal)
-                raise TimeoutError(f"{pending} of {len(ids)} intents not terminal after "
-                                   f"{timeout_s:g} s")
             time.sleep(poll_s)
 
     @_guarded
