@@ -118,6 +118,17 @@ def _host_port(part: str, default_port: int = DEFAULT_SENTINEL_PORT,
     return host, port
 
 
+def _credentials(netloc: str) -> tuple[str | None, str | None, str]:
+    """``[[user]:password@]hosts`` of a multi-host URL (which urllib cannot parse) as
+    (username, password, hosts); an empty user or password is None."""
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return None, None, hosts
+    user_text, colon, pass_text = userinfo.partition(":")
+    return (unquote(user_text) or None, unquote(pass_text) if colon and pass_text else None,
+            hosts)
+
+
 def parse_cluster_url(url: str) -> ClusterTarget:
     """Parse ``redis+cluster://[[user]:password@]h1[:p1][,h2[:p2]…][/][?ssl_*=…]``."""
     scheme, sep, rest = url.partition("://")
@@ -133,12 +144,7 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     if path.strip("/") not in ("", "0"):
         raise ConfigError("REDIS_URL", "a Redis Cluster has only db 0: end the URL in / "
                                        f"(got /{path})")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user_text, colon, pass_text = userinfo.partition(":")
-        username = unquote(user_text) or None
-        password = unquote(pass_text) if colon and pass_text else None
+    username, password, hosts = _credentials(netloc)
     nodes = tuple(_host_port(h.strip(), DEFAULT_REDIS_PORT, "cluster node")
                   for h in hosts.split(",") if h.strip())
     if not nodes:
@@ -177,12 +183,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         raise ConfigError("REDIS_URL", "a Sentinel URL starts with sentinel://")
     netloc, _, path_query = rest.partition("/")
     path, _, query = path_query.partition("?")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user_text, colon, pass_text = userinfo.partition(":")
-        username = unquote(user_text) or None
-        password = unquote(pass_text) if colon and pass_text else None
+    username, password, hosts = _credentials(netloc)
     sentinels = tuple(_host_port(h.strip()) for h in hosts.split(",") if h.strip())
     if not sentinels:
         raise ConfigError("REDIS_URL", "a Sentinel URL needs at least one sentinel host:port")
