@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
+from redis.cluster import RedisCluster
 
+from worker.connections import redis_client
 from worker.embedded import start_private
 from worker.sandbox.server import SandboxServer
 from worker.tools.localcluster import LocalCluster
@@ -104,3 +106,12 @@ def cluster_prefix(redis_cluster: LocalCluster) -> Iterator[str]:
         node = redis_cluster.node(port)
         for key in list(node.scan_iter(match=f"{value}*", count=1000)):
             node.delete(key)  # one key a call: keys of several slots cannot go in one DEL
+
+
+@pytest.fixture
+def cclient(redis_cluster: LocalCluster) -> Iterator[RedisCluster]:
+    """A cluster client of the test's own (closed after it), shared by the cluster tests."""
+    client = redis_client(redis_cluster.url)
+    assert isinstance(client, RedisCluster)
+    yield client
+    client.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +14,6 @@ from redis.cluster import RedisCluster
 from tests.support.polling import wait_until
 from worker.cli import main
 from worker.clustermove import MOVING, MoveReport, move_app
-from worker.connections import redis_client
 from worker.errors import ConfigError
 from worker.model import Account, Intent
 from worker.store import AppMovingError, Store
@@ -23,14 +21,6 @@ from worker.tools.localcluster import LocalCluster
 
 #: an app of this test alone: its slot is the one that moves (other tests' apps stay put)
 APP = "mover"
-
-
-@pytest.fixture
-def cclient(redis_cluster: LocalCluster) -> Iterator[RedisCluster]:
-    client = redis_client(redis_cluster.url)
-    assert isinstance(client, RedisCluster)
-    yield client
-    client.close()
 
 
 def login(k: int) -> Intent:

@@ -4,14 +4,13 @@ ids and batch ids that carry their app, one script call per app, counters summed
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from redis.cluster import RedisCluster
 
 from tests.support.polling import wait_until
 from worker.astore import AsyncStore
-from worker.connections import async_redis_client, redis_client
+from worker.connections import async_redis_client
 from worker.errors import IntentError
 from worker.events import Event, EventReader
 from worker.keys import tagged_prefix
@@ -30,14 +29,6 @@ def apps_on_two_masters(cluster: LocalCluster, client: RedisCluster) -> tuple[st
             first, second = by_port.values()
             return first, second
     raise AssertionError("no two candidate apps on different masters")
-
-
-@pytest.fixture
-def cclient(redis_cluster: LocalCluster) -> Iterator[RedisCluster]:
-    client = redis_client(redis_cluster.url)
-    assert isinstance(client, RedisCluster)
-    yield client
-    client.close()
 
 
 def make(client: RedisCluster, prefix: str, **kw: float) -> Store:
