@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tests.support.polling import wait_until
-from tests.support.webhook_receiver import WebhookReceiver, serve
+from tests.support.webhook_receiver import WebhookReceiver, running
 from tests.test_cluster_store import apps_on_two_masters
 from worker.connections import redis_client
 from worker.health import check
@@ -53,11 +53,7 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[WebhookReceiver, str]]:
-    hook = WebhookReceiver(SECRET)
-    gen = serve(hook)
-    url = next(gen)
-    yield hook, url
-    gen.close()
+    yield from running(SECRET)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.support.polling import wait_until
-from tests.support.webhook_receiver import WebhookReceiver, serve
+from tests.support.webhook_receiver import WebhookReceiver, running
 from worker.health import check
 from worker.keys import Keys
 from worker.sandbox.server import SandboxServer
@@ -35,11 +35,7 @@ def intents(start: int, n: int) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[WebhookReceiver, str]]:
-    hook = WebhookReceiver(SECRET)
-    gen = serve(hook)
-    url = next(gen)
-    yield hook, url
-    gen.close()
+    yield from running(SECRET)
 
 
 @pytest.fixture

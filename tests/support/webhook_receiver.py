@@ -87,3 +87,15 @@ def serve(receiver: WebhookReceiver) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def running(secret: str) -> Iterator[tuple[WebhookReceiver, str]]:
+    """A receiver checking ``secret`` and its URL, served until the generator is closed: the
+    body of the ``receiver`` fixtures (``yield from running(SECRET)``)."""
+    hook = WebhookReceiver(secret)
+    gen = serve(hook)
+    url = next(gen)
+    try:
+        yield hook, url
+    finally:
+        gen.close()
