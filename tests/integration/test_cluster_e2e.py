@@ -15,7 +15,6 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from tests.support.polling import wait_until
 from worker.keys import tagged_prefix
 from worker.producer import Producer
 from worker.sandbox.server import SandboxServer
@@ -27,9 +26,9 @@ from .test_worker_e2e import (
     assert_all_succeeded,
     assert_per_key_order,
     assert_sandbox_matches_model,
+    kill_with_calls_held,
     mixed_intents,
     submit,
-    terminal_count,
     wait_all_terminal,
 )
 
@@ -97,12 +96,7 @@ def test_two_apps_on_two_masters_drain_in_order_through_a_worker_sigkill(
     # a timeout and a lease far longer than the test: a held call stays in flight
     first = launcher.start(redis_cluster.url, prefix, sandbox, name="c1",
                            TPNS_HTTP_TIMEOUT_S="30", TPNS_LEASE_S="120", **env)
-    wait_until(lambda: terminal_count(producer) >= 60, 60, message="some intents done")
-    held = sandbox.stats()["calls"]
-    sandbox.hold()
-    wait_until(lambda: sandbox.stats()["calls"] > held and sandbox.stats()["in_flight"] >= 2,
-               60, message="calls in flight, held by the sandbox")
-    first.kill()
+    kill_with_calls_held(producer, sandbox, first, done=60, in_flight=2)
     assert producer.stats()["in_flight"] > 0
     # each app's leases end now (the clock is ours to move): they are in the app's own slot
     client = producer.store.redis

@@ -9,7 +9,6 @@ again, and no intent held its keys longer than the bound the README states.
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,14 +22,12 @@ from worker.sandbox.server import SandboxServer
 
 from .conftest import MakeProducer, StartWorker
 from .test_worker_e2e import (
-    Key,
-    Signature,
     _accounts,
     _keys,
-    _signature,
     assert_sandbox_matches_model,
     contended_intents,
     mixed_intents,
+    per_key_sequences,
     submit,
     wait_all_terminal,
 )
@@ -84,16 +81,7 @@ def assert_per_key_order_in_order(applied: Sequence[tuple[int, Item]],
     the state it asked for anyway (a no-op where it stood, or made so by an intent on its other
     keys that ran alongside, e.g. an override of the same token); the final state is checked
     apart. Returns how many intents are missing."""
-    expected: dict[Key, list[Signature]] = defaultdict(list)
-    for intent in intents:
-        op, token, accounts = intent["operator_type"], intent.get("token"), _accounts(intent)
-        for key in _keys(op, token, accounts):
-            expected[key].append(_signature(op, token, accounts))
-    seen: dict[Key, list[Signature]] = defaultdict(list)
-    for op, item in applied:
-        accounts = [(a.account, a.account_type) for a in item.accounts]
-        for key in _keys(op, item.token, accounts):
-            seen[key].append(_signature(op, item.token, accounts))
+    expected, seen = per_key_sequences(applied, intents)
     missing = 0
     for key in expected.keys() | seen.keys():
         got, at = seen.get(key, []), 0

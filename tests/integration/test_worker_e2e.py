@@ -151,14 +151,12 @@ def _runs(sequence: list[Signature]) -> list[Signature]:
     return [s for k, s in enumerate(sequence) if k == 0 or sequence[k - 1] != s]
 
 
-def assert_per_key_order(applied: Sequence[tuple[int, Item]],
-                         intents: Sequence[dict[str, Any]]) -> int:
-    """Compare, key by key, what the sandbox applied with the enqueue order; returns the number
-    of keys checked."""
+def per_key_sequences(applied: Sequence[tuple[int, Item]], intents: Sequence[dict[str, Any]]
+                      ) -> tuple[dict[Key, list[Signature]], dict[Key, list[Signature]]]:
+    """Per key, the signatures of the intents in enqueue order, and of the items the sandbox
+    applied in applied order (shared by the order checks with and without verification)."""
     expected: dict[Key, list[Signature]] = defaultdict(list)
     for intent in intents:
-        if intent.get("token", "").startswith(("invalid-", "reject-")):
-            continue  # never applied
         op, token, accounts = intent["operator_type"], intent.get("token"), _accounts(intent)
         for key in _keys(op, token, accounts):
             expected[key].append(_signature(op, token, accounts))
@@ -167,6 +165,16 @@ def assert_per_key_order(applied: Sequence[tuple[int, Item]],
         accounts = [(a.account, a.account_type) for a in item.accounts]
         for key in _keys(op, item.token, accounts):
             seen[key].append(_signature(op, item.token, accounts))
+    return expected, seen
+
+
+def assert_per_key_order(applied: Sequence[tuple[int, Item]],
+                         intents: Sequence[dict[str, Any]]) -> int:
+    """Compare, key by key, what the sandbox applied with the enqueue order; returns the number
+    of keys checked."""
+    expected, seen = per_key_sequences(
+        applied, [i for i in intents  # invalid and rejected tokens are never applied
+                  if not i.get("token", "").startswith(("invalid-", "reject-"))])
     bad = [key for key in expected.keys() | seen.keys()
            if _runs(expected.get(key, [])) != _runs(seen.get(key, []))]
     assert not bad, (f"per-key order broken on {len(bad)} keys, e.g. {bad[0]}:\n"
@@ -189,6 +197,19 @@ def terminal_count(producer: Producer) -> int:
     counters = producer.store.counters()
     return sum(counters.get(f"{state}:{op}", 0) for state in ("succeeded", "failed")
                for op in range(1, 6))
+
+
+def kill_with_calls_held(producer: Producer, sandbox: SandboxServer, worker: WorkerProcess, *,
+                         done: int, in_flight: int) -> None:
+    """Once ``done`` intents are terminal, hold the sandbox's answers until ``in_flight`` calls
+    wait on it, then SIGKILL ``worker`` (the sandbox stays held: the test releases it)."""
+    wait_until(lambda: terminal_count(producer) >= done, 60, message="some intents done")
+    held = sandbox.stats()["calls"]
+    sandbox.hold()
+    wait_until(lambda: sandbox.stats()["calls"] > held
+               and sandbox.stats()["in_flight"] >= in_flight,
+               60, message="calls in flight, held by the sandbox")
+    worker.kill()
 
 
 def wait_all_terminal(producer: Producer, n: int, timeout_s: float) -> None:
@@ -341,13 +362,8 @@ def test_sigkill_mid_run_loses_nothing_after_a_restart(
     # a timeout and a lease far longer than the test: a call held by the sandbox stays in flight
     first = start_worker(sandbox, name="w1", TPNS_LOG_FORMAT="json", TPNS_HTTP_TIMEOUT_S="30",
                          TPNS_LEASE_S="120")
-    wait_until(lambda: terminal_count(producer) >= 100, 60, message="some intents done")
-    held = sandbox.stats()["calls"]
-    sandbox.hold()
     # several calls in flight from the one worker process when it dies
-    wait_until(lambda: sandbox.stats()["calls"] > held and sandbox.stats()["in_flight"] >= 3,
-               60, message="calls in flight, held by the sandbox")
-    first.kill()
+    kill_with_calls_held(producer, sandbox, first, done=100, in_flight=3)
     assert producer.stats()["in_flight"] > 0  # the killed worker's batches are left 'sending'
     # their leases end now: the clock is ours to move, rather than waiting 120 s
     leases = producer.store.key("leases")
