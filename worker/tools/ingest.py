@@ -36,7 +36,7 @@ from ..producer import Producer
 from ..settings import Settings
 from .harness import Reporter
 from .measure import machine
-from .stack import local_redis, stack_env
+from .stack import local_redis, stack_env, stop_process
 
 #: targets of issue 13 (SPEC §10): ratio of serve to the bare endpoint, and intents per second
 TARGETS = {"post_ratio": 0.5, "submit_16_per_s": 10_000, "submit_many_per_s": 20_000}
@@ -125,13 +125,7 @@ class Server:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> Server:
         return self

@@ -80,6 +80,17 @@ def local_redis(workdir: Path, name: str = "stack") -> Iterator[StackRedis]:
         proc.wait(timeout=10)
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM ``proc`` if it still runs; SIGKILL it if it has not ended 10 s later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def stack_env(redis: StackRedis, base_url: str, **extra: str) -> dict[str, str]:
     """The environment of a worker process of the stack (``extra`` adds ``TPNS_*`` settings)."""
     env = {k: v for k, v in os.environ.items() if k not in _DROPPED_VARS}
@@ -124,13 +135,7 @@ class SandboxProcess:
         self._session.post(self.url + "/sandbox/reset", timeout=self._timeout_s).raise_for_status()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         if hasattr(self, "_session"):
