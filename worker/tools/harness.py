@@ -122,28 +122,27 @@ def open_gate(app: Any, queue: str, names: Sequence[str], timeout_s: float = 60.
     """Make every named worker consume ``queue``."""
     # asked again until each worker has answered: a busy machine may answer a broadcast late,
     # and adding a consumer twice is harmless
-    deadline = time.monotonic() + timeout_s
-    waiting = set(names)
-    while waiting:
-        replies = app.control.add_consumer(queue, destination=sorted(waiting), reply=True,
-                                           timeout=5.0) or []
-        waiting -= {name for reply in replies for name in reply}
-        if waiting and time.monotonic() > deadline:
-            raise RuntimeError(f"add_consumer: no answer from {sorted(waiting)}")
+    _until_all_answer(app.control.add_consumer, "add_consumer", queue, names, timeout_s)
 
 
 def close_gate(app: Any, queue: str, names: Sequence[str], timeout_s: float = 60.0) -> None:
     """Make every named worker stop consuming ``queue``; returns once each has answered."""
     # as open_gate: a loaded machine may answer after the reply window, and a phase that
     # publishes before a worker has cancelled races it for the next phase's messages
+    _until_all_answer(app.control.cancel_consumer, "cancel_consumer", queue, names, timeout_s)
+
+
+def _until_all_answer(command: Any, what: str, queue: str, names: Sequence[str],
+                      timeout_s: float) -> None:
+    """Send the remote-control ``command`` about ``queue`` to the named workers that have not
+    answered yet, again and again, until all have (``RuntimeError`` past ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     waiting = set(names)
     while waiting:
-        replies = app.control.cancel_consumer(queue, destination=sorted(waiting), reply=True,
-                                              timeout=5.0) or []
+        replies = command(queue, destination=sorted(waiting), reply=True, timeout=5.0) or []
         waiting -= {name for reply in replies for name in reply}
         if waiting and time.monotonic() > deadline:
-            raise RuntimeError(f"cancel_consumer: no answer from {sorted(waiting)}")
+            raise RuntimeError(f"{what}: no answer from {sorted(waiting)}")
 
 
 def alive_or_raise(procs: Sequence[WorkerProcess]) -> None:
