@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -98,43 +98,45 @@ class ReplyLosingRelay:
                              daemon=True).start()
 
     def _up(self, client: socket.socket, upstream: socket.socket, state: dict[str, bool]) -> None:
-        while True:
-            try:
-                data = client.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                _close(upstream)
-                return
+        def note(data: bytes) -> bool:
             if self.losing and b"EVALSHA" in data.upper():
                 state["script_sent"] = True
-            try:
-                upstream.sendall(data)
-            except OSError:
-                _close(client)
-                return
+            return True
+
+        _pump(client, upstream, note)
 
     def _down(self, upstream: socket.socket, client: socket.socket,
               state: dict[str, bool]) -> None:
-        while True:
-            try:
-                data = upstream.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                _close(client)
-                return
-            if state["script_sent"]:
-                with self._lock:
-                    self.calls_lost += 1
-                _close(client)
-                _close(upstream)
-                return
-            try:
-                client.sendall(data)
-            except OSError:
-                _close(upstream)
-                return
+        def lose(data: bytes) -> bool:
+            if not state["script_sent"]:
+                return True
+            with self._lock:
+                self.calls_lost += 1
+            _close(client)
+            _close(upstream)
+            return False
+
+        _pump(upstream, client, lose)
+
+
+def _pump(src: socket.socket, dst: socket.socket, forward: Callable[[bytes], bool]) -> None:
+    """Copy ``src`` to ``dst`` until either end closes (then close the other) or ``forward``,
+    seeing each chunk first, says to stop (it has closed what it meant to)."""
+    while True:
+        try:
+            data = src.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            _close(dst)
+            return
+        if not forward(data):
+            return
+        try:
+            dst.sendall(data)
+        except OSError:
+            _close(src)
+            return
 
 
 def _close(sock: socket.socket) -> None:
