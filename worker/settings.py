@@ -298,15 +298,7 @@ def _apps(env: Mapping[str, str], base_url: str | None) -> dict[str, AppConfig]:
 
 def _app(env: Mapping[str, str], name: str, var: str, base_url: str | None) -> AppConfig:
     access_id = _opt(env, f"{var}ACCESS_ID")
-    secret = _opt(env, f"{var}SECRET_KEY")
-    secret_file = _opt(env, f"{var}SECRET_KEY_FILE")
-    if secret_file is not None:
-        try:
-            secret = Path(secret_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{var}SECRET_KEY_FILE", f"cannot read the file ({exc.strerror})") from None
-        if not secret:
-            raise ConfigError(f"{var}SECRET_KEY_FILE", "the file is empty")
+    secret = _secret(env, f"{var}SECRET_KEY")
     if (access_id is None) != (secret is None):
         missing = f"{var}SECRET_KEY" if secret is None else f"{var}ACCESS_ID"
         raise ConfigError(missing, "must be set together with the other half of the credentials")
