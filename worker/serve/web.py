@@ -47,17 +47,25 @@ def _static(request: Request) -> Response:
                                    "X-Content-Type-Options": "nosniff"})
 
 
+async def _small_body(request: Request, media: str, refusal: str) -> bytes | Response:
+    """The body of a small request of type ``media``, or the answer refusing it (415 with
+    ``refusal`` for another type; the size or read error otherwise)."""
+    if media_type(request.headers.get("content-type")) != media:
+        return JSONResponse({"error": refusal}, status_code=415)
+    try:
+        return await read_limited(request, _SMALL_BODY)
+    except BodyError as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
 async def _requeue_filter(request: Request) -> str | Response | None:
     """The ``error`` a ``POST /v1/requeue-failed`` asks for (None: every failure), or the
     answer refusing its body."""
-    if media_type(request.headers.get("content-type")) != "application/json":
-        # JSON only: another site's page cannot send it without a CORS preflight
-        return JSONResponse({"error": "send application/json (an object, optionally with "
-                                      "error)"}, status_code=415)
-    try:
-        body = await read_limited(request, _SMALL_BODY)
-    except BodyError as exc:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    # JSON only: another site's page cannot send it without a CORS preflight
+    body = await _small_body(request, "application/json",
+                             "send application/json (an object, optionally with error)")
+    if isinstance(body, Response):
+        return body
     if not body.strip():
         return None
     try:
@@ -84,13 +92,11 @@ async def _signin(request: Request, sessions: Sessions | None) -> Response:
     if sessions is None:
         return JSONResponse({"error": "no sign-in: TPNS_API_TOKEN is not set"},
                             status_code=404)
-    if media_type(request.headers.get("content-type")) != "application/x-www-form-urlencoded":
-        return JSONResponse({"error": "send the form: application/x-www-form-urlencoded "
-                                      "with token=<TPNS_API_TOKEN>"}, status_code=415)
-    try:
-        body = await read_limited(request, _SMALL_BODY)
-    except BodyError as exc:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    body = await _small_body(request, "application/x-www-form-urlencoded",
+                             "send the form: application/x-www-form-urlencoded "
+                             "with token=<TPNS_API_TOKEN>")
+    if isinstance(body, Response):
+        return body
     given = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
     if not sessions.token_matches(given):
         logger.warning("sign-in refused from %s: wrong token",
