@@ -89,6 +89,15 @@ def sandbox() -> Iterator[SandboxServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def module_sandbox() -> Iterator[SandboxServer]:
+    """One sandbox for a whole module, for property tests (hypothesis runs many examples in one
+    test function, so a function-scoped fixture would not be reset between them: such a test
+    resets the sandbox itself)."""
+    with SandboxServer(seed=1) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A real three-master Redis Cluster on free ports of 127.0.0.1, from the embedded Redis's

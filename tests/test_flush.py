@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from tests.support.polling import wait_until
 from worker.embedded import start_private
 from worker.flush import Flusher
 from worker.producer import Producer
@@ -27,13 +26,6 @@ def _rig(redis_url: str, prefix: str, sandbox: SandboxServer,
     sleeps: list[float] = []
     flusher = Flusher(settings, producer.store, wake=lambda wakes: None, sleep=sleeps.append)
     return producer, flusher, sleeps
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.005)
 
 
 def redis_ms(client: redis.Redis) -> int:

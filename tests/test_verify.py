@@ -41,12 +41,6 @@ ACCOUNTS = tuple(Account(a, t) for a in ("u1", "u2", "u3") for t in (0, 1005))
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxServer]:
-    with SandboxServer(seed=3) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def http() -> Iterator[requests.Session]:
     with requests.Session() as session:
         session.headers.update(basic_header(SANDBOX_ACCESS_ID, SANDBOX_SECRET_KEY))
@@ -103,22 +97,22 @@ def subjects(draw: st.DrawFn) -> Subject:
 
 @given(history=st.lists(subjects(), max_size=8), subject=subjects())
 def test_shown_exactly_when_the_intent_changes_nothing(
-        sandbox: SandboxServer, http: requests.Session, history: list[Subject],
+        module_sandbox: SandboxServer, http: requests.Session, history: list[Subject],
         subject: Subject) -> None:
-    sandbox.reset()
+    module_sandbox.reset()
     model = Bindings()
     for earlier in history:
-        assert http.post(sandbox.url + BATCH_PATH, data=json.dumps(payload(earlier)),
+        assert http.post(module_sandbox.url + BATCH_PATH, data=json.dumps(payload(earlier)),
                          timeout=5).json()["ret_code"] == 0
         model.apply(request_of(earlier), "")
     before = state_of(model)
     model.apply(request_of(subject), "")
     a_no_op = state_of(model) == before
     # not applied (a lost call): shown only when the state already was what it asks for
-    assert shown(subject, observe(http, sandbox, subject)) == a_no_op
-    http.post(sandbox.url + BATCH_PATH, data=json.dumps(payload(subject)), timeout=5)
+    assert shown(subject, observe(http, module_sandbox, subject)) == a_no_op
+    http.post(module_sandbox.url + BATCH_PATH, data=json.dumps(payload(subject)), timeout=5)
     # applied: always shown
-    assert shown(subject, observe(http, sandbox, subject))
+    assert shown(subject, observe(http, module_sandbox, subject))
 
 
 def test_a_bind_is_checked_per_account_and_its_token_for_exclusivity() -> None:
