@@ -147,3 +147,13 @@ def test_redis_client_unix_socket_takes_the_tcp_options_it_cannot_use(tmp_path: 
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_broker_url_from_the_environment_keeps_kombus_spelling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery reads CELERY_BROKER_URL from the environment before its configuration: a unix
+    socket given there must still reach kombu as ``redis+socket://``, not as an unknown transport."""
+    from worker.celery_app import base_celery
+
+    monkeypatch.setenv("CELERY_BROKER_URL", "unix:///tmp/tpns-test.sock")
+    app = base_celery("t", "unix:///tmp/tpns-test.sock", "q", "p:")
+    assert app.conf.broker_url == "redis+socket:///tmp/tpns-test.sock"

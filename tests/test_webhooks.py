@@ -20,7 +20,7 @@ from tests.support.webhook_receiver import WebhookReceiver, running
 from tests.test_cluster_store import apps_on_two_masters
 from worker.connections import redis_client
 from worker.health import check
-from worker.keys import Keys
+from worker.keys import EVENTS_ADDED_SUFFIX, Keys
 from worker.monitor.metrics import make_registry, render
 from worker.settings import Settings
 from worker.store import Store
@@ -36,10 +36,13 @@ def append(client: Any, keys: Keys, n: int, maxlen: int | None = None,
     """``n`` entries as emit() writes them; their stream ids."""
     out = []
     for k in range(start, start + n):
-        sid = client.xadd(keys.events, {
+        pipe = client.pipeline(transaction=True)  # one step, as emit() in its script
+        pipe.xadd(keys.events, {
             "id": f"i{k}", "app": app, "operator_type": 2, "state": "succeeded",
             "verified": "", "error": "", "result_code": "0", "ret_code": "0", "attempts": 1,
             "at": 1764064800000 + k}, maxlen=maxlen, approximate=False)
+        pipe.incr(keys.events + EVENTS_ADDED_SUFFIX)  # emit() counts what it adds
+        sid = pipe.execute()[0]
         out.append(sid.decode() if isinstance(sid, bytes) else sid)
     return out
 

@@ -26,6 +26,7 @@ Why these settings (the intents live in Redis; a Celery message only says "flush
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
@@ -44,6 +45,10 @@ def base_celery(name: str, broker_source: str, queue: str, key_prefix: str) -> C
     """A Celery app that only carries small JSON messages on ``queue``: no results, early acks,
     the broker's keys under ``key_prefix`` when the broker is a Redis."""
     broker, options = celery_broker(broker_source)
+    if os.environ.get("CELERY_BROKER_URL") == broker_source != broker:
+        # Celery reads CELERY_BROKER_URL from the environment before its configuration, which
+        # would undo the translation to kombu's spelling (unix sockets, Sentinel, rediss://)
+        os.environ["CELERY_BROKER_URL"] = broker
     app = Celery(name, broker=broker, set_as_current=False)
     transport: dict[str, Any] = {"visibility_timeout": 3600, **options}
     if is_redis_url(broker_source):

@@ -62,6 +62,10 @@ KEY_INDEX = "ko:"
 HISTORY = "h:"
 HISTORY_CURSOR = "hcur"
 EVENTS = "events"
+#: beside each events stream (same hash slot: a suffix keeps the key's {app} tag), the count of
+#: entries ever added, kept by emit(): XINFO STREAM reports it only from Redis 7 on, and without it
+#: a reader cannot tell a stream that never lost an entry from a trimmed one
+EVENTS_ADDED_SUFFIX = ":added"
 WEBHOOK = "webhook"
 WEBHOOK_LEASE = "webhook:lease"
 READY = "q:"
@@ -294,7 +298,7 @@ LUA_CONSTANTS: dict[str, object] = {
     "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_HISTORY": HISTORY, "K_READY": READY, "K_DELAYED": DELAYED,
     "K_PAUSE": PAUSE, "K_BACKOFF": BACKOFF, "K_RATE": RATE, "K_WAKE": WAKE,
     "K_WAKE_LINGER": WAKE_LINGER, "K_VERIFYING": VERIFYING, "K_WAKE_VERIFY": WAKE_VERIFY,
-    "WAKE_FLAG_MS": WAKE_FLAG_MS,
+    "WAKE_FLAG_MS": WAKE_FLAG_MS, "K_EVENTS_ADDED": EVENTS_ADDED_SUFFIX,
     "LAT_BUCKETS": LATENCY_BUCKETS_MS,
     "TL_SECONDS": TIMELINE_SECONDS_KEPT, "TL_MINUTES": TIMELINE_MINUTES_KEPT,
     "TL_SECOND_SERIES": TIMELINE_SERIES,

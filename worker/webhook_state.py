@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from .events import as_replies
+from .events import queue_stream_info, stream_info
 from .keys import WEBHOOK_LEASE_MS, Keys
 from .store import Store, iso_ms
 
@@ -117,8 +117,8 @@ class WebhookState:
         if found is not None:
             return found
         pipe = self.client.pipeline(transaction=True)
-        pipe.xinfo_stream(self.keys.events)
-        info, _ = as_replies(pipe.execute(raise_on_error=False)[0], [])
+        queue_stream_info(pipe, self.keys.events)
+        info = stream_info(*pipe.execute(raise_on_error=False))
         cursor, ordinal = stream_position(info)
         self._call("init", cursor, "" if ordinal is None else ordinal, 0, 0, 0)
         return self.cursor() or (cursor, ordinal)
@@ -154,10 +154,10 @@ def read_figures(client: redis.Redis, keys: Keys) -> dict[str, Any] | None:
     ever ran under this prefix (on a Redis Cluster, ``keys`` are one app's: ``store_figures``)."""
     pipe = client.pipeline(transaction=True)
     pipe.hgetall(keys.webhook)
-    pipe.xinfo_stream(keys.events)
+    queue_stream_info(pipe, keys.events)
     pipe.get(keys.webhook_lease)
-    raw, info, lease = pipe.execute(raise_on_error=False)
-    info, _ = as_replies(info, [])
+    raw, info, added, lease = pipe.execute(raise_on_error=False)
+    info = stream_info(info, added)
     if isinstance(raw, list):  # raw from a cluster MULTI, as in as_replies
         raw = dict(zip(raw[::2], raw[1::2], strict=False))
     if isinstance(raw, Exception):

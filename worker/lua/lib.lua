@@ -177,6 +177,7 @@ local function emit(stream, maxlen, id, rec, state, now)
   redis.call('XADD', stream, 'MAXLEN', how, maxlen, '*', 'id', id, 'app', rec.a,
     'operator_type', rec.o, 'state', state, 'verified', verified, 'error', rec.er or '',
     'result_code', rec.rc or '', 'ret_code', rec.ret or '', 'attempts', rec.n or 0, 'at', now)
+  redis.call('INCR', stream .. K_EVENTS_ADDED)
 end
 
 -- The timeline (worker/timeline.py): two rings of counters, fixed in size whatever the traffic.
