@@ -23,7 +23,7 @@ def test_defaults_follow_the_spec(tmp_path: Path) -> None:
     assert not s.app.has_credentials
     assert (s.max_pending, s.enqueue_min_replicas, s.enqueue_wait_ms) == (10_000_000, 0, 1000)
     assert (s.verify, s.verify_delay_ms, s.verify_timeout_s) == (False, 1000, 30.0)
-    assert s.max_in_flight == 64
+    assert s.max_in_flight == 128
 
 
 def test_verification_is_turned_on_with_its_delay_and_timeout() -> None:

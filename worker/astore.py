@@ -32,7 +32,7 @@ from .store_calls import (
     requeued,
     round_of,
 )
-from .store_read import record_to_status
+from .store_read import lookup_calls, record_to_status
 
 #: intents per round trip: as the sync store (``ENQUEUE_CHUNK`` per script call, ten calls)
 PER_ROUND = ENQUEUE_CHUNK * 10
@@ -159,6 +159,13 @@ class AsyncStore(Layout):
             raws = await asyncio.gather(*(self.redis.get(self.of_id(i).record(i)) for i in ids))
         else:
             raws = await self.redis.mget([self.keys.record(i) for i in ids])
+        raws = list(raws)
+        missing = [k for k, raw in enumerate(raws) if raw is None]
+        if missing:  # whole records gone: their summaries (compacted), if any
+            replies = await asyncio.gather(*(self._run("lookup", keys, args) for keys, args
+                                             in lookup_calls(self, [ids[k] for k in missing])))
+            for k, raw in zip(missing, [r for reply in replies for r in reply], strict=True):
+                raws[k] = raw or None
         return [None if raw is None else record_to_status(i, json.loads(raw))
                 for i, raw in zip(ids, raws, strict=True)]
 

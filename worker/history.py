@@ -101,10 +101,11 @@ def history_query(*, token: object = None, account: object = None, account_type:
 
 
 def history_call(keys: Keys, query: HistoryQuery) -> tuple[list[str], list[str | int]]:
-    """The KEYS and ARGV of the ``history.lua`` call for ``query`` (the sync and asyncio stores)."""
+    """The KEYS and ARGV of the ``history.lua`` call for ``query`` (the sync and asyncio stores);
+    the script packs the field from the digest itself."""
     d = query.digest()
     value = query.token if query.token is not None else query.account or ""
-    return [keys.history(d)], [keys.prefix, d[3:], d, query.app,
+    return [keys.history(d)], [keys.prefix, "", d, query.app,
                                "t" if query.token is not None else "a", value,
                                str(query.account_type), query.limit]
 

@@ -5,7 +5,16 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
     P i:{id}             the intent's record (JSON string; a TTL once terminal)
     P ko:{shard}         hashes: digest of a key (app+token, app+account+type) -> latest pending holder
     P h:{shard}          hashes: the same digests -> the latest intent that named the key, any state
-                         (history by key; each record links to its predecessors, ``hp``)
+                         (history by key; each record links to its predecessors, ``hp``); the
+                         field is the digest's last 7 hex digits packed in 4 bytes, the value
+                         the id packed (``lib.lua``'s ``id_pack``: 20 hex digits in 10 bytes)
+    P cm                 hash: the families of summaries (compact terminal records): "<start>"
+                         -> its buckets, "<start>:n" -> its summaries, "<start>:x" -> when its
+                         buckets expire (epoch s); <start> is the epoch second its span began
+    P c:{start}:{k}      bucket k of a family: packed id -> the summary of a succeeded intent
+                         past its detail period (cmsgpack; ``lib.lua``, "Compact terminal
+                         records"); one linear hash table per family, so each bucket stays a
+                         small listpack, and one TTL per bucket (the family's)
     P hcur               the next history shard the sweep prunes (heads of expired records)
     P events             the events stream (capped at ``TPNS_EVENTS_MAXLEN``)
     P webhook            hash: the webhook's cursor (last delivered stream id and its ordinal),
@@ -61,6 +70,8 @@ RECORD = "i:"
 KEY_INDEX = "ko:"
 HISTORY = "h:"
 HISTORY_CURSOR = "hcur"
+SUMMARY = "c:"
+SUMMARY_META = "cm"
 EVENTS = "events"
 #: beside each events stream (same hash slot: a suffix keeps the key's {app} tag), the count of
 #: entries ever added, kept by emit(): XINFO STREAM reports it only from Redis 7 on, and without it
@@ -117,6 +128,15 @@ TIMELINE_MINUTES_KEPT = 60
 #: the series both rings count (in, succeeded, failed, calls, sampled depth), in the order the
 #: per-second slot is emptied
 TIMELINE_SERIES = ("in", "ok", "f", "c", "d")
+#: summaries per bucket of a family, on average, before the family splits one more bucket (linear
+#: hashing): buckets hold from half to the whole of it, far below ``hash-max-listpack-entries``
+#: (512 by default), so that each stays a listpack and a lookup scans a short one
+SUMMARY_LOAD = 128
+#: a family of summaries spans the status TTL / this, within the bounds below (s): a summary
+#: outlives its TTL by at most one span, and a lookup by id reads one bucket per family
+SUMMARY_SPANS_PER_TTL = 8
+SUMMARY_SPAN_MIN_S = 60
+SUMMARY_SPAN_MAX_S = 86400
 #: a record's short state code -> the state's name (``worker.model.STATES``)
 RECORD_STATES = {"q": "queued", "s": "sending", "v": "verifying", "r": "retrying",
                  "ok": "succeeded", "f": "failed"}
@@ -128,6 +148,12 @@ SWEEP_TASK = "tpns.sweep"
 VERIFY_TASK = "tpns.verify"
 
 
+
+
+def history_field(digest: str) -> bytes:
+    """The field of a key's head in its history shard: the digest's last 7 hex digits, packed
+    in 4 bytes (as ``lib.lua``'s ``h_field``)."""
+    return bytes.fromhex("0" + digest[3:10])
 
 
 def tagged_prefix(prefix: str, app: str) -> str:
@@ -169,6 +195,11 @@ class Keys:
 
     def record(self, intent_id: str) -> str:
         return f"{self.prefix}{RECORD}{intent_id}"
+
+    @property
+    def summary_meta(self) -> str:
+        """The families of summaries (compact terminal records)."""
+        return self.prefix + SUMMARY_META
 
     def history(self, digest: str) -> str:
         """The history shard of a key's digest (its first 3 hex digits, as ``lib.lua``)."""
@@ -295,7 +326,10 @@ def _lua(value: object) -> str:
 
 #: what every script sees as Lua locals (names as in the scripts)
 LUA_CONSTANTS: dict[str, object] = {
-    "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_HISTORY": HISTORY, "K_READY": READY, "K_DELAYED": DELAYED,
+    "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_HISTORY": HISTORY,
+    "K_SUMMARY": SUMMARY, "K_SUMMARY_META": SUMMARY_META, "SUMMARY_LOAD": SUMMARY_LOAD,
+    "SUMMARY_SPANS_PER_TTL": SUMMARY_SPANS_PER_TTL, "SUMMARY_SPAN_MIN_S": SUMMARY_SPAN_MIN_S,
+    "SUMMARY_SPAN_MAX_S": SUMMARY_SPAN_MAX_S, "K_READY": READY, "K_DELAYED": DELAYED,
     "K_PAUSE": PAUSE, "K_BACKOFF": BACKOFF, "K_RATE": RATE, "K_WAKE": WAKE,
     "K_WAKE_LINGER": WAKE_LINGER, "K_VERIFYING": VERIFYING, "K_WAKE_VERIFY": WAKE_VERIFY,
     "WAKE_FLAG_MS": WAKE_FLAG_MS, "K_EVENTS_ADDED": EVENTS_ADDED_SUFFIX,

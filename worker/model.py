@@ -86,6 +86,9 @@ class Status:
     batch_id: str | None = None
     #: True once seen applied, False while verifying (or not seen), None without verification
     verified: bool | None = None
+    #: "compacted" once only the summary of a succeeded intent is left (TPNS_STATUS_DETAIL_S):
+    #: every field but the payload (token, accounts), which is no longer known; None otherwise
+    detail: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -95,7 +98,9 @@ class Status:
         out: dict[str, Any] = {"id": self.id, "operator_type": self.operator_type}
         if self.app != "default":
             out["app"] = self.app
-        if self.operator_type == 5:
+        if self.detail is not None:
+            pass  # compacted: the payload is gone, and its fields are left out rather than null
+        elif self.operator_type == 5:
             acct = self.account_list[0]
             out["account"] = acct["account"]
             out["account_type"] = acct["account_type"]
@@ -107,4 +112,6 @@ class Status:
                    ret_code=self.ret_code, err_msg=self.err_msg, error=self.error,
                    batch_id=self.batch_id, verified=self.verified, created_at=self.created_at,
                    updated_at=self.updated_at)
+        if self.detail is not None:
+            out["detail"] = self.detail
         return out

@@ -120,7 +120,7 @@ def store_options(settings: Settings) -> dict[str, Any]:
     """The store options both producers take from the settings."""
     s = settings
     return {"max_items": s.max_items_per_call, "linger_ms": s.linger_ms, "lease_s": s.lease_s,
-            "status_ttl_s": s.status_ttl_s}
+            "status_ttl_s": s.status_ttl_s, "status_detail_s": s.status_detail_s}
 
 
 def _guarded(method: Callable[P, R]) -> Callable[P, R]:

@@ -83,11 +83,14 @@ class Settings:
     lease_s: float = 60.0
     max_calls_per_s: float = 0.0
     #: calls one worker process keeps in flight at most (its HTTP pool is sized to it)
-    max_in_flight: int = 64
+    max_in_flight: int = 128
     max_attempts: int = 8
     max_age_s: float = 86400.0
     pause_s: float = 60.0
     status_ttl_s: int = 604800
+    #: how long a succeeded intent keeps its whole record (payload included) before only its
+    #: summary is left for the rest of the TTL (0: a summary at once; >= the TTL: never compacted)
+    status_detail_s: int = 3600
     #: back-pressure: new intents are refused (``queue_full``) once queued + retrying + sending
     #: reach this many (0 = no limit)
     max_pending: int = 10_000_000
@@ -212,11 +215,12 @@ def _build(env: Mapping[str, str]) -> Settings:
         http_timeout_s=http_timeout_s,
         lease_s=lease_s,
         max_calls_per_s=_float(env, "TPNS_MAX_CALLS_PER_S", 0.0, 0.0),
-        max_in_flight=_int(env, "TPNS_MAX_IN_FLIGHT", 64, 1, 1024),
+        max_in_flight=_int(env, "TPNS_MAX_IN_FLIGHT", 128, 1, 1024),
         max_attempts=_int(env, "TPNS_MAX_ATTEMPTS", 8, 1, 1000),
         max_age_s=_float(env, "TPNS_MAX_AGE_S", 86400.0, 1.0),
         pause_s=_float(env, "TPNS_PAUSE_S", 60.0, 0.0),
         status_ttl_s=_int(env, "TPNS_STATUS_TTL_S", 604800, 1, 10 * 365 * 86400),
+        status_detail_s=_int(env, "TPNS_STATUS_DETAIL_S", 3600, 0, 10 * 365 * 86400),
         max_pending=_int(env, "TPNS_MAX_PENDING", 10_000_000, 0, 10**12),
         enqueue_min_replicas=_int(env, "TPNS_ENQUEUE_MIN_REPLICAS", 0, 0, 100),
         # WAIT 0 would block for ever: the wait is bounded

@@ -62,9 +62,11 @@ class Store(StoreReads):
 
     def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20,
                  linger_ms: int = 250, lease_s: float = 60.0, status_ttl_s: int = 604800,
-                 verify: tuple[int, int] | None = None, events_maxlen: int = 1_000_000) -> None:
+                 verify: tuple[int, int] | None = None, events_maxlen: int = 1_000_000,
+                 status_detail_s: int = 3600) -> None:
         super().__init__(prefix, max_items=max_items, linger_ms=linger_ms, lease_s=lease_s,
                          status_ttl_s=status_ttl_s, events_maxlen=events_maxlen,
+                         status_detail_s=status_detail_s,
                          cluster=isinstance(client, RedisCluster))
         self.redis = client
         #: (delay ms, timeout ms) with TPNS_VERIFY=on: accepted items go verifying (SPEC §6.1)

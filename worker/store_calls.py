@@ -151,10 +151,12 @@ class Completion:
 
 
 def load_script(name: str) -> str:
-    """The prelude of names and constants from ``worker.keys``, ``lib.lua``, then the script."""
-    lib = resources.files("worker").joinpath("lua/lib.lua").read_text(encoding="utf-8")
-    body = resources.files("worker").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
-    return lua_prelude() + lib + "\n" + body
+    """The prelude of names and constants from ``worker.keys``, ``lib.lua``, ``summary.lua``,
+    then the script."""
+    files = resources.files("worker")
+    lib, summary, body = (files.joinpath(f"lua/{part}.lua").read_text(encoding="utf-8")
+                          for part in ("lib", "summary", name))
+    return lua_prelude() + lib + "\n" + summary + "\n" + body
 
 
 def evalsha(pipe: Any, sha: str, keys: Sequence[str], args: Sequence[Any]) -> None:
@@ -189,12 +191,14 @@ def intent_arg(intent_id: str, intent: Intent) -> str:
         payload["t"] = intent.token
     if intent.accounts:
         payload["l"] = [[a.account, a.account_type] for a in intent.accounts]
+    if intent.id is not None:
+        payload["x"] = 1  # an id given by the caller: checked against the summaries too
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
 #: the Lua scripts, each ``lua/lib.lua`` + ``lua/<name>.lua``
 SCRIPTS = ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle", "verify_claim",
-           "verify_done", "history", "prune_history")
+           "verify_done", "history", "prune_history", "lookup")
 
 
 class Layout:
@@ -203,7 +207,8 @@ class Layout:
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, *, max_items: int = 20, linger_ms: int = 250,
                  lease_s: float = 60.0, status_ttl_s: int = 604800,
-                 events_maxlen: int = 1_000_000, cluster: bool = False) -> None:
+                 events_maxlen: int = 1_000_000, cluster: bool = False,
+                 status_detail_s: int = 3600) -> None:
         self.prefix = prefix
         self.keys = Keys(prefix)
         #: Redis Cluster: each app's keys under ``P{app}:`` (one slot), see ``worker.keys``
@@ -213,6 +218,8 @@ class Layout:
         self.linger_ms = linger_ms
         self.lease_ms = int(lease_s * 1000)
         self.status_ttl_s = status_ttl_s
+        #: how long a succeeded intent keeps its whole record before only its summary is left
+        self.status_detail_s = status_detail_s
         #: (first check delay ms, timeout ms) with TPNS_VERIFY=on (``Store`` sets it)
         self.verify: tuple[int, int] | None = None
 
@@ -317,7 +324,7 @@ class Layout:
             json.dumps(packed, separators=(",", ":"), ensure_ascii=False), calls, items_sent,
             json.dumps({"op": operator_type, "bs": len(packed),
                         "c": [[cls, round(ms, 3)] for cls, ms in call_metrics]}),
-            self.events_maxlen, *(self.verify or ())]
+            self.events_maxlen, self.status_detail_s, *(self.verify or ())]
         return keys, args
 
     @property

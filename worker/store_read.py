@@ -23,6 +23,8 @@ class StoreReads(Layout):
     """The reads of ``Store`` (which sets ``redis``)."""
 
     redis: redis.Redis
+    #: the store's scripts by name (``Store`` loads them)
+    _scripts: dict[str, Any]
 
     def apps_of(self, apps: Iterable[str] = ()) -> list[str]:
         """The apps whose keys to visit for something global (counters, leases, failures): in
@@ -81,13 +83,25 @@ class StoreReads(Layout):
 
     def records(self, ids: Sequence[str]) -> list[Any]:
         """The raw records of ``ids`` (None where gone): one MGET, or in cluster mode one
-        pipelined GET each (their keys are in as many slots as they have apps)."""
+        pipelined GET each (their keys are in as many slots as they have apps); for the ids
+        whose whole record is gone, their summaries' (compacted records), in one more round trip."""
         if not self.cluster:
-            return list(self.redis.mget([self.keys.record(i) for i in ids]))
-        pipe = self.redis.pipeline(transaction=False)
-        for intent_id in ids:
-            pipe.get(self.of_id(intent_id).record(intent_id))
-        return list(pipe.execute())
+            raws = list(self.redis.mget([self.keys.record(i) for i in ids]))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for intent_id in ids:
+                pipe.get(self.of_id(intent_id).record(intent_id))
+            raws = list(pipe.execute())
+        missing = [k for k, raw in enumerate(raws) if raw is None]
+        if missing:
+            calls = lookup_calls(self, [ids[k] for k in missing])
+            pipe = self.redis.pipeline(transaction=False)
+            for keys, args in calls:
+                self._scripts["lookup"](keys=keys, args=args, client=pipe)
+            found = [raw for reply in pipe.execute() for raw in reply]
+            for k, raw in zip(missing, found, strict=True):
+                raws[k] = raw or None
+        return raws
 
     def _summed(self, key_of: Any, convert: Any) -> dict[str, Any]:
         """A hash of counters (``key_of(keys)``) summed over the apps' keys in cluster mode."""
@@ -189,6 +203,14 @@ class StoreReads(Layout):
         return [s for s in self.statuses(ids) if s is not None]
 
 
+def lookup_calls(layout: Layout, ids: Sequence[str]) -> list[tuple[list[str], list[str]]]:
+    """The ``lookup.lua`` calls that find the summaries of ``ids``, their answers in the order of
+    ``ids``: one call, or in cluster mode one per id (each in its app's slot)."""
+    if not layout.cluster:
+        return [([layout.keys.summary_meta], [layout.prefix, *ids])]
+    return [([layout.of_id(i).summary_meta], [layout.of_id(i).prefix, i]) for i in ids]
+
+
 def iso_ms(epoch_ms: int | float) -> str:
     """``2026-11-25T10:00:00.000Z`` for an epoch time in milliseconds."""
     moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.UTC)
@@ -213,6 +235,7 @@ def record_to_status(intent_id: str, rec: Mapping[str, Any]) -> Status:
         error=rec.get("er"),
         batch_id=rec.get("b"),
         verified=rec.get("vf"),
+        detail="compacted" if rec.get("x") else None,
         created_at=iso_ms(rec["c"]),
         updated_at=iso_ms(rec.get("u", rec["c"])),
     )

@@ -58,6 +58,7 @@ def make_store(settings: Settings, redis_url: str, prefix: str) -> Store:
     return Store(client, prefix, max_items=settings.max_items_per_call,
                  linger_ms=settings.linger_ms, lease_s=settings.lease_s,
                  status_ttl_s=settings.status_ttl_s, verify=verify,
+                 status_detail_s=settings.status_detail_s,
                  events_maxlen=settings.events_maxlen)
 
 

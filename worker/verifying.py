@@ -93,7 +93,7 @@ def verify_done(store: Store, batch_id: str, outcomes: Sequence[Mapping[str, Any
               *keys.timeline],
         args=[keys.prefix, batch_id, store.status_ttl_s, store.max_items, store.linger_ms,
               json.dumps(packed, separators=(",", ":"), ensure_ascii=False), query_calls,
-              store.events_maxlen])
+              store.events_maxlen, store.status_detail_s])
     return Completion(int(raw[0]), int(raw[1]), wakes_of(raw[2]))
 
 

@@ -1,6 +1,8 @@
 -- KEYS: counters, metrics, batches, leases, failed, events, timeline seconds, timeline minutes
 -- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, calls, items_sent,
---       metrics_json, events_maxlen[, verify_delay_ms, verify_timeout_ms]
+--       metrics_json, events_maxlen, status_detail_s[, verify_delay_ms, verify_timeout_ms]
+-- A succeeded item keeps its record whole for status_detail_s and a summary for the status TTL
+-- (summary.lua, keep_terminal); a failed one keeps its record whole for the TTL.
 -- With the verify pair (TPNS_VERIFY=on, SPEC 6.1) an accepted item ('ok') is 'verifying' instead
 -- of succeeded: it keeps its keys, its first check is due after the delay, and its deadline is
 -- the timeout from now; the reply's wakes then include one verify wake per app ("app:0:verify").
@@ -15,7 +17,8 @@ local batch_id, ttl = ARGV[2], tonumber(ARGV[3])
 local max_items, linger_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local outcomes = cjson.decode(ARGV[6])
 local events_key, events_maxlen = KEYS[6], tonumber(ARGV[10])
-local verify_delay, verify_timeout = tonumber(ARGV[11] or ''), tonumber(ARGV[12] or '')
+local detail = tonumber(ARGV[11])
+local verify_delay, verify_timeout = tonumber(ARGV[12] or ''), tonumber(ARGV[13] or '')
 local to_verify = {}
 local now = now_ms()
 local counts, woken = {}, {}
@@ -67,7 +70,7 @@ for _, out in ipairs(outcomes) do
     elseif out.s == 'ok' or out.s == 'f' then
       rec.s = out.s
       release(out.i, rec, now, woken)
-      save(out.i, rec, ttl)
+      keep_terminal(out.i, rec, now, ttl, detail)
       emit(events_key, events_maxlen, out.i, rec, out.s == 'ok' and 'succeeded' or 'failed', now)
       -- 'done_*' only ever grow (requeue-failed lowers 'failed'): they feed the _total metrics
       if out.s == 'ok' then
@@ -103,6 +106,7 @@ for _, out in ipairs(outcomes) do
 end
 -- failed ids are kept as long as their records, for `requeue-failed` and the status page
 redis.call('ZREMRANGEBYSCORE', failed_key, '-inf', now - ttl * 1000)
+summaries_done()
 flush_counts(N, counts)
 tl_add(KEYS[7], KEYS[8], now, tl, tl_minute)
 local out_wakes = wakes(woken, max_items, linger_ms)

@@ -1,7 +1,8 @@
 -- KEYS: counters, timeline seconds, timeline minutes[, the app's move flag (cluster mode: one
 --       app a call)]
 -- ARGV: prefix, max_items, linger_ms, max_pending (0 = none), then one JSON intent per argument:
--- {i, a, o, t?, l?}
+-- {i, a, o, t?, l?, x?} (x: the caller gave the id, which is then also looked up among the
+-- summaries of succeeded intents: summary.lua; a generated id is new by construction)
 -- Returns {codes, wakes}: codes[k] is 1 (stored), 0 (same id and payload already stored), -1 (same
 -- id, other payload) or -2 (refused: queue_full, nothing written); wakes lists "app:op:now|linger".
 -- Idempotent by id: a call run twice (a client re-sending after a lost reply) stores each intent
@@ -47,8 +48,16 @@ end
 for k = 5, #ARGV do
   local it = cjson.decode(ARGV[k])
   local old = load(it.i)
+  local summary = nil
+  if not old and it.x then summary = summary_get(it.i) end
   if old then
     if old.o == it.o and old.a == it.a and old.t == it.t and same_accounts(old.l, it.l) then
+      codes[#codes + 1] = 0
+    else
+      codes[#codes + 1] = -1
+    end
+  elseif summary then
+    if summary_rec(summary).pd == payload_digest(it.a, it.o, it.t, it.l) then
       codes[#codes + 1] = 0
     else
       codes[#codes + 1] = -1

@@ -152,13 +152,40 @@ end
 -- intent before it for each of its keys (aligned with digests(rec), '' for none; absent when it
 -- has none). A key's history is a walk backwards from its head (history.lua): the links live and
 -- expire with the records, and the head is dropped once its record is gone.
+-- The index is read and written by lookup, never listed, so it is packed for memory: the field
+-- is the digest's last 7 hex digits in 4 bytes, the value the id packed (id_pack).
+local function hex_bin(hex)
+  return (string.gsub(hex, '%x%x', function(h) return string.char(tonumber(h, 16)) end))
+end
+
+local function bin_hex(bin)
+  return (string.gsub(bin, '.', function(c) return string.format('%02x', string.byte(c)) end))
+end
+
+-- an id as stored in the history index and in summaries: a generated id (20 lowercase hex
+-- digits) in 10 bytes; any other id as it is, with a NUL after it if it has 10 characters, so
+-- that the packing is one-to-one (ids never contain a NUL)
+local function id_pack(id)
+  if #id == 20 and not string.find(id, '[^0-9a-f]') then return hex_bin(id) end
+  if #id == 10 then return id .. '\0' end
+  return id
+end
+
+local function id_unpack(s)
+  if #s == 10 then return bin_hex(s) end
+  if #s == 11 and string.byte(s, 11) == 0 then return string.sub(s, 1, 10) end
+  return s
+end
+
 local function h_key(d) return P .. K_HISTORY .. string.sub(d, 1, 3) end
+local function h_field(d) return hex_bin('0' .. string.sub(d, 4, 10)) end
 
 local function remember(id, rec)
   local prev, any = {}, false
   for k, d in ipairs(digests(rec)) do
-    local p = redis.call('HGET', h_key(d), ko_field(d))
-    redis.call('HSET', h_key(d), ko_field(d), id)
+    local p = redis.call('HGET', h_key(d), h_field(d))
+    redis.call('HSET', h_key(d), h_field(d), id_pack(id))
+    if p then p = id_unpack(p) end
     if p and p ~= id then prev[k] = p; any = true else prev[k] = '' end
   end
   if any then rec.hp = prev else rec.hp = nil end

@@ -11,7 +11,8 @@ while seen < budget and shards < max_shards do
   local key = P .. K_HISTORY .. string.format('%03x', shard)
   local flat = redis.call('HGETALL', key)
   for k = 1, #flat, 2 do
-    if redis.call('EXISTS', rec_key(flat[k + 1])) == 0 then
+    local id = id_unpack(flat[k + 1])
+    if redis.call('EXISTS', rec_key(id)) == 0 and not summary_get(id) then
       redis.call('HDEL', key, flat[k])
       dropped = dropped + 1
     end

@@ -1,6 +1,6 @@
 -- KEYS: counters, metrics, batches, leases, failed, events, timeline seconds, timeline minutes
 -- ARGV: prefix, batch_id, status_ttl_s, max_items, linger_ms, outcomes_json, query_calls,
---       events_maxlen
+--       events_maxlen, status_detail_s (summary.lua, keep_terminal)
 -- outcomes: [{i, s, dl?, er?}] with s one of
 --   ok  verified: succeeded, its keys released
 --   v   not seen yet: checked again in dl ms (one more check counted for the backoff)
@@ -15,6 +15,7 @@ local batch_id, ttl = ARGV[2], tonumber(ARGV[3])
 local max_items, linger_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local outcomes = cjson.decode(ARGV[6])
 local events_key, events_maxlen = KEYS[6], tonumber(ARGV[8])
+local detail = tonumber(ARGV[9])
 local now = now_ms()
 local counts, woken = {}, {}
 local tl, tl_minute = {ok = 0, f = 0}, {}
@@ -39,7 +40,7 @@ for _, out in ipairs(outcomes) do
       if out.s == 'ok' then
         rec.s, rec.vf = 'ok', true
         release(out.i, rec, now, woken)
-        save(out.i, rec, ttl)
+        keep_terminal(out.i, rec, now, ttl, detail)
         emit(events_key, events_maxlen, out.i, rec, 'succeeded', now)
         tl.ok = tl.ok + 1
         bump(counts, 'succeeded', op, 1)
@@ -71,6 +72,7 @@ for _, out in ipairs(outcomes) do
     stale = stale + 1
   end
 end
+summaries_done()
 flush_counts(N, counts)
 if tl.ok + tl.f > 0 then tl_add(KEYS[7], KEYS[8], now, tl, tl_minute) end
 return {applied, stale, wakes(woken, max_items, linger_ms)}

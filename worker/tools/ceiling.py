@@ -24,8 +24,8 @@ from ..auth import sign_headers
 from ..client import BATCHOPERATE_PATH
 from ..settings import SANDBOX_ACCESS_ID, SANDBOX_SECRET_KEY
 
-#: calls a bare client keeps in flight by default (the issue's 64-128 range gave the same rate)
-CEILING_IN_FLIGHT = 96
+#: calls a bare client keeps in flight by default: as many as a worker keeps by default
+CEILING_IN_FLIGHT = 128
 #: items per call: the service's maximum
 ITEMS = 20
 
