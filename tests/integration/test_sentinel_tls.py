@@ -155,7 +155,7 @@ def test_sentinel_url_for_store_and_broker(tmp_path: Path, procs: Processes, san
         version = probe.info("server")["redis_version"]
     finally:
         probe.close()
-    assert machine(url)["redis"] == version  # the bench's report reads a Sentinel URL too
+    assert machine(url)["redis_version"] == version  # the bench's report reads a Sentinel URL too
 
     worker = drain_through(url, own_prefix, sandbox, workers, "sentinel")
     # the broker went through kombu's sentinel transport, not a plain redis://

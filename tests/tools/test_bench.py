@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from worker.tools.ceiling import baseline_default, in_flight_met, in_flight_targets
+from worker.tools.ceiling import Ceiling, baseline_default, ceiling_figures, in_flight_met, in_flight_targets
+from worker.tools.harness import bench_intents
 from worker.tools.measure import percentile
 
 #: the console script next to the interpreter running the tests (the project's virtualenv)
@@ -25,9 +28,12 @@ NUMBERS = ("intents", "tokens", "sandbox_latency_ms", "linger_ms", "workers", "c
            "latency_rate_per_s", "redis_bytes_per_pending_intent", "worker_rss_mb",
            "call_ms_mean", "baseline_intents", "baseline_enqueue_per_s", "baseline_drain_per_s",
            "baseline_api_calls", "speedup", "max_in_flight", "in_flight_max", "ceiling_per_s",
-           "ceiling_in_flight", "drain_to_ceiling")
+           "ceiling_before_per_s", "ceiling_after_per_s", "ceiling_in_flight", "drain_to_ceiling",
+           "redis_bytes_per_terminal_intent", "redis_events_bytes_per_intent")
 TARGETS = ("speedup", "items_per_call", "latency_p99_ms", "redis_bytes_per_pending_intent",
-           "worker_rss_mb")
+           "redis_bytes_per_terminal_intent", "worker_rss_mb")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+EMAIL = re.compile(r"user\d{8}@example\.com")
 
 
 @pytest.mark.e2e
@@ -67,12 +73,21 @@ def test_bench_json_has_every_figure(tmp_path: Path) -> None:
     assert all(isinstance(v, bool) for v in figures["targets_met"].values())
     assert set(figures["targets"]) == {"speedup_min", "items_per_call_min",
                                        "latency_p99_ms_max", "redis_bytes_per_pending_intent_max",
-                                       "worker_rss_mb_max"}
+                                       "redis_bytes_per_terminal_intent_max", "worker_rss_mb_max"}
+    # the memory phase on the run's own (private) Redis: the records it stored cost something,
+    # and so did the events stream, reported apart
+    assert figures["redis_bytes_per_terminal_intent"] > 0
+    assert figures["redis_events_bytes_per_intent"] > 0
+    # the ceiling is the mean of its two halves, measured just before and just after the drain
+    halves = (figures["ceiling_before_per_s"], figures["ceiling_after_per_s"])
+    assert min(halves) > 0
+    assert figures["ceiling_per_s"] == pytest.approx(sum(halves) / 2, abs=0.1)
     # the sandbox saw calls in flight together; the bare client kept its own number in flight
     assert 1 <= figures["in_flight_max"] <= figures["max_in_flight"]
     assert figures["targets"]["latency_p99_ms_max"] == 250 + 3 * 20 + 50
     machine = figures["machine"]
-    assert machine["cores"] >= 1 and machine["python"] and machine["redis"]
+    assert machine["cores"] >= 1 and machine["python"] and machine["redis_version"]
+    assert machine["redis_allocator"]
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -97,3 +112,22 @@ def test_the_naive_baseline_is_shorter_at_real_latency() -> None:
     assert baseline_default(20_000, 20.0, 2000) == 2000
     assert baseline_default(20_000, 200.0, 2000) == 200
     assert baseline_default(150, 20.0, 2000) == 150
+
+
+def test_bench_intents_have_64_hex_tokens_and_e_mail_accounts() -> None:
+    intents = bench_intents(500, None, random.Random(1))
+    tokens = [i["token"] for i in intents if "token" in i]
+    accounts = [a["account"] for i in intents for a in i.get("account_list", ())]
+    accounts += [i["account"] for i in intents if "account" in i]
+    assert tokens and accounts
+    assert all(HEX64.fullmatch(t) for t in tokens)
+    assert all(EMAIL.fullmatch(a) for a in accounts)
+    assert {i["operator_type"] for i in intents} == {1, 2, 3, 4, 5}
+
+
+def test_the_ceiling_is_the_mean_of_its_halves_around_the_drain() -> None:
+    before = Ceiling(calls=500, items=10_000, seconds=1.0, in_flight=128)
+    after = Ceiling(calls=500, items=10_000, seconds=2.0, in_flight=128)
+    assert ceiling_figures(before, after, 6000.0) == {
+        "ceiling_per_s": 7500.0, "ceiling_before_per_s": 10_000.0,
+        "ceiling_after_per_s": 5000.0, "ceiling_in_flight": 128, "drain_to_ceiling": 0.8}

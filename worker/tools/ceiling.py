@@ -5,7 +5,9 @@
 distinct tokens back to back, so ``threads`` calls stay in flight. No Redis, no Celery, no
 outcome rules: the most this machine (the sandbox's own CPU included) can push at the sandbox's
 latency. The benchmark reports the worker's ``drain_per_s`` as a ratio of it, measured in the same
-run, so a busy machine moves both figures together.
+run around the drain: half the calls just before it and half just after, and ``ceiling_per_s`` is
+the mean of the two rates, so that load drifting on a shared machine during the run moves the
+ceiling as it moves the drain (``ceiling_before_per_s`` and ``ceiling_after_per_s`` show the drift).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def measure_ceiling(base_url: str, calls: int, in_flight: int = CEILING_IN_FLIGH
 
 #: sandbox latency from which a run is judged as at real TPNS distance (SPEC §10's 200 ms run)
 REAL_LATENCY_MS = 100.0
-#: calls the bare client sends for the ceiling (a few seconds at any latency this box can push)
+#: calls the bare client sends for the ceiling, half before the drain and half after (a few
+#: seconds at any latency this box can push)
 CEILING_CALLS = 1000
 #: the default worker's drain as a share of the ceiling at real latency (stretch: 0.8)
 DRAIN_TO_CEILING_MIN = 0.6
@@ -102,12 +105,13 @@ DRAIN_TO_CEILING_MIN = 0.6
 WORKER_RSS_MB_MAX = 200.0
 
 
-def ceiling_figures(base_url: str, drain_per_s: float,
-                    calls: int = CEILING_CALLS) -> dict[str, float]:
-    """``ceiling_per_s`` against ``base_url`` and the drain's share of it."""
-    ceiling = measure_ceiling(base_url, calls)
-    return {"ceiling_per_s": round(ceiling.per_s, 1), "ceiling_in_flight": ceiling.in_flight,
-            "drain_to_ceiling": round(drain_per_s / ceiling.per_s, 3) if ceiling.per_s else 0.0}
+def ceiling_figures(before: Ceiling, after: Ceiling, drain_per_s: float) -> dict[str, float]:
+    """``ceiling_per_s`` (the mean of the rates measured just ``before`` and just ``after`` the
+    drain), both parts, and the drain's share of the mean."""
+    mean = (before.per_s + after.per_s) / 2
+    return {"ceiling_per_s": round(mean, 1), "ceiling_before_per_s": round(before.per_s, 1),
+            "ceiling_after_per_s": round(after.per_s, 1), "ceiling_in_flight": before.in_flight,
+            "drain_to_ceiling": round(drain_per_s / mean, 3) if mean else 0.0}
 
 
 def in_flight_targets(latency_ms: float) -> dict[str, float]:

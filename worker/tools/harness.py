@@ -56,11 +56,13 @@ def verify_figures(plain: dict[str, Any], verified: dict[str, Any],
 
 
 def bench_intents(count: int, tokens: int | None, rng: random.Random) -> list[dict[str, Any]]:
-    """``count`` intents of a realistic mix over ``tokens`` distinct 40-character tokens
-    (default: one each); every account (20 characters) is used once."""
-    pool = [f"{rng.getrandbits(160):040x}" for _ in range(tokens or count)]
-    return [mixed_intent(rng.random(), pool[k % len(pool)], f"u{k:07d}@example.com",
-                         append_account=(f"u{k:07d}@example.com", 0)) for k in range(count)]
+    """``count`` intents of a realistic mix over ``tokens`` distinct 64-hex tokens (the size of
+    real TPNS tokens; default: one each); every e-mail account (``user00000001@example.com``)
+    is used once."""
+    pool = [f"{rng.getrandbits(256):064x}" for _ in range(tokens or count)]
+    return [mixed_intent(rng.random(), pool[k % len(pool)], f"user{k + 1:08d}@example.com",
+                         append_account=(f"user{k + 1:08d}@example.com", 0))
+            for k in range(count)]
 
 
 class Reporter:

@@ -66,12 +66,15 @@ def redis_cpu_s(client: Any) -> float:
 
 
 def machine(redis_url: str) -> dict[str, Any]:
-    """Cores, Python, the Redis version, the platform and the load when the run ended."""
+    """Cores, Python, the Redis version and allocator (memory figures depend on both), the
+    platform and the load when the run ended."""
     client = redis_client(redis_url)  # any REDIS_URL form (Sentinel, TLS), not only redis://
     try:
         version = str(client.info("server").get("redis_version", "?"))
+        allocator = str(client.info("memory").get("mem_allocator", "?"))
     finally:
         client.close()
     return {"cores": os.cpu_count() or 0, "python": platform.python_version(),
-            "redis": version, "platform": platform.platform(terse=True),
+            "redis_version": version, "redis_allocator": allocator,
+            "platform": platform.platform(terse=True),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
