@@ -7,6 +7,7 @@ tests/integration/test_topology.py runs the compose topology's commands as local
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import re
 import shlex
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ SPEC_VARIABLES = (
     "TPNS_MAX_CALLS_PER_S", "TPNS_MAX_ATTEMPTS", "TPNS_MAX_AGE_S", "TPNS_PAUSE_S",
     "TPNS_STATUS_TTL_S", "TPNS_APPS", "TPNS_DEFAULT_APP", "TPNS_API_TOKEN", "TPNS_LOG_FORMAT",
     "TPNS_MAX_PENDING", "TPNS_ENQUEUE_MIN_REPLICAS", "TPNS_ENQUEUE_WAIT_MS", "TPNS_EVENTS_MAXLEN",
-    "TPNS_VERIFY", "TPNS_VERIFY_DELAY_MS", "TPNS_VERIFY_TIMEOUT_S",
+    "TPNS_VERIFY", "TPNS_VERIFY_DELAY_MS", "TPNS_VERIFY_TIMEOUT_S", "TPNS_MAX_IN_FLIGHT",
 )
 
 
@@ -322,3 +323,66 @@ def test_example_env_documents_every_variable_and_loads() -> None:
     # no secret values: every secret variable is commented out or empty
     for var in ("TPNS_SECRET_KEY", "TPNS_API_TOKEN"):
         assert not read_env_file(EXAMPLE_ENV).get(var)
+
+
+# -- the README's configuration table and the defaults the docs quote -----------------------------
+
+README = ROOT / "README.md"
+#: the documents that quote defaults as "`TPNS_X` (N)": the READMEs and the deploy files' comments
+QUOTING_DEFAULTS = (README, DEPLOY / "README.md", *sorted(K8S.glob("*.yaml")),
+                    *sorted(SYSTEMD.glob("*.service")), COMPOSE, EXAMPLE_ENV)
+
+
+def settings_defaults() -> dict[str, Any]:
+    """Each setting's default, by the variable that sets it (``max_in_flight``: TPNS_MAX_IN_FLIGHT)."""
+    return {f"TPNS_{f.name.upper()}": f.default for f in dataclasses.fields(Settings)
+            if f.default is not dataclasses.MISSING}
+
+
+def readme_configuration() -> str:
+    """The README's "Configuration" section: the paragraph and the table."""
+    text = README.read_text(encoding="utf-8")
+    return text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_configuration_names_every_variable_settings_reads() -> None:
+    source = (ROOT / "worker" / "settings.py").read_text(encoding="utf-8")
+    read = set(re.findall(r'"((?:TPNS|REDIS|CELERY)_[A-Z0-9_]*[A-Z0-9])"', source))
+    assert {"TPNS_MAX_IN_FLIGHT", "TPNS_STATUS_DETAIL_S", "REDIS_URL"} <= read
+    section = readme_configuration()
+    missing = sorted(var for var in read if f"`{var}`" not in section)
+    assert missing == [], f"README's Configuration section does not name {missing}"
+
+
+def test_readme_configuration_defaults_are_the_settings_defaults() -> None:
+    defaults = settings_defaults()
+    checked = []
+    for line in readme_configuration().splitlines():
+        if not line.startswith("| `"):
+            continue
+        names_cell, _meaning, default_cell = (c.strip() for c in line.strip().strip("|").split("|"))
+        names = re.findall(r"`((?:TPNS|REDIS|CELERY)_[A-Z0-9_]+)`", names_cell)
+        values = [v.strip().strip("`") for v in default_cell.split(",")]
+        if len(names) != len(values):
+            continue  # "`TPNS_REGION` / `TPNS_BASE_URL`": one default for several names
+        for name, value in zip(names, values, strict=True):
+            if name in defaults and re.fullmatch(r"\d+", value):
+                assert float(value) == float(defaults[name]), \
+                    f"README: {name} defaults to {value}; settings.py: {defaults[name]}"
+                checked.append(name)
+    assert {"TPNS_MAX_IN_FLIGHT", "TPNS_STATUS_DETAIL_S", "TPNS_STATUS_TTL_S"} <= set(checked)
+    assert len(checked) >= 15, checked
+
+
+def test_defaults_quoted_in_the_docs_are_the_settings_defaults() -> None:
+    defaults = settings_defaults()
+    quoted = 0
+    for path in QUOTING_DEFAULTS:
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"(TPNS_[A-Z0-9_]+)`? \((\d[\d,]*)(?: s| ms)?\)", text):
+            name, value = m.group(1), m.group(2).replace(",", "")
+            assert name in defaults, f"{path.name}: {m.group(0)!r} quotes a default of no setting"
+            assert float(value) == float(defaults[name]), \
+                f"{path.relative_to(ROOT)}: {m.group(0)!r}, but settings.py's default is {defaults[name]}"
+            quoted += 1
+    assert quoted >= 3
