@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.tools.memory import glob_escape, keys_under, memory_intents, terminal_memory
+from worker.tools.memory import memory_intents, terminal_memory
+from worker.tools.stack import glob_escape, keys_under
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 EMAIL = re.compile(r"user\d{8}@example\.com")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from ..intents import validate
 from ..model import Intent
 from ..store import Store
 from ..store_calls import SCRIPTS, Claim, load_script
+from .stack import delete_prefix, keys_under
 
 #: the app the phase's intents belong to (any name: no app list is consulted)
 APP = "default"
@@ -139,21 +139,3 @@ def data_memory(client: redis.Redis) -> int:
     """``used_memory`` without client buffers (query and reply buffers come and go)."""
     info = client.info("memory")
     return int(info["used_memory"]) - int(info.get("mem_clients_normal", 0))
-
-
-def glob_escape(text: str) -> str:
-    """``text`` as a literal in a Redis glob pattern (``SCAN MATCH``)."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def keys_under(client: redis.Redis, prefix: str) -> Iterator[bytes | str]:
-    """The names of the keys that start with ``prefix`` (SCAN: never blocks the server)."""
-    yield from client.scan_iter(match=glob_escape(prefix) + "*", count=1000)
-
-
-def delete_prefix(client: redis.Redis, prefix: str) -> int:
-    """Delete every key whose name starts with ``prefix``; how many."""
-    keys: Sequence[bytes | str] = list(keys_under(client, prefix))
-    for start in range(0, len(keys), 500):
-        client.unlink(*keys[start:start + 500])
-    return len(keys)

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import redis
 import requests
 
+from ..connections import redis_client
 from ..embedded import start_private
 from ..keys import DEFAULT_PREFIX
 
@@ -64,13 +66,36 @@ class StackRedis:
     private: bool
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (``SCAN MATCH``)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def keys_under(client: redis.Redis, prefix: str) -> Iterator[bytes | str]:
+    """The names of the keys that start with ``prefix`` (SCAN: never blocks the server)."""
+    yield from client.scan_iter(match=glob_escape(prefix) + "*", count=1000)
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> int:
+    """Delete every key whose name starts with ``prefix``; how many."""
+    keys: Sequence[bytes | str] = list(keys_under(client, prefix))
+    for start in range(0, len(keys), 500):
+        client.unlink(*keys[start:start + 500])
+    return len(keys)
+
+
 @contextlib.contextmanager
 def local_redis(workdir: Path, name: str = "stack") -> Iterator[StackRedis]:
-    """``REDIS_URL`` under a fresh prefix when it is set, else a private Redis under ``workdir``
-    (with the default prefix: the server is the stack's alone) that is stopped on exit."""
+    """``REDIS_URL`` under a fresh prefix when it is set (every key under it deleted on exit: a
+    benchmark or a demo leaves nothing behind in the user's Redis), else a private Redis under
+    ``workdir`` (with the default prefix: the server is the stack's alone) that is stopped on exit."""
     if os.environ.get("REDIS_URL"):
         prefix = f"tpns-{name}-{uuid.uuid4().hex[:6]}:"
-        yield StackRedis(os.environ["REDIS_URL"], prefix, private=False)
+        try:
+            yield StackRedis(os.environ["REDIS_URL"], prefix, private=False)
+        finally:
+            with contextlib.closing(redis_client(os.environ["REDIS_URL"])) as client:
+                delete_prefix(client, prefix)
         return
     proc, url = start_private(workdir / "redis")
     try:
