@@ -37,6 +37,7 @@ SPEC_VARIABLES = (
     "TPNS_STATUS_TTL_S", "TPNS_APPS", "TPNS_DEFAULT_APP", "TPNS_API_TOKEN", "TPNS_LOG_FORMAT",
     "TPNS_MAX_PENDING", "TPNS_ENQUEUE_MIN_REPLICAS", "TPNS_ENQUEUE_WAIT_MS", "TPNS_EVENTS_MAXLEN",
     "TPNS_VERIFY", "TPNS_VERIFY_DELAY_MS", "TPNS_VERIFY_TIMEOUT_S", "TPNS_MAX_IN_FLIGHT",
+    "TPNS_STATUS_DETAIL_S",
 )
 
 
@@ -318,7 +319,7 @@ def test_example_env_documents_every_variable_and_loads() -> None:
     for var in SPEC_VARIABLES:
         assert re.search(rf"^#?{var}=", text, re.M), f"{var} is not in config/example.env"
     settings = Settings.from_env({}, config_file=EXAMPLE_ENV)
-    assert settings.lease_s == 60 and settings.prefix == "tpns:"
+    assert settings.lease_s == 60 and settings.prefix == "tpns:" and settings.status_detail_s == 3600
     assert settings.app.base_url == "http://sandbox:8810"
     # no secret values: every secret variable is commented out or empty
     for var in ("TPNS_SECRET_KEY", "TPNS_API_TOKEN"):

@@ -203,30 +203,6 @@ class Store(StoreReads):
                      oldest_eligible_ms=int(raw[6]),
                      reason="full" if eligible >= self.max_items else "linger")
 
-    def _evalsha_pipeline(self, calls: Sequence[tuple[str, list[Any], list[Any]]],
-                          delete: Sequence[str] = (), *, raise_errors: bool = True) -> list[Any]:
-        """``DEL delete…`` then each ``(script name, keys, args)`` in one round trip; replies.
-
-        By SHA in a plain pipeline: redis-py's script-aware pipeline would add a ``SCRIPT
-        EXISTS`` round trip to every execute. On a server that lost its scripts (a restart),
-        each call that did not run is run again through its ``Script``, which loads it. A call's
-        own error is raised, or with ``raise_errors=False`` left in its place among the replies.
-        """
-        pipe = self.redis.pipeline(transaction=False)
-        if delete:
-            pipe.delete(*delete)
-        for name, keys, args in calls:
-            evalsha(pipe, self._scripts[name].sha, keys, args)
-        replies = list(pipe.execute(raise_on_error=False))[1 if delete else 0:]
-        for n, reply in enumerate(replies):
-            if isinstance(reply, redis.exceptions.NoScriptError):
-                # only the calls that did not run go again (Script loads itself on NOSCRIPT)
-                name, keys, args = calls[n]
-                replies[n] = self._scripts[name](keys=keys, args=args)
-            elif isinstance(reply, Exception) and raise_errors:
-                raise reply
-        return replies
-
     def complete(self, batch_id: str, outcomes: Sequence[Mapping[str, Any]], *, calls: int,
                  items_sent: int, operator_type: int = 0,
                  call_metrics: Sequence[tuple[str, float]] = ()) -> Completion:

@@ -16,7 +16,7 @@ import redis
 
 from .keys import RECORD_STATES, WORKER_TTL_S
 from .model import OPERATOR_TYPES, STATES, Status
-from .store_calls import Layout, as_text
+from .store_calls import Layout, as_text, evalsha
 
 
 class StoreReads(Layout):
@@ -94,14 +94,36 @@ class StoreReads(Layout):
             raws = list(pipe.execute())
         missing = [k for k, raw in enumerate(raws) if raw is None]
         if missing:
-            calls = lookup_calls(self, [ids[k] for k in missing])
-            pipe = self.redis.pipeline(transaction=False)
-            for keys, args in calls:
-                self._scripts["lookup"](keys=keys, args=args, client=pipe)
-            found = [raw for reply in pipe.execute() for raw in reply]
+            calls = [("lookup", keys, args)
+                     for keys, args in lookup_calls(self, [ids[k] for k in missing])]
+            found = [raw for reply in self._evalsha_pipeline(calls) for raw in reply]
             for k, raw in zip(missing, found, strict=True):
                 raws[k] = raw or None
         return raws
+
+    def _evalsha_pipeline(self, calls: Sequence[tuple[str, list[Any], list[Any]]],
+                          delete: Sequence[str] = (), *, raise_errors: bool = True) -> list[Any]:
+        """``DEL delete…`` then each ``(script name, keys, args)`` in one round trip; replies.
+
+        By SHA in a plain pipeline: redis-py's script-aware pipeline would add a ``SCRIPT
+        EXISTS`` round trip to every execute. On a server that lost its scripts (a restart),
+        each call that did not run is run again through its ``Script``, which loads it. A call's
+        own error is raised, or with ``raise_errors=False`` left in its place among the replies.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        if delete:
+            pipe.delete(*delete)
+        for name, keys, args in calls:
+            evalsha(pipe, self._scripts[name].sha, keys, args)
+        replies = list(pipe.execute(raise_on_error=False))[1 if delete else 0:]
+        for n, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                # only the calls that did not run go again (Script loads itself on NOSCRIPT)
+                name, keys, args = calls[n]
+                replies[n] = self._scripts[name](keys=keys, args=args)
+            elif isinstance(reply, Exception) and raise_errors:
+                raise reply
+        return replies
 
     def _summed(self, key_of: Any, convert: Any) -> dict[str, Any]:
         """A hash of counters (``key_of(keys)``) summed over the apps' keys in cluster mode."""

@@ -56,11 +56,35 @@ def _result_schema() -> Schema:
 
 
 def _status_schema() -> Schema:
+    text: Schema = {"type": ["string", "null"]}
+    account = {"type": "object", "required": ["account", "account_type"],
+               "properties": {"account": {"type": "string"}, "account_type": {"type": "integer"}}}
+    payload = "Left out of a compacted status (`detail`)"
     return {"type": "object", "description": "An intent's status (SPEC §5)",
-            "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": list(STATES)},
+            "required": ["id", "operator_type", "state", "attempts", "result_code", "ret_code",
+                         "err_msg", "error", "batch_id", "verified", "created_at", "updated_at"],
+            "properties": {
+                "id": {"type": "string"},
+                "app": {"type": "string", "description": "Left out for the default app"},
+                "operator_type": {"type": "integer", "minimum": 1, "maximum": 5},
+                "token": {**text, "description": f"Operator types 1-4. {payload}"},
+                "account_list": {"type": "array", "items": account,
+                                 "description": f"Operator types 1-3. {payload}"},
+                "account": {"type": "string", "description": f"Operator type 5. {payload}"},
+                "account_type": {"type": "integer",
+                                 "description": f"Operator type 5. {payload}"},
+                "state": {"type": "string", "enum": list(STATES)},
+                "attempts": {"type": "integer", "minimum": 0},
+                "result_code": text, "ret_code": {"type": ["integer", "null"]},
+                "err_msg": text, "error": text, "batch_id": text,
                 "verified": {"type": ["boolean", "null"], "description": (
                     "With TPNS_VERIFY=on: true once a query showed the intent applied, false "
-                    "while verifying (or never seen); null when verification is off")}}}
+                    "while verifying (or never seen); null when verification is off")},
+                "created_at": {"type": "string"}, "updated_at": {"type": "string"},
+                "detail": {"type": "string", "enum": ["compacted"], "description": (
+                    "Present once a succeeded intent is past TPNS_STATUS_DETAIL_S: only its "
+                    "summary is kept for the rest of TPNS_STATUS_TTL_S, so the payload (token, "
+                    "account_list, account, account_type) is left out; every other field stays")}}}
 
 
 def _unauthorized() -> Schema:
