@@ -187,6 +187,7 @@ def test_events_trimmed_before_delivery_arrive_as_one_gap(
     assert items[0]["stream_id"] == first[0]
     # nothing skipped silently: the gap runs from the last delivered to the first kept
     assert (items[1]["from_id"], items[1]["first_id"]) == (first[0], sent[-5])
+    assert "app" not in items[1] and "cursor" not in items[1]  # one stream: as it always was
     assert [i["stream_id"] for i in items[2:]] == sent[-5:]
     figures = read_figures(client, keys)
     assert figures is not None and figures["gaps"] == 1 and figures["lag_events"] == 0
@@ -238,4 +239,27 @@ def test_on_a_cluster_each_app_has_its_deliverer_cursor_and_order(
     done = figures()
     assert (done["lag_events"], done["gaps"], done["failures"]) == (0, 0, 0)
     assert {app: f["delivered"] for app, f in done["apps"].items()} == {one: 30, two: 30}
+    client.close()
+
+
+def test_on_a_cluster_a_gap_names_the_app_whose_stream_lost_the_entries(
+        redis_cluster: LocalCluster, cluster_prefix: str, receiver: tuple[WebhookReceiver, str],
+        deliverers: list[Deliverer]) -> None:
+    hook, url = receiver
+    client = redis_client(redis_cluster.url)
+    one, _ = apps_on_two_masters(redis_cluster, client)
+    keys = Keys(cluster_prefix).tagged(one)
+    first = append(client, keys, 1, app=one)
+    state = WebhookState(client, keys, name="earlier")
+    assert state.acquire() and state.start() == (first[0], 1)  # delivered up to here
+    state.release()
+    kept = append(client, keys, 12, maxlen=5, start=1, app=one)[-5:]  # 6 lost before delivery
+    deliverers.append(Deliverer(client, keys, url, SECRET, name="t1", app=one).start())
+    wait_until(lambda: (read_figures(client, keys) or {}).get("cursor") == kept[-1], 30,
+               message="the entries kept delivered")
+    items = hook.delivered()
+    assert [i["event"] for i in items] == ["gap"] + ["intent"] * 5
+    assert (items[0]["app"], items[0]["from_id"], items[0]["first_id"]) == (one, first[0], kept[0])
+    assert "cursor" not in items[0] and [i["stream_id"] for i in items[1:]] == kept
+    deliverers.pop().stop()  # before its client is closed
     client.close()

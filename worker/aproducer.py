@@ -30,6 +30,7 @@ from .connections import async_redis_client
 from .embedded import resolve_redis_url
 from .errors import IdConflictError, StoreError, StoreUnavailableError
 from .events import AsyncEventReader, Event, Gap
+from .events_merged import AsyncMergedEventReader
 from .groupcommit import AsyncGroupCommit
 from .history import history_query
 from .intents import validate
@@ -91,6 +92,9 @@ class AsyncProducer:
     @_guarded
     async def apps(self) -> frozenset[str]:
         """Known app names: configured here, or registered in Redis by running workers."""
+        return await self._app_names()
+
+    async def _app_names(self) -> frozenset[str]:
         return self.app_names.fresh() or self.app_names.update(await self.store.known_apps())
 
     async def validate(self, obj: Any) -> Intent:
@@ -208,9 +212,16 @@ class AsyncProducer:
     def events(self, from_id: str = "0", *, follow: bool = False, state: str | None = None,
                app: str | None = None) -> AsyncIterator[Event | Gap]:
         """``Producer.events`` as an async iterator (``async for event in p.events(...)``); on a
-        Redis Cluster store, ``app`` names the app's stream (the configured apps are known)."""
-        key = self.store.events_key(app, self.settings.apps if self.store.cluster else ())
-        reader = AsyncEventReader(self.redis, key, from_id, state=state)
+        Redis Cluster store, ``app`` names one app's stream, and without it every app's are read
+        merged (``worker.events_merged``)."""
+        key = self.store.events_key(app)
+        reader: AsyncEventReader | AsyncMergedEventReader
+        if key is None:
+            reader = AsyncMergedEventReader(self.redis, self.store.app_events_key, self._app_names,
+                                            from_id, state=state)
+        else:
+            reader = AsyncEventReader(self.redis, key, from_id, state=state,
+                                      app=app if self.store.cluster else None)
         return self._guard_iter(reader.follow(follow=follow))
 
     async def _guard_iter(self, items: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -4,6 +4,8 @@ that makes the change (``lib.lua``'s ``emit``), capped by ``TPNS_EVENTS_MAXLEN``
 
 This module is the one reader: the CLI (``tpns-batcher events``), ``GET /v1/events`` (SSE) and
 ``Producer.events`` all go through ``EventReader``, and so can a webhook deliverer or a live page.
+On a Redis Cluster store each app has its own stream, and a reader that names no app merges one
+``EventReader`` per app (``worker.events_merged``).
 
 A reader keeps a cursor (the last stream id it handed out) and never skips silently: when its
 cursor is older than the id just before the first entry still kept, entries after it may have been
@@ -58,9 +60,12 @@ class Event:
     attempts: int
     #: when the change happened (``2026-11-25T10:00:00.000Z``)
     at: str
+    #: a merged reader's resume point (every app's position, ``worker.events_merged``); None
+    #: from one stream, where ``stream_id`` is the resume point
+    cursor: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"event": "intent", **asdict(self)}
+        return {"event": "intent", **_without_nones(asdict(self), ("cursor",))}
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,18 @@ class Gap:
     stream_id: str
     from_id: str
     first_id: str | None
+    #: the app whose stream lost the entries, where each app has its own (a Redis Cluster store)
+    app: str | None = None
+    #: a merged reader's resume point, as ``Event.cursor``
+    cursor: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"event": "gap", **asdict(self)}
+        return {"event": "gap", **_without_nones(asdict(self), ("app", "cursor"))}
+
+
+def _without_nones(fields: dict[str, Any], optional: Sequence[str]) -> dict[str, Any]:
+    """``fields`` without the ``optional`` ones that are None (one stream's items are unchanged)."""
+    return {k: v for k, v in fields.items() if v is not None or k not in optional}
 
 
 def parse_from(value: str | None, name: str = "from") -> str:
@@ -97,7 +111,8 @@ def parse_state(value: str | None, name: str = "state") -> str | None:
     return value
 
 
-def _sid(value: str) -> tuple[int, int]:
+def stream_order(value: str) -> tuple[int, int]:
+    """A stream id as (ms, seq), to compare ids in their order."""
     ms, _, seq = value.partition("-")
     return int(ms), int(seq or 0)
 
@@ -111,12 +126,12 @@ def _opt_int(value: str) -> int | None:
 
 
 def _mapping(value: Any) -> Mapping[Any, Any]:
-    """A reply as a mapping: redis-py parses XRANGE's fields and XINFO STREAM into dicts, but a
-    cluster client's transaction hands the flat ``[name, value, …]`` lists back unparsed."""
+    """A reply as a mapping with text keys: redis-py parses XRANGE's fields and XINFO STREAM into
+    dicts, but a cluster client's transaction hands them back as flat ``[name, value, …]`` lists
+    or as dicts keyed by bytes."""
     if isinstance(value, (list, tuple)):
         return {_text(value[k]): value[k + 1] for k in range(0, len(value) - 1, 2)}
-    mapping: Mapping[Any, Any] = value
-    return mapping
+    return {_text(k): v for k, v in value.items()}
 
 
 def to_event(stream_id: str, fields: Mapping[Any, Any]) -> Event:
@@ -159,24 +174,30 @@ def as_replies(info: Any, entries: Any) -> tuple[Any, Any]:
     return info, [(raw_id, _mapping(fields)) for raw_id, fields in entries]
 
 
-class _Cursor:
+class Cursor:
     """What a reader knows between reads: where it is, what it filters, whether a gap is due.
     The I/O is the sync or asyncio reader's; the decisions are here, once."""
 
     def __init__(self, key: str, from_id: str = "0", *, state: str | None = None,
-                 count: int = READ_COUNT) -> None:
+                 count: int = READ_COUNT, app: str | None = None) -> None:
         self.key = key
         start = parse_from(from_id)
         self.state = parse_state(state)
         self.count = count
+        #: named on the gaps (a Redis Cluster store's streams are per app)
+        self.app = app
         #: the last id handed out (or skipped by the state filter); None until "$" is resolved
         self.cursor: str | None = None if start == "$" else ("0-0" if start == "0" else start)
+        #: where reading started: the id given, the end "$" found, or from "0" the id just
+        #: before the first entry kept at the first read (None until known)
+        self.floor: str | None = start if start not in ("0", "$") else None
         # from "0" the first read takes whatever is there: what was trimmed before is no gap
         self._check_gap = start != "0"
         self.caught_up = False
 
     def _end(self, last: Sequence[Any] | None) -> str:
-        return _text(last[0][0]) if last else "0-0"
+        self.floor = _text(last[0][0]) if last else "0-0"
+        return self.floor
 
     def _take(self, info: Any, entries: Any) -> list[Event | Gap]:
         """The items of one ``MULTI`` (XINFO STREAM, XRANGE after the cursor); moves the cursor."""
@@ -184,6 +205,8 @@ class _Cursor:
             raise entries
         info, entries = as_replies(info, entries)
         out: list[Event | Gap] = []
+        if self.floor is None:  # from "0": what was there first
+            self.floor = "0-0" if isinstance(info, Exception) else _first_kept(info)[1]
         # no stream at all: XINFO answers an error, and nothing can have been trimmed
         if not isinstance(info, Exception) and self._check_gap:
             gap = self._gap(info)
@@ -202,35 +225,39 @@ class _Cursor:
         """A Gap when entries after the cursor may have been trimmed: the cursor is older than
         the id just before the first entry kept (no entry can lie between those two)."""
         assert self.cursor is not None
-        first = info.get("first-entry")
-        first_id = _text(first[0]) if first else None
         added, length = info.get("entries-added"), int(info.get("length") or 0)
         if added is not None and int(added) == length:  # Redis 7: nothing was ever trimmed
             return None
-        if first_id is None:
-            last = info.get("last-generated-id")
-            if not last or _sid(self.cursor) >= _sid(_text(last)):
-                return None
-            lost_to = _text(last)
-        else:
-            ms, seq = _sid(first_id)
-            lost_to = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2**64 - 1}"
-            if _sid(self.cursor) >= _sid(lost_to):
-                return None
-        gap = Gap(stream_id=lost_to, from_id=self.cursor, first_id=first_id)
+        first_id, lost_to = _first_kept(info)
+        if stream_order(self.cursor) >= stream_order(lost_to):
+            return None
+        gap = Gap(stream_id=lost_to, from_id=self.cursor, first_id=first_id, app=self.app)
         self.cursor = lost_to
         return gap
 
 
+def _first_kept(info: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(the first id kept or None, the id just before it): with no entry kept, the last id
+    ever added (``0-0`` for none), after which whatever comes next lies."""
+    first = info.get("first-entry")
+    if not first:
+        last = info.get("last-generated-id")
+        return None, (_text(last) if last else "0-0")
+    first_id = _text(first[0])
+    ms, seq = stream_order(first_id)
+    return first_id, (f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2**64 - 1}")
 
-class EventReader(_Cursor):
+
+
+class EventReader(Cursor):
     """Reads the stream at ``key`` from ``from_id`` on, in order, with a ``Gap`` wherever entries
     were lost. ``read()`` returns the next entries (of ``state`` only, when given; gaps always),
     and ``caught_up`` tells whether the last read reached the end of the stream."""
 
     def __init__(self, client: redis.Redis, key: str, from_id: str = "0", *,
-                 state: str | None = None, count: int = READ_COUNT) -> None:
-        super().__init__(key, from_id, state=state, count=count)
+                 state: str | None = None, count: int = READ_COUNT,
+                 app: str | None = None) -> None:
+        super().__init__(key, from_id, state=state, count=count, app=app)
         self.client = client
 
     def read(self, block_ms: int | None = None) -> list[Event | Gap]:
@@ -260,12 +287,13 @@ class EventReader(_Cursor):
                 return
 
 
-class AsyncEventReader(_Cursor):
+class AsyncEventReader(Cursor):
     """``EventReader`` on ``redis.asyncio`` (for ``AsyncProducer.events``)."""
 
     def __init__(self, client: redis.asyncio.Redis, key: str, from_id: str = "0", *,
-                 state: str | None = None, count: int = READ_COUNT) -> None:
-        super().__init__(key, from_id, state=state, count=count)
+                 state: str | None = None, count: int = READ_COUNT,
+                 app: str | None = None) -> None:
+        super().__init__(key, from_id, state=state, count=count, app=app)
         self.client = client
 
     async def read(self, block_ms: int | None = None) -> list[Event | Gap]:

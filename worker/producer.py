@@ -29,7 +29,8 @@ from .bulk import AppNames, BulkResult, Failure, Prepared, new_id
 from .connections import redis_client
 from .embedded import resolve_redis_url
 from .errors import StoreError, StoreUnavailableError
-from .events import Event, EventReader, Gap
+from .events import Event, EventReader, Gap, parse_from
+from .events_merged import MergedEventReader
 from .groupcommit import GroupCommit
 from .history import history_query
 from .intents import validate
@@ -165,6 +166,9 @@ class Producer:
     @_guarded
     def apps(self) -> frozenset[str]:
         """Known app names: configured here, or registered in Redis by running workers."""
+        return self._app_names()
+
+    def _app_names(self) -> frozenset[str]:
         return self.app_names.fresh() or self.app_names.update(self.store.known_apps())
 
     def unavailable(self, exc: BaseException, **groups: Any) -> StoreUnavailableError | StoreError:
@@ -308,10 +312,22 @@ class Producer:
         or a stream id to resume after): ``Event``s, and a ``Gap`` where entries were trimmed
         before they were read. With ``follow``, waits for new ones until the caller stops.
         Bad parameters raise ``IntentError`` at once. On a Redis Cluster store each app has its
-        own stream: ``app`` names it (needed when there are several apps)."""
-        key = self.store.events_key(app, self.apps() if self.store.cluster else ())
-        reader = EventReader(self.redis, key, from_id, state=state)
-        return self._guard_iter(reader.follow(follow=follow))
+        own stream: ``app`` names one, and without it every app's are read merged in time order
+        (``worker.events_merged``): each item's ``cursor`` is then the point to resume from."""
+        return self._guard_iter(self.event_reader(from_id, state=state, app=app)
+                                .follow(follow=follow))
+
+    def event_reader(self, from_id: str = "0", *, state: str | None = None,
+                     app: str | None = None,
+                     name: str = "from") -> EventReader | MergedEventReader:
+        """The reader ``events`` iterates (``serve``'s SSE reads it step by step); ``name``
+        is the field a bad ``from_id`` is reported under."""
+        key = self.store.events_key(app)
+        if key is None:
+            return MergedEventReader(self.redis, self.store.app_events_key, self._app_names, from_id,
+                                     state=state, name=name)
+        return EventReader(self.redis, key, parse_from(from_id, name), state=state,
+                           app=app if self.store.cluster else None)
 
     def _guard_iter(self, items: Iterator[T]) -> Iterator[T]:
         try:

@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import redis
 
-from .errors import IntentError
 from .keys import DEFAULT_PREFIX, Keys, app_of_batch, app_of_id, batch_nonce, lua_prelude
 from .model import BatchItem, Intent
 
@@ -238,18 +237,16 @@ class Layout:
         """The keys of the app a batch id belongs to (all the same keys when standalone)."""
         return self.keys.tagged(app_of_batch(batch_id)) if self.cluster else self.keys
 
-    def events_key(self, app: str | None, known: Iterable[str]) -> str:
-        """The events stream to read: the one stream, or in cluster mode ``app``'s (each app has
-        its own; merged readers are not built yet). Without ``app`` on a cluster, the one known
-        app's; ``IntentError`` (field ``app``) when there are several."""
+    def events_key(self, app: str | None) -> str | None:
+        """The one events stream to read: standalone the store's, in cluster mode ``app``'s;
+        None in cluster mode without ``app`` (each app has its own stream: a reader merges them,
+        ``worker.events_merged``)."""
         if not self.cluster:
             return self.keys.events
-        if app is None:
-            names = sorted(set(known))
-            if len(names) != 1:
-                raise IntentError("app", "required on a Redis Cluster store: each app has its own "
-                                         f"events stream (known apps: {', '.join(names)})")
-            app = names[0]
+        return self.scope(app).events if app is not None else None
+
+    def app_events_key(self, app: str) -> str:
+        """``app``'s events stream (in cluster mode its own, else the one stream)."""
         return self.scope(app).events
 
     def nonce(self, app: str) -> str:

@@ -92,8 +92,8 @@ class _OrdinalReader(EventReader):
     """``EventReader`` that also numbers what it hands out (for the lag, see webhook_state)."""
 
     def __init__(self, client: redis.Redis, key: str, from_id: str, ordinal: int | None,
-                 count: int) -> None:
-        super().__init__(client, key, from_id, count=count)
+                 count: int, app: str | None = None) -> None:
+        super().__init__(client, key, from_id, count=count, app=app)
         self.ordinal = ordinal
         self.ordinals: list[int | None] = []
 
@@ -129,9 +129,12 @@ class Deliverer:
                  name: str | None = None, transport: Transport | None = None,
                  max_events: int = MAX_EVENTS, delay_s: float = DELAY_S,
                  timeout_s: float = TIMEOUT_S, backoff_max_s: float = BACKOFF_MAX_S,
-                 lease_ms: int | None = None, renew_s: float = WEBHOOK_RENEW_S) -> None:
+                 lease_ms: int | None = None, renew_s: float = WEBHOOK_RENEW_S,
+                 app: str | None = None) -> None:
         self.client = client
         self.keys = keys
+        #: on a Redis Cluster store, the app whose stream this delivers (named on its gaps)
+        self.app = app
         self.url = url
         self._secret = secret
         self.state = (WebhookState(client, keys, name=name) if lease_ms is None
@@ -208,7 +211,8 @@ class Deliverer:
     def _lead(self) -> None:
         """Deliver from the cursor while the lease is held."""
         cursor, ordinal = self.state.start()
-        reader = _OrdinalReader(self.client, self.keys.events, cursor, ordinal, self.max_events)
+        reader = _OrdinalReader(self.client, self.keys.events, cursor, ordinal, self.max_events,
+                                self.app)
         pending: list[_Pending] = []
         while not self._stop.is_set() and self.state.held:
             if len(pending) < self.max_events:
@@ -309,7 +313,8 @@ def start_deliverers(settings: Settings, redis_url: str) -> list[Deliverer]:
     client = redis_client(redis_url, health_check_interval=30,
                           socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5.0)
     keys = Keys(settings.prefix)
-    scopes = [keys.tagged(app) for app in settings.apps] if isinstance(client, RedisCluster) \
-        else [keys]
-    return [Deliverer(client, scope, settings.webhook_url, settings.webhook_secret).start()
-            for scope in scopes]
+    scopes: list[tuple[Keys, str | None]] = [(keys, None)]
+    if isinstance(client, RedisCluster):
+        scopes = [(keys.tagged(app), app) for app in settings.apps]
+    return [Deliverer(client, scope, settings.webhook_url, settings.webhook_secret,
+                      app=app).start() for scope, app in scopes]

@@ -47,12 +47,14 @@ def history(token: str | None, account: str | None, account_type: int | None, ap
 @click.command()
 @click.option("--from", "from_id", default="0", show_default=True,
               help="Where to start: 0 (all kept), $ (only new ones), or a stream id to resume "
-                   "after (its milliseconds alone will do).")
+                   "after (its milliseconds alone will do); on a Redis Cluster store without "
+                   "--app, also an event's cursor.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events until Ctrl-C.")
 @click.option("--state", type=click.Choice(["retrying", "verifying", "succeeded", "failed"]),
               help="Only events of this state (gaps are always printed).")
 @click.option("--app", help="On a Redis Cluster store, the app whose stream to read (each app "
-                            "has its own).")
+                            "has its own; without --app, every app's merged in time order, each "
+                            "line with the cursor to resume from).")
 def events(from_id: str, follow: bool, state: str | None, app: str | None) -> None:
     """The events stream as JSON lines, each with its stream_id: every change of an intent to
     retrying, verifying, succeeded or failed. Where entries were trimmed (TPNS_EVENTS_MAXLEN)

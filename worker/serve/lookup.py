@@ -3,11 +3,12 @@ stream as Server-Sent Events (``GET /v1/events``), both over the core's readers
 (``worker.history``, ``worker.events``).
 
 The SSE stream sends each event as ``id: <stream id>`` and ``data: <JSON>``, a gap as
-``event: gap``, and a comment every ``KEEPALIVE_S`` while nothing happens, so proxies keep the
-connection. A browser's ``EventSource`` reconnects by itself with ``Last-Event-ID``, which takes
-precedence over ``from``. The first read happens before the response starts, so a Redis outage is
-a 503 like on every route; one that comes later ends the stream (the client resumes from its last
-id).
+``event: gap`` (on a Redis Cluster store without ``app``, every app's streams merged: the ``id``
+is then the merged reader's cursor, ``worker.events_merged``), and a comment every
+``KEEPALIVE_S`` while nothing happens, so proxies keep the connection. A browser's
+``EventSource`` reconnects by itself with ``Last-Event-ID``, which takes precedence over
+``from``. The first read happens before the response starts, so a Redis outage is a 503 like on
+every route; one that comes later ends the stream (the client resumes from its last id).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import IntentError
-from ..events import BLOCK_MS, Event, EventReader, Gap, parse_from, parse_state
+from ..events import BLOCK_MS, Event, EventReader, Gap
+from ..events_merged import MergedEventReader
 from ..history import history_query
 from ..producer import Producer
 
@@ -58,19 +60,21 @@ def history_endpoint(producer: Producer) -> Callable[[Request], Response]:
 def sse(item: Event | Gap) -> str:
     """One Server-Sent Events message."""
     kind = "event: gap\n" if isinstance(item, Gap) else ""
-    return f"{kind}id: {item.stream_id}\ndata: {json.dumps(item.as_dict(), ensure_ascii=False)}\n\n"
+    return f"{kind}id: {item.cursor or item.stream_id}\ndata: {json.dumps(item.as_dict(), ensure_ascii=False)}\n\n"
 
 
-def _reader(producer: Producer, request: Request) -> tuple[EventReader, bool]:
+Reader = EventReader | MergedEventReader
+
+
+def _reader(producer: Producer, request: Request) -> tuple[Reader, bool]:
     q = request.query_params
     resume = request.headers.get("last-event-id")
-    start = parse_from(resume, "Last-Event-ID") if resume else parse_from(q.get("from"))
     follow = _FLAGS.get((q.get("follow") or "true").strip().lower())
     if follow is None:
         raise IntentError("follow", "must be true or false")
-    key = producer.store.events_key(q.get("app"),
-                                    producer.apps() if producer.store.cluster else ())
-    reader = EventReader(producer.redis, key, start, state=parse_state(q.get("state")))
+    reader = producer.event_reader(resume if resume else q.get("from") or "0",
+                                   state=q.get("state"), app=q.get("app"),
+                                   name="Last-Event-ID" if resume else "from")
     return reader, follow
 
 
@@ -92,8 +96,18 @@ def events_endpoint(producer: Producer,
     return get_events
 
 
-async def _stream(reader: EventReader, batch: list[Event | Gap], follow: bool,
+async def _stream(reader: Reader, batch: list[Event | Gap], follow: bool,
                   stopping: threading.Event | None) -> AsyncIterator[str]:
+    try:
+        async for line in _lines(reader, batch, follow, stopping):
+            yield line
+    finally:
+        if isinstance(reader, MergedEventReader):
+            reader.close()
+
+
+async def _lines(reader: Reader, batch: list[Event | Gap], follow: bool,
+                 stopping: threading.Event | None) -> AsyncIterator[str]:
     quiet_since = time.monotonic()
     while True:
         for item in batch:

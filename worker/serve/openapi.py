@@ -211,15 +211,19 @@ def _get_events() -> Schema:
         "description": "Every change of an intent to retrying, verifying, succeeded or failed: "
                        "`id:` is the stream id, `data:` the event as JSON. Where entries were "
                        "trimmed before they were read, an `event: gap` message names the first "
-                       "id kept. Resumes after `Last-Event-ID` (over `from`).",
+                       "id kept. Resumes after `Last-Event-ID` (over `from`). On a Redis "
+                       "Cluster store without `app`, every app's stream merged in time order: "
+                       "`id:` is then a cursor of every app's position "
+                       "(`android:1764064800000-0,ios:1764064800000-2`).",
         "parameters": [
-            _query("from", {"type": "string"}, "0 (all kept, the default), $ (only new) or a "
-                                               "stream id to resume after"),
+            _query("from", {"type": "string"}, "0 (all kept, the default), $ (only new), a "
+                                               "stream id to resume after, or (merged) a cursor"),
             _query("state", {"type": "string", "enum": list(EVENT_STATES)}, "Only this state"),
             _query("follow", {"type": "boolean"}, "false: send what is kept, then close "
                                                   "(default true: keep sending)"),
             _query("app", {"type": "string"}, "On a Redis Cluster store, the app whose stream "
-                                              "to read (each app has its own)"),
+                                              "to read (each app has its own; without it, "
+                                              "all merged)"),
             {"name": "Last-Event-ID", "in": "header", "required": False,
              "schema": {"type": "string"}, "description": "Resume after this id"}],
         "responses": {"200": {"description": "text/event-stream",
