@@ -11,10 +11,11 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from tests.support.summaries import buckets, families, settle
+from tests.support.summaries import buckets, families, overflows, settle, without_payload
 from worker.astore import AsyncStore
 from worker.connections import async_redis_client
 from worker.errors import IdConflictError
+from worker.history import HistoryQuery
 from worker.keys import SUMMARY_LOAD, SUMMARY_SPAN_MIN_S, tagged_prefix
 from worker.model import Account, Intent
 from worker.producer import Producer
@@ -109,7 +110,8 @@ def test_the_cluster_store_compacts_in_the_apps_slot_and_finds_it_by_id(
     given = f"{app}.order-1"
     intent = Intent(2, "tokC", (Account("c@example.com"),), app, given)
     assert store.enqueue([(given, intent), (f"{app}.gen", Intent(4, "tokD", (), app))])[0] == [1, 1]
-    settle(store, app)
+    batches = settle(store, app)
+    assert all(b.endswith("." + app) for b in batches)
     port = redis_cluster.port_of_slot(cclient.keyslot(f"{{{app}}}"))
     node = redis_cluster.node(port)
     assert list(node.scan_iter(match=tagged_prefix(cluster_prefix, app) + "c:*"))
@@ -117,6 +119,7 @@ def test_the_cluster_store_compacts_in_the_apps_slot_and_finds_it_by_id(
     got = store.statuses([given, f"{app}.gen", f"{app}.nope"])
     assert [(s.app, s.state, s.detail) if s else None for s in got] == [
         (app, "succeeded", "compacted"), (app, "succeeded", "compacted"), None]
+    assert {s.batch_id for s in got if s} <= set(batches)  # the app's suffix kept
     assert store.enqueue([(given, intent)])[0] == [0]
     other = Intent(2, "tokC", (Account("d@example.com"),), app, given)
     assert store.enqueue([(given, other)])[0] == [-1]
@@ -169,3 +172,53 @@ def test_the_producer_answers_a_repeated_id_as_before_and_shows_compacted_status
         assert producer.stats()["states"]["queued"] == 0
         [hist] = producer.history("tokP")
         assert (hist.id, hist.detail) == ("signup-42", "compacted")
+
+
+def test_summaries_of_real_traffic_stay_in_listpack_buckets_and_read_back_whole(
+        client: redis.Redis, prefix: str) -> None:
+    """Keys bound and unbound again and again (history links), TPNS's answers (ret_code,
+    err_msg, a partly failed call), other apps and long ids: each summary still fits a listpack
+    entry (``hash-max-listpack-value``), or the bucket would turn into a hashtable; and each one
+    reads back as the whole record did, but for the payload."""
+    store = make(client, prefix, status_detail_s=600)
+    partly = {"state": "succeeded", "result_code": "0", "ret_code": 1008026,
+              "err_msg": "batch op, partly error"}
+    ok = {"state": "succeeded", "result_code": "0", "ret_code": 0, "err_msg": "NO_ERROR"}
+    ids: list[str] = []
+    for rnd in range(4):
+        pairs = []
+        for k in range(60):
+            app = ("default", "ios", "android-production")[k % 3]
+            token = f"{k:064x}"
+            account = Account(f"user{k:08d}@example.com" if rnd < 2 else f"other{k}@example.com",
+                              1005)
+            intent_id = f"{rnd:04x}{k:016x}"
+            if k % 5 == 0:  # long ids: a link to one is too long, or the id itself (> 64)
+                intent_id = f"{rnd}-{k}-" + "x" * (40 if k % 10 else 70)
+            op = (2, 3, 1, 2)[rnd] if k % 7 else 4
+            pairs.append((intent_id, Intent(op, token, () if op == 4 else (account,), app)))
+        store.enqueue(pairs)
+        for app in ("default", "ios", "android-production"):
+            settle(store, app, lambda i: partly if i.endswith(("1", "3")) else ok)
+        ids += [i for i, _ in pairs]
+    full = store.statuses(ids)
+    for intent_id in ids:
+        client.delete(store.keys.record(intent_id))  # their detail period is over
+    compact = store.statuses(ids)
+    for before, after in zip(full, compact, strict=True):
+        assert before is not None and after is not None
+        assert after.to_dict() == without_payload(before)
+    for key in buckets(client, store):
+        assert client.object("encoding", key).decode() in COMPACT, key  # type: ignore[union-attr]
+    # the summaries too long for a listpack entry are in the families' overflow hashes, which
+    # expire with their buckets; the others are in the buckets themselves
+    over = overflows(client, store)  # standalone: every app's summaries in the same families
+    assert over
+    in_buckets = sum(int(client.hlen(k)) for k in buckets(client, store))
+    long_ids = sum(1 for i in ids if len(i) > 64)
+    assert in_buckets == len(ids) - long_ids
+    for key in over:
+        assert 0 < client.ttl(key) <= 3600 + 3600 // 8
+    walked = store.history(HistoryQuery("ios", token=f"{1:064x}"))
+    assert [s.id for s in walked] == [f"{rnd:04x}{1:016x}" for rnd in (3, 2, 1, 0)]
+    assert {s.detail for s in walked} == {"compacted"}

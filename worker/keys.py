@@ -12,9 +12,11 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
                          -> its buckets, "<start>:n" -> its summaries, "<start>:x" -> when its
                          buckets expire (epoch s); <start> is the epoch second its span began
     P c:{start}:{k}      bucket k of a family: packed id -> the summary of a succeeded intent
-                         past its detail period (cmsgpack; ``lib.lua``, "Compact terminal
-                         records"); one linear hash table per family, so each bucket stays a
-                         small listpack, and one TTL per bucket (the family's)
+                         past its detail period (cmsgpack; ``lua/summary.lua``); one linear
+                         hash table per family, so each bucket stays a small listpack, and one
+                         TTL per bucket (the family's)
+    P c:{start}:o        hash: the family's summaries too long for a listpack entry (a stub in
+                         their bucket), with the family's TTL
     P hcur               the next history shard the sweep prunes (heads of expired records)
     P events             the events stream (capped at ``TPNS_EVENTS_MAXLEN``)
     P webhook            hash: the webhook's cursor (last delivered stream id and its ordinal),
@@ -132,6 +134,10 @@ TIMELINE_SERIES = ("in", "ok", "f", "c", "d")
 #: hashing): buckets hold from half to the whole of it, far below ``hash-max-listpack-entries``
 #: (512 by default), so that each stays a listpack and a lookup scans a short one
 SUMMARY_LOAD = 128
+#: the longest field or value a bucket holds (Redis's default ``hash-max-listpack-value``, 64: one
+#: longer entry turns the whole bucket into a hashtable); a longer summary is kept in its family's
+#: overflow hash ``P c:<start>:o``, with a one-byte stub in the bucket
+SUMMARY_MAX_BYTES = 64
 #: a family of summaries spans the status TTL / this, within the bounds below (s): a summary
 #: outlives its TTL by at most one span, and a lookup by id reads one bucket per family
 SUMMARY_SPANS_PER_TTL = 8
@@ -328,6 +334,7 @@ def _lua(value: object) -> str:
 LUA_CONSTANTS: dict[str, object] = {
     "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_HISTORY": HISTORY,
     "K_SUMMARY": SUMMARY, "K_SUMMARY_META": SUMMARY_META, "SUMMARY_LOAD": SUMMARY_LOAD,
+    "SUMMARY_MAX_BYTES": SUMMARY_MAX_BYTES,
     "SUMMARY_SPANS_PER_TTL": SUMMARY_SPANS_PER_TTL, "SUMMARY_SPAN_MIN_S": SUMMARY_SPAN_MIN_S,
     "SUMMARY_SPAN_MAX_S": SUMMARY_SPAN_MAX_S, "K_READY": READY, "K_DELAYED": DELAYED,
     "K_PAUSE": PAUSE, "K_BACKOFF": BACKOFF, "K_RATE": RATE, "K_WAKE": WAKE,

@@ -48,8 +48,15 @@ def families(client: redis.Redis, store: Store, app: str = "default") -> dict[st
 
 
 def buckets(client: redis.Redis, store: Store, app: str = "default") -> list[str]:
-    """The bucket keys of every family (``P c:<start>:<k>``)."""
+    """The bucket keys of every family (``P c:<start>:<k>``; not the overflow hashes)."""
     pattern = store.scope(app).prefix + "c:*"
+    return sorted(k.decode() for k in client.scan_iter(match=pattern, count=1000)
+                  if not k.endswith(b":o"))
+
+
+def overflows(client: redis.Redis, store: Store, app: str = "default") -> list[str]:
+    """The overflow hash of every family that has one (``P c:<start>:o``)."""
+    pattern = store.scope(app).prefix + "c:*:o"
     return sorted(k.decode() for k in client.scan_iter(match=pattern, count=1000))
 
 

@@ -7,10 +7,18 @@
 --   P.."c:<start>:<k>"    bucket k: id_pack(id) -> cmsgpack array
 --                         {created ms, updated - created, code, attempts, batch id, payload
 --                          digest, links, app, rc, ret, err_msg, error}, trailing nulls left out
+--   P.."c:<start>:o"      the family's overflow: the summaries longer than SUMMARY_MAX_BYTES
+--                         (a stub, cmsgpack 0, in their bucket) and those of ids longer than it
 -- code = op * 16 + verified * 4 + state (verified: 0 null, 1 false, 2 true; state 1 ok, 2 f);
--- links = {digest bytes 1-4 of a key, its predecessor (packed), ...} for the keys that had one
--- (history walks, history.lua); the payload digest (6 bytes of SHA-1 over app, op, token and
--- accounts) refuses an explicit id enqueued again with another payload (enqueue.lua).
+-- batch id = {seq, nonce (4 bytes)[, the rest: ".app" in cluster mode]} for claim.lua's ids;
+-- err_msg = its number in SUMMARY_ERR_MSGS when it is one of those;
+-- links (history walks, history.lua) = the predecessor (packed) when every key of the intent had
+-- that one, else {digest bytes 1-4 of a key, its predecessor (packed), ...} for the keys that had
+-- one; the payload digest (6 bytes of SHA-1 over app, op, token and accounts) refuses an explicit
+-- id enqueued again with another payload (enqueue.lua).
+-- Every field and value of a bucket is at most SUMMARY_MAX_BYTES (Redis's hash-max-listpack-value:
+-- one longer entry turns the whole bucket into a hashtable): the encoding above keeps the
+-- summaries of a key bound again and again, with TPNS's answers, below it, and the rest overflow.
 -- Each family is a linear hash table: it starts with one bucket and splits the next one in turn
 -- whenever it holds more than SUMMARY_LOAD summaries a bucket, so every bucket stays a small
 -- listpack whatever the traffic, a lookup reads one bucket per family, and all of a family's
@@ -28,6 +36,12 @@ local function bucket_of(h, m)
 end
 
 local function bucket_key(start, k) return P .. K_SUMMARY .. start .. ':' .. k end
+local function overflow_key(start) return P .. K_SUMMARY .. start .. ':o' end
+-- in a bucket, in place of a summary too long for a listpack entry, which is in the overflow hash
+local SUMMARY_STUB = cmsgpack.pack(0)
+-- TPNS's err_msg of a call whose items were judged one by one (ret_code 0, 1008026, 1008027,
+-- which every item of the call shares), kept as their number here
+local SUMMARY_ERR_MSGS = {'NO_ERROR', 'batch op, partly error', 'batch op, total error'}
 
 local function payload_digest(app, op, token, accounts)
   local parts = {app, tostring(op), token or ''}
@@ -42,27 +56,60 @@ local function nullable(v)
   return v
 end
 
-local function summary_of(rec)
-  local links = {}
-  if rec.hp then
-    for k, d in ipairs(digests(rec)) do
-      local p = rec.hp[k]
-      if p and p ~= '' then
-        links[#links + 1] = hex_bin(string.sub(d, 1, 8))
-        links[#links + 1] = id_pack(p)
-      end
+-- the links of a record: false for none; its predecessor (packed) alone when every key of the
+-- record has that one (the same pair bound again, a one-key intent); else {digest bytes 1-4 of a
+-- key, its predecessor (packed), ...} for the keys that had one
+local function links_of(rec)
+  if not rec.hp then return false end
+  local links, same, all_same = {}, nil, true
+  for k, d in ipairs(digests(rec)) do
+    local p = rec.hp[k]
+    if p and p ~= '' then
+      links[#links + 1] = hex_bin(string.sub(d, 1, 8))
+      links[#links + 1] = id_pack(p)
+      if same == nil then same = p elseif same ~= p then all_same = false end
+    else
+      all_same = false
     end
   end
+  if #links == 0 then return false end
+  if all_same then return id_pack(same) end
+  return links
+end
+
+-- a batch id as claim.lua makes it, 'b<seq>.<8 hex>[<rest>]', as {seq, 4 bytes[, rest]};
+-- any other as it is
+local BATCH_PATTERN = '^b([1-9]%d*)%.(' .. string.rep('[0-9a-f]', 8) .. ')(.*)$'
+local function batch_pack(b)
+  if b == nil or b == cjson.null then return false end
+  local seq, nonce, rest = string.match(b, BATCH_PATTERN)
+  if not seq or #seq > 15 then return b end
+  local out = {tonumber(seq), hex_bin(nonce)}
+  if rest ~= '' then out[3] = rest end
+  return out
+end
+
+local function batch_unpack(v)
+  if type(v) ~= 'table' then return v end
+  local nonce = struct.unpack('>I4', v[2])
+  return 'b' .. string.format('%d', v[1]) .. '.' .. string.format('%08x', nonce) .. (v[3] or '')
+end
+
+local function summary_of(rec)
   local vf = 0
   if rec.vf == false then vf = 1 elseif rec.vf == true then vf = 2 end
   local state = 2
   if rec.s == 'ok' then state = 1 end
   local app = false
   if rec.a ~= 'default' then app = rec.a end
+  local m = nullable(rec.m)
+  for k, known in ipairs(SUMMARY_ERR_MSGS) do
+    if m == known then m = k end
+  end
   local c = rec.c
-  local v = {c, (rec.u or c) - c, rec.o * 16 + vf * 4 + state, rec.n or 0, nullable(rec.b),
-             payload_digest(rec.a, rec.o, rec.t, rec.l), #links > 0 and links or false, app,
-             nullable(rec.rc), nullable(rec.ret), nullable(rec.m), nullable(rec.er)}
+  local v = {c, (rec.u or c) - c, rec.o * 16 + vf * 4 + state, rec.n or 0, batch_pack(rec.b),
+             payload_digest(rec.a, rec.o, rec.t, rec.l), links_of(rec), app,
+             nullable(rec.rc), nullable(rec.ret), m, nullable(rec.er)}
   while #v > 0 and v[#v] == false do v[#v] = nil end
   return cmsgpack.pack(v)
 end
@@ -77,10 +124,10 @@ local function summary_rec(raw)
   if code % 4 == 1 then rec.s = 'ok' end
   local vf = math.floor(code / 4) % 4
   if vf == 1 then rec.vf = false elseif vf == 2 then rec.vf = true end
-  if v[5] then rec.b = v[5] end
+  if v[5] then rec.b = batch_unpack(v[5]) end
   if v[9] ~= nil and v[9] ~= false then rec.rc = v[9] end
   if v[10] ~= nil and v[10] ~= false then rec.ret = v[10] end
-  if v[11] then rec.m = v[11] end
+  if type(v[11]) == 'number' then rec.m = SUMMARY_ERR_MSGS[v[11]] elseif v[11] then rec.m = v[11] end
   if v[12] then rec.er = v[12] end
   return rec
 end
@@ -120,7 +167,13 @@ local function summary_get(id)
   local f = id_pack(id)
   local h = hash32(f)
   for _, fam in ipairs(families()) do
-    local raw = redis.call('HGET', bucket_key(fam[1], bucket_of(h, fam[2])), f)
+    local raw
+    if #f > SUMMARY_MAX_BYTES then
+      raw = redis.call('HGET', overflow_key(fam[1]), f)
+    else
+      raw = redis.call('HGET', bucket_key(fam[1], bucket_of(h, fam[2])), f)
+      if raw == SUMMARY_STUB then raw = redis.call('HGET', overflow_key(fam[1]), f) end
+    end
     if raw then return raw end
   end
   return nil
@@ -129,6 +182,7 @@ end
 -- the link of a compacted record for the key of digest d, or nil (history.lua)
 local function summary_link(rec, d)
   if not rec.lk then return nil end
+  if type(rec.lk) == 'string' then return id_unpack(rec.lk) end
   local want = hex_bin(string.sub(d, 1, 8))
   for k = 1, #rec.lk, 2 do
     if rec.lk[k] == want then return id_unpack(rec.lk[k + 1]) end
@@ -186,8 +240,19 @@ local function summary_put(id, rec, now, ttl_s)
   if not SUMMARY_CUR then family_open(now, ttl_s) end
   local fam = SUMMARY_CUR
   local f = id_pack(id)
+  local packed = summary_of(rec)
   local key = bucket_key(fam.start, bucket_of(hash32(f), fam.m))
-  if redis.call('HSET', key, f, summary_of(rec)) == 1 then
+  -- too long for a listpack entry: kept whole in the family's overflow hash, with a stub in the
+  -- bucket (which stays a listpack); an id too long for a field is in the overflow hash alone
+  if #f > SUMMARY_MAX_BYTES then
+    key = overflow_key(fam.start)
+  elseif #packed > SUMMARY_MAX_BYTES then
+    local over = overflow_key(fam.start)
+    redis.call('HSET', over, f, packed)
+    SUMMARY_TOUCHED[over] = true
+    packed = SUMMARY_STUB
+  end
+  if redis.call('HSET', key, f, packed) == 1 then
     fam.n = fam.n + 1
     SUMMARY_ADDED = SUMMARY_ADDED + 1
   end
