@@ -103,6 +103,7 @@ local function summary_of(rec)
   local app = false
   if rec.a ~= 'default' then app = rec.a end
   local m = nullable(rec.m)
+  if type(m) == 'number' then m = tostring(m) end  -- a number read back means SUMMARY_ERR_MSGS
   for k, known in ipairs(SUMMARY_ERR_MSGS) do
     if m == known then m = k end
   end
