@@ -176,15 +176,26 @@ end
 -- an id as stored in the history index and in summaries: a generated id (20 lowercase hex
 -- digits) in 10 bytes; any other id as it is, with a NUL after it if it has 10 characters, so
 -- that the packing is one-to-one (ids never contain a NUL)
+-- A generated id of a Redis Cluster store, '<app>.<20 hex>' (worker/keys.py, app_id), is packed
+-- as '\2' .. app .. '\0' .. the 10 bytes (ids never contain either byte; 13 bytes or more).
 local function id_pack(id)
   if #id == 20 and not string.find(id, '[^0-9a-f]') then return hex_bin(id) end
   if #id == 10 then return id .. '\0' end
+  if #id > 21 and string.byte(id, #id - 20) == 46 then  -- '.' before 20 characters
+    local app, hex = string.sub(id, 1, #id - 21), string.sub(id, #id - 19)
+    if not string.find(hex, '[^0-9a-f]') and not string.find(app, '[^a-z0-9_-]') then
+      return '\2' .. app .. '\0' .. hex_bin(hex)
+    end
+  end
   return id
 end
 
 local function id_unpack(s)
   if #s == 10 then return bin_hex(s) end
   if #s == 11 and string.byte(s, 11) == 0 then return string.sub(s, 1, 10) end
+  if string.byte(s, 1) == 2 then
+    return string.sub(s, 2, #s - 11) .. '.' .. bin_hex(string.sub(s, #s - 9))
+  end
   return s
 end
 
