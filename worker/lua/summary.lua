@@ -80,12 +80,18 @@ end
 -- a batch id as claim.lua makes it, 'b<seq>.<8 hex>[<rest>]', as {seq, 4 bytes[, rest]};
 -- any other as it is
 local BATCH_PATTERN = '^b([1-9]%d*)%.(' .. string.rep('[0-9a-f]', 8) .. ')(.*)$'
+-- (the items of one call share their batch id: the last one packed is kept)
+local BATCH_LAST, BATCH_LAST_PACKED = nil, nil
 local function batch_pack(b)
   if b == nil or b == cjson.null then return false end
+  if b == BATCH_LAST then return BATCH_LAST_PACKED end
   local seq, nonce, rest = string.match(b, BATCH_PATTERN)
-  if not seq or #seq > 15 then return b end
-  local out = {tonumber(seq), hex_bin(nonce)}
-  if rest ~= '' then out[3] = rest end
+  local out = b
+  if seq and #seq <= 15 then
+    out = {tonumber(seq), hex_bin(nonce)}
+    if rest ~= '' then out[3] = rest end
+  end
+  BATCH_LAST, BATCH_LAST_PACKED = b, out
   return out
 end
 
