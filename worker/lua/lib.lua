@@ -147,13 +147,6 @@ local function wakes(woken, max_items, linger_ms)
   return out
 end
 
--- History by key (SPEC §8): P.."h:<shard>" maps the digest of each key (as the key index above
--- does) to the latest intent that named it, whatever its state, and each record keeps in `hp` the
--- intent before it for each of its keys (aligned with digests(rec), '' for none; absent when it
--- has none). A key's history is a walk backwards from its head (history.lua): the links live and
--- expire with the records, and the head is dropped once its record is gone.
--- The index is read and written by lookup, never listed, so it is packed for memory: the field
--- is the digest's last 7 hex digits in 4 bytes, the value the id packed (id_pack).
 -- hex digits (an even number, at most 24) as bytes, and back: by 4-byte words (struct), which
 -- costs far less than a callback per byte
 local function hex_bin(hex)
@@ -199,19 +192,6 @@ local function id_unpack(s)
   return s
 end
 
-local function h_key(d) return P .. K_HISTORY .. string.sub(d, 1, 3) end
-local function h_field(d) return hex_bin('0' .. string.sub(d, 4, 10)) end
-
-local function remember(id, rec)
-  local prev, any = {}, false
-  for k, d in ipairs(digests(rec)) do
-    local p = redis.call('HGET', h_key(d), h_field(d))
-    redis.call('HSET', h_key(d), h_field(d), id_pack(id))
-    if p then p = id_unpack(p) end
-    if p and p ~= id then prev[k] = p; any = true else prev[k] = '' end
-  end
-  if any then rec.hp = prev else rec.hp = nil end
-end
 
 -- One entry in the events stream (SPEC §8) per change to retrying, verifying, succeeded or
 -- failed, written by the script that makes the change, after the record: fields as
