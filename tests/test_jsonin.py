@@ -67,6 +67,17 @@ def test_nesting_is_measured_outside_strings_only() -> None:
     assert too_deep('[[[[', 3) == 3
 
 
+@pytest.mark.parametrize(("text", "limit", "offset"), [
+    ('{"account_list": [{"account": "a"}]}', 3, None),  # as many brackets as the limit: no scan
+    ('{"a": [{"b": [1]}]}', 3, 13),  # one more, nested: found where it starts
+    ('{"a": [1], "b": [2], "c": {}}', 3, None),  # more brackets than the limit, side by side
+    ('{"a": "[[[["}', 3, None),  # brackets in a string count towards the quick check only
+])
+def test_the_depth_is_measured_exactly_whether_or_not_it_is_scanned(text: str, limit: int,
+                                                                   offset: int | None) -> None:
+    assert too_deep(text, limit) == offset
+
+
 @pytest.mark.parametrize(("raw", "word"), [(b'{"a": "\xff"}', "UTF-8"), (b'{"a": "x\x00"}', "NUL"),
                                            (b'\x00', "NUL"), (b'{"a": 1', "not valid JSON"),
                                            (b'\xef\xbb\xbf{"a": 1}', "")])

@@ -160,10 +160,12 @@ class AsyncProducer:
         return prepared.result
 
     async def _prepare(self, items: Sequence[Any], line_numbers: Sequence[int] | None) -> Prepared:
-        try:
-            apps = await self.apps()
-        except StoreUnavailableError as exc:  # nothing was sent
-            raise bulk.unread(items, exc) from exc.__cause__
+        apps = self.app_names.fresh()  # most calls: read a moment ago, no coroutine to await
+        if apps is None:
+            try:
+                apps = await self.apps()
+            except StoreUnavailableError as exc:  # nothing was sent
+                raise bulk.unread(items, exc) from exc.__cause__
         return bulk.prepare(items, apps, self.settings.default_app, line_numbers,
                             app_ids=self.store.cluster)
 

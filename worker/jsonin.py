@@ -92,6 +92,8 @@ def too_deep(text: str, limit: int) -> int | None:
 
     A linear scan that skips strings; it does not check anything else (the decoder does).
     """
+    if text.count("[") + text.count("{") <= limit:  # never deeper than the brackets it holds
+        return None
     depth = 0
     in_string = False
     skip_to = -1

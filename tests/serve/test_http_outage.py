@@ -40,6 +40,12 @@ def test_redis_killed_is_503_with_retry_after_and_the_server_recovers(tmp_path: 
             assert len(answer["refused"]) == 2 and answer["refused"][0] == "given"  # ids assigned
             assert [e["index"] for e in answer["errors"]] == [1]  # the input rules still answer
             assert PASSWORD not in down.text and "redis://:***@127.0.0.1" in answer["error"]
+            solo = client.post("/v1/intents", json={**OP4, "id": "solo"})  # the group commit's door
+            assert solo.status_code == 503 and int(solo.headers["Retry-After"]) >= 1
+            alone = solo.json()  # written on the pooled connection before it was found dead: in doubt
+            assert alone["code"] == "store_unavailable" and alone["stored"] == []
+            assert alone["refused"] + alone["in_doubt"] == ["solo"]
+            assert PASSWORD not in solo.text
             for path in (f"/v1/intents/{first_id}", "/v1/stats", "/"):
                 r = client.get(path)
                 assert r.status_code == 503, path
@@ -71,3 +77,23 @@ def test_queue_full_is_503_with_retry_after(redis_url: str, prefix: str,
         assert "Retry-After" in schema["503"]["headers"]
         assert set(schema["503"]["content"]["application/json"]["schema"]["required"]) >= {
             "stored", "refused", "in_doubt"}
+
+
+def test_a_single_intent_post_refused_for_back_pressure_names_its_own_id(
+        redis_url: str, prefix: str, rconn: redis.Redis) -> None:
+    # one intent a request takes the group commit's door: its 503 is the same as an array's
+    settings = Settings.from_env({"REDIS_URL": redis_url, "TPNS_REDIS_PREFIX": prefix,
+                                  "TPNS_MAX_PENDING": "1"})
+    with Producer(redis_url, prefix, settings=settings, wake=lambda wakes: None) as producer, \
+            serving(create_app(producer, settings)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        first = client.post("/v1/intents", json={**OP4, "id": "s0"})
+        full = client.post("/v1/intents", json={"operator_type": 4, "token": "tok-b", "id": "s1"})
+    assert first.status_code == 200 and first.json()["ids"] == ["s0"]
+    assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+    assert full.headers["content-type"] == "application/json"
+    answer = full.json()
+    assert answer["code"] == "queue_full"
+    assert answer["stored"] == [] and answer["refused"] == ["s1"] and answer["in_doubt"] == []
+    assert answer["errors"] == []
+    assert sorted(rconn.scan_iter(match=f"{prefix}i:*")) == [f"{prefix}i:s0"]

@@ -38,6 +38,9 @@ happens — goes through ``AsyncProducer`` on the event loop: concurrent request
 enqueue call (group commit, ``worker.groupcommit``), each still answered with its own id or
 refusal. Other requests and the other routes use the blocking ``Producer`` in Starlette's
 threadpool (sync endpoints, or ``run_in_threadpool``): the event loop never waits on Redis.
+``POST /v1/intents`` is a plain ASGI endpoint (``worker.serve.intake``), handed the request by a
+middleware inside ``Auth`` before the router looks for a route: the same checks and answers, with
+less of Starlette's wrapping around the route that takes the most requests.
 """
 
 from __future__ import annotations
@@ -54,31 +57,21 @@ import click
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..aproducer import AsyncProducer
-from ..errors import ConfigError, IntentError, StoreUnavailableError
+from ..errors import ConfigError, StoreUnavailableError
 from ..health import check
 from ..intents import is_id
 from ..monitor.metrics import make_registry, render
-from ..producer import BulkResult, Producer
+from ..producer import Producer
 from ..settings import Settings
 from ..webhook_state import lag_limits
-from .body import (
-    JSON_LINES_TYPES,
-    JSON_TYPES,
-    MAX_BODY_BYTES,
-    MAX_INTENTS,
-    BodyError,
-    ParsedBody,
-    media_type,
-    parse_body,
-    read_limited,
-)
+from .body import MAX_BODY_BYTES, MAX_INTENTS, BodyError, ParsedBody, media_type, parse_body
+from .intake import PostIntents, Shortcut, enqueue_parsed, enqueue_single, unavailable_content
 from .lookup import events_endpoint, history_endpoint
 from .openapi import openapi_schema
 from .session import Auth, Sessions
@@ -114,81 +107,12 @@ UVICORN_OPTIONS: dict[str, Any] = {"loop": "auto", "http": "auto", "ws": "none",
 SHUTDOWN_GRACE_S = 5
 
 
-def enqueue_parsed(producer: Producer, parsed: ParsedBody) -> dict[str, Any]:
-    """Enqueue the decoded items (blocking) and build the response body of ``POST /v1/intents``.
-
-    Raises ``StoreUnavailableError`` as the producer does; ``unavailable_body`` answers it.
-    """
-    result = None
-    if parsed.objs:
-        numbers = ([parsed.lines[k] for k in parsed.positions] if parsed.lines is not None
-                   else None)
-        result = producer.enqueue(parsed.objs, line_numbers=numbers)
-    return _answer(parsed, result)
-
-
-async def enqueue_single(producer: AsyncProducer, parsed: ParsedBody) -> dict[str, Any]:
-    """``enqueue_parsed`` for a body of one readable intent, through the group commit."""
-    line = parsed.lines[0] if parsed.lines is not None else None
-    return _answer(parsed, await producer.enqueue_one(parsed.objs[0], line=line))
-
-
-def _answer(parsed: ParsedBody, result: BulkResult | None) -> dict[str, Any]:
-    """The response body of ``POST /v1/intents``: ``result`` is the enqueue of ``parsed.objs``."""
-    ids: list[str | None] = [None] * parsed.count
-    errors: dict[int, IntentError] = dict(parsed.refused)
-    if result is not None:
-        for k, index in enumerate(parsed.positions):
-            ids[index] = result.ids[k]
-            if k in result.errors:
-                errors[index] = result.errors[k]
-    return {
-        "ids": ids,
-        "errors": _error_list(errors),
-        "accepted": sum(1 for i in ids if i is not None),
-        "refused": len(errors),
-    }
-
-
-def _error_list(errors: dict[int, IntentError]) -> list[dict[str, Any]]:
-    return [{"index": k, "line": err.line, "field": err.field, "reason": err.reason}
-            for k, err in sorted(errors.items())]
-
-
 def unavailable_response(exc: StoreUnavailableError,
                          parsed: ParsedBody | None = None) -> JSONResponse:
-    """503 with ``Retry-After`` for Redis unreachable or ``queue_full``: the error (no password
-    in it), its code, the ids of the request's intents by fate, and the items refused by the
-    input rules (as in a 200 answer)."""
-    errors: dict[int, IntentError] = dict(parsed.refused) if parsed is not None else {}
-    if parsed is not None and isinstance(exc.result, BulkResult):
-        for k, index in enumerate(parsed.positions):
-            if k in exc.result.errors:
-                errors[index] = exc.result.errors[k]
-    body = {"error": str(exc), "code": exc.code, "stored": exc.stored, "refused": exc.refused,
-            "in_doubt": exc.in_doubt, "errors": _error_list(errors)}
-    return JSONResponse(body, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
-
-
-async def post_intents_with(request: Request, producer: Producer,
-                            doors: AsyncProducer) -> Response:
-    """``POST /v1/intents``: one readable intent through ``doors`` (group commit), any other
-    body through ``producer`` in the threadpool."""
-    kind = media_type(request.headers.get("content-type"))
-    try:
-        if kind not in JSON_TYPES and kind not in JSON_LINES_TYPES:
-            raise BodyError(415, "send application/json (an object or an array) or "
-                                 "application/x-ndjson (JSON Lines)")
-        parsed = parse_body(await read_limited(request), kind)
-    except BodyError as exc:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-    try:
-        if parsed.count == 1 and parsed.objs:
-            return JSONResponse(await enqueue_single(doors, parsed))
-        return JSONResponse(await run_in_threadpool(enqueue_parsed, producer, parsed))
-    except StoreUnavailableError as exc:
-        logger.warning("POST /v1/intents: %s", exc)
-        return unavailable_response(exc, parsed)
+    """503 with ``Retry-After`` for Redis unreachable or ``queue_full`` (``unavailable_content``
+    tells what it says)."""
+    return JSONResponse(unavailable_content(exc, parsed), status_code=503,
+                        headers={"Retry-After": str(exc.retry_after_s)})
 
 
 def create_app(producer: Producer, settings: Settings,
@@ -209,9 +133,6 @@ def create_app(producer: Producer, settings: Settings,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         await doors.redis.aclose()  # the wakes are the producer's: it closes them
-
-    async def post_intents(request: Request) -> Response:
-        return await post_intents_with(request, producer, doors)
 
     def get_intent(request: Request) -> Response:
         intent_id = request.path_params["intent_id"]
@@ -235,6 +156,7 @@ def create_app(producer: Producer, settings: Settings,
     def openapi(request: Request) -> Response:
         return JSONResponse(openapi_schema())
 
+    post_intents = PostIntents(producer, doors)
     routes = [
         Route("/v1/intents", post_intents, methods=["POST"]),
         Route("/v1/intents", history_endpoint(producer), methods=["GET"]),
@@ -248,7 +170,8 @@ def create_app(producer: Producer, settings: Settings,
     ]
     redis_down = _redis_down(producer)
     return Starlette(routes=routes, lifespan=lifespan,
-                     middleware=[Middleware(Auth, sessions=sessions)],
+                     middleware=[Middleware(Auth, sessions=sessions),
+                                 Middleware(Shortcut, endpoint=post_intents)],
                      exception_handlers={redis.RedisError: redis_down,
                                          StoreUnavailableError: redis_down})
 

@@ -44,8 +44,9 @@ class Sessions:
     """Issues and checks session cookies and their CSRF tokens, under a key from the API token."""
 
     def __init__(self, api_token: str, clock: Callable[[], float] = time.time) -> None:
-        self._token = api_token.encode()
-        self._key = hmac.new(self._token, b"tpns-batcher session v1", hashlib.sha256).digest()
+        token = api_token.encode()
+        self._key = hmac.new(token, b"tpns-batcher session v1", hashlib.sha256).digest()
+        self._digest = hashlib.sha256(token).digest()
         self._clock = clock
 
     def _mac(self, message: str) -> str:
@@ -54,8 +55,7 @@ class Sessions:
     def token_matches(self, given: str) -> bool:
         """Whether ``given`` is the API token (constant-time, and digests of equal length are
         compared, so not even the token's length shows in the timing)."""
-        mine = hashlib.sha256(self._token).digest()
-        return hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), mine)
+        return hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), self._digest)
 
     def issue(self) -> str:
         """A new session cookie's value."""
