@@ -284,7 +284,7 @@ def run_bench(config: BenchConfig, report: Reporter) -> dict[str, Any]:
                 bench.run_verified()
             bench.run_baseline()
             report.phase(f"memory: {config.intents} intents stored and completed (Store only)")
-            bench.results.update(memory_figures(redis_target.url, config.intents))
+            bench.results.update(memory_figures(redis_target.url))
             results = bench.results
             info = machine(redis_target.url)
         finally:

@@ -58,7 +58,13 @@ class MemoryFigures:
                 "redis_events_bytes_per_intent": round(self.events_bytes, 1)}
 
 
-def memory_figures(redis_url: str, count: int) -> dict[str, float]:
+#: intents of the memory phase, whatever the run's ``--intents``: per-intent figures from a few
+#: hundred intents are noise (a resize of the server's key table moves ``used_memory`` by more
+#: than they hold), and a fixed count keeps runs comparable; a few seconds
+MEMORY_INTENTS = 20_000
+
+
+def memory_figures(redis_url: str, count: int = MEMORY_INTENTS) -> dict[str, float]:
     """``terminal_memory`` of ``count`` intents on the server at ``redis_url``, as the benchmark
     reports it."""
     client = redis_client(redis_url)  # any REDIS_URL form (Sentinel, TLS), not only redis://
