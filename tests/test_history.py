@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from worker.errors import IntentError
-from worker.history import HistoryQuery, history_query
-from worker.keys import history_bucket, history_field
+from worker.history import SHARDS, HistoryQuery, history_query
+from worker.keys import history_field
 from worker.model import Account, Intent
 from worker.store import Store
 
@@ -77,12 +77,9 @@ def test_history_ends_where_records_expired_and_the_dead_head_is_dropped(client:
     assert ids(store.history(HistoryQuery("default", token="tokA"))) == ["i3", "i2"]
     client.delete(f"{prefix}i:i3")
     d = HistoryQuery("default", token="tokA").digest()
-    bucket = f"{prefix}hb:{history_bucket(d, int(client.hget(prefix + 'hm', 'm') or 1))}"
-    heads = int(client.hget(prefix + "hm", "n") or 0)
-    assert client.hexists(bucket, history_field(d))
+    assert client.hexists(f"{prefix}h:{d[:3]}", history_field(d))
     assert store.history(HistoryQuery("default", token="tokA")) == []
-    assert not client.hexists(bucket, history_field(d)), "the dead head stayed"
-    assert int(client.hget(prefix + "hm", "n") or 0) == heads - 1
+    assert not client.hexists(f"{prefix}h:{d[:3]}", history_field(d)), "the dead head stayed"
 
 
 def test_the_index_costs_no_link_for_a_key_seen_once(client: redis.Redis, prefix: str) -> None:
@@ -124,30 +121,11 @@ def test_the_sweep_drops_heads_of_expired_records_and_keeps_the_others(
     for k in range(0, 40, 2):
         client.delete(f"{prefix}i:i{k}")  # expired
     looked = dropped = 0
-    total = 1
-    while looked < total:  # one pass, as the sweep makes it beat after beat
-        seen, gone, total = store.prune_history(budget=5, shards=64)
-        assert 1 <= seen <= 64
-        looked, dropped = looked + seen, dropped + gone
+    while looked < SHARDS:  # one pass, as the sweep makes it beat after beat
+        shards, gone = store.prune_history(budget=5, shards=64)
+        assert 1 <= shards <= 64
+        looked, dropped = looked + shards, dropped + gone
     assert dropped == 20
-    assert int(client.hget(prefix + "hm", "n") or 0) == 20
-    heads = {v.decode() for key in client.scan_iter(match=f"{prefix}hb:*") for v in client.hvals(key)}
+    heads = {v.decode() for key in client.scan_iter(match=f"{prefix}h:*") for v in client.hvals(key)}
     assert heads == {f"i{k}" for k in range(1, 40, 2)}
     assert ids(store.history(HistoryQuery("default", token="tok1"))) == ["i1"]
-
-
-def test_the_index_grows_a_bucket_at_a_time_and_every_bucket_stays_a_listpack(
-        client: redis.Redis, prefix: str) -> None:
-    store = Store(client, prefix, linger_ms=0)
-    count = 3000  # 6,000 heads (a token and an account each), in calls of 500 intents
-    store.enqueue([(f"g{k}", Intent(2, f"tok{k}", (Account(f"acc{k}"),))) for k in range(count)])
-    meta = {k.decode(): int(v) for k, v in client.hgetall(prefix + "hm").items()}
-    assert meta["n"] == 2 * count
-    assert 2 * count / 128 <= meta["m"] < 2 * count / 128 + 1  # split as soon as over the load
-    buckets = list(client.scan_iter(match=f"{prefix}hb:*"))
-    assert len(buckets) == meta["m"]
-    assert {client.object("encoding", key) for key in buckets} == {b"listpack"}
-    assert max(client.hlen(key) for key in buckets) <= 512
-    for k in range(0, count, 97):
-        assert ids(store.history(HistoryQuery("default", token=f"tok{k}"))) == [f"g{k}"]
-        assert ids(store.history(HistoryQuery("default", account=f"acc{k}"))) == [f"g{k}"]

@@ -18,7 +18,7 @@ from tests.support.summaries import (
     settle,
     without_payload,
 )
-from worker.history import HistoryQuery
+from worker.history import SHARDS, HistoryQuery
 from worker.model import Account, Intent
 from worker.store import Store, intent_arg
 from worker.verifying import claim_verify, verify_done
@@ -225,12 +225,11 @@ def test_prune_history_keeps_heads_with_a_summary_and_drops_heads_with_neither(
             client.hdel(bucket, f"p{k}")
     assert [store.status(f"p{k}") is None for k in range(4)] == [True, False, True, False]
     looked = dropped = 0
-    total = 1
-    while looked < total:
-        seen, gone, total = store.prune_history(budget=5, shards=64)
-        looked, dropped = looked + seen, dropped + gone
+    while looked < SHARDS:
+        shards, gone = store.prune_history(budget=5, shards=64)
+        looked, dropped = looked + shards, dropped + gone
     assert dropped == 10
-    heads = {v.decode() for key in client.scan_iter(match=f"{prefix}hb:*") for v in client.hvals(key)}
+    heads = {v.decode() for key in client.scan_iter(match=f"{prefix}h:*") for v in client.hvals(key)}
     assert heads == {f"p{k}" for k in range(1, 20, 2)} | {f"q{k}" for k in range(5)}
     assert [s.detail for s in store.history(HistoryQuery("default", token="tok1"))] == [
         "compacted"]

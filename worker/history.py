@@ -25,12 +25,13 @@ MAX_LIMIT = 500
 #: account types are small non-negative numbers (SPEC §4); the bound keeps a lookup key short
 MAX_ACCOUNT_TYPE = 2**31 - 1
 _MAX_KEY_LEN = 256
-#: history heads, and buckets, the sweep looks at per beat (whole buckets of ~128 heads, so a
-#: few more heads): one call checks about a thousand records at most, a millisecond or two of
-#: Redis; the index grows a bucket per 128 live heads (``index.lua``), so a pass over it takes
-#: one beat per ~1,000 live heads
+#: history heads, and shards, the sweep looks at per beat (whole shards, so a few more heads):
+#: a pass over the 4096 shards takes at least 64 beats (an idle index costs 64 empty lookups a
+#: second), and one call checks about a thousand records at most, a millisecond or two of Redis
 PRUNE_BUDGET = 1000
 PRUNE_SHARDS = 64
+#: the index's shards (``lib.lua`` files a digest under its first 3 hex digits)
+SHARDS = 4096
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def history_call(keys: Keys, query: HistoryQuery) -> tuple[list[str], list[str |
     the script packs the field from the digest itself."""
     d = query.digest()
     value = query.token if query.token is not None else query.account or ""
-    return [keys.history_meta], [keys.prefix, "", d, query.app,
+    return [keys.history(d)], [keys.prefix, "", d, query.app,
                                "t" if query.token is not None else "a", value,
                                str(query.account_type), query.limit]
 

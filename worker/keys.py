@@ -4,12 +4,10 @@ Key layout under the configurable prefix ``P`` (default ``tpns:``):
 
     P i:{id}             the intent's record (JSON string; a TTL once terminal)
     P ko:{shard}         hashes: digest of a key (app+token, app+account+type) -> latest pending holder
-    P hb:{k}             bucket k of the history index: the same digests -> the latest intent
-                         that named the key, any state (history by key; each record links to its
-                         predecessors, ``hp``); the field is the digest packed in 5 bytes, the
-                         value the id packed (``lib.lua``'s ``id_pack``: 20 hex digits in 10
-                         bytes); one linear hash table (``index.lua``), so each stays a listpack
-    P hm                 hash: the history index's buckets ("m") and heads ("n")
+    P h:{shard}          hashes: the same digests -> the latest intent that named the key, any state
+                         (history by key; each record links to its predecessors, ``hp``); the
+                         field is the digest's last 7 hex digits packed in 4 bytes, the value
+                         the id packed (``lib.lua``'s ``id_pack``: 20 hex digits in 10 bytes)
     P cm                 hash: the families of summaries (compact terminal records): "<start>"
                          -> its buckets, "<start>:n" -> its summaries, "<start>:x" -> when its
                          buckets expire (epoch s); <start> is the epoch second its span began
@@ -72,8 +70,7 @@ DEFAULT_PREFIX = "tpns:"
 #: the part after the prefix of each key (a trailing ``:`` is followed by the key's own parts)
 RECORD = "i:"
 KEY_INDEX = "ko:"
-HISTORY = "hb:"
-HISTORY_META = "hm"
+HISTORY = "h:"
 HISTORY_CURSOR = "hcur"
 SUMMARY = "c:"
 SUMMARY_META = "cm"
@@ -133,9 +130,6 @@ TIMELINE_MINUTES_KEPT = 60
 #: the series both rings count (in, succeeded, failed, calls, sampled depth), in the order the
 #: per-second slot is emptied
 TIMELINE_SERIES = ("in", "ok", "f", "c", "d")
-#: heads per bucket of the history index, on average, before it splits one more bucket (linear
-#: hashing, as the summaries below)
-HISTORY_LOAD = 128
 #: summaries per bucket of a family, on average, before the family splits one more bucket (linear
 #: hashing): buckets hold from half to the whole of it, far below ``hash-max-listpack-entries``
 #: (512 by default), so that each stays a listpack and a lookup scans a short one
@@ -163,19 +157,9 @@ VERIFY_TASK = "tpns.verify"
 
 
 def history_field(digest: str) -> bytes:
-    """The field of a key's head in the history index: its digest (10 hex digits) packed in 5
-    bytes (as ``index.lua``'s ``h_field``)."""
-    return bytes.fromhex(digest[:10])
-
-
-def history_bucket(digest: str, buckets: int) -> int:
-    """The bucket of the history index that holds a key's head when it has ``buckets`` buckets
-    (``index.lua``'s ``bucket_of`` over the digest's first 32 bits)."""
-    low = 1
-    while low * 2 <= buckets:
-        low *= 2
-    at = int(digest[:8], 16) % (low * 2)
-    return at - low if at >= buckets else at
+    """The field of a key's head in its history shard: the digest's last 7 hex digits, packed
+    in 4 bytes (as ``lib.lua``'s ``h_field``)."""
+    return bytes.fromhex("0" + digest[3:10])
 
 
 def tagged_prefix(prefix: str, app: str) -> str:
@@ -223,14 +207,9 @@ class Keys:
         """The families of summaries (compact terminal records)."""
         return self.prefix + SUMMARY_META
 
-    def history(self, bucket: int) -> str:
-        """Bucket ``bucket`` of the history index (``history_bucket`` finds a key's)."""
-        return f"{self.prefix}{HISTORY}{bucket}"
-
-    @property
-    def history_meta(self) -> str:
-        """The history index's bucket and head counts."""
-        return self.prefix + HISTORY_META
+    def history(self, digest: str) -> str:
+        """The history shard of a key's digest (its first 3 hex digits, as ``lib.lua``)."""
+        return f"{self.prefix}{HISTORY}{digest[:3]}"
 
     @property
     def history_cursor(self) -> str:
@@ -354,7 +333,6 @@ def _lua(value: object) -> str:
 #: what every script sees as Lua locals (names as in the scripts)
 LUA_CONSTANTS: dict[str, object] = {
     "K_RECORD": RECORD, "K_KEY_INDEX": KEY_INDEX, "K_HISTORY": HISTORY,
-    "K_HISTORY_META": HISTORY_META, "HISTORY_LOAD": HISTORY_LOAD,
     "K_SUMMARY": SUMMARY, "K_SUMMARY_META": SUMMARY_META, "SUMMARY_LOAD": SUMMARY_LOAD,
     "SUMMARY_MAX_BYTES": SUMMARY_MAX_BYTES,
     "SUMMARY_SPANS_PER_TTL": SUMMARY_SPANS_PER_TTL, "SUMMARY_SPAN_MIN_S": SUMMARY_SPAN_MIN_S,

@@ -353,14 +353,13 @@ class Store(StoreReads):
         return [record_to_status(i, rec) for i, rec in history_reply(raw, query.limit)]
 
     def prune_history(self, budget: int = PRUNE_BUDGET,
-                      shards: int = PRUNE_SHARDS) -> tuple[int, int, int]:
-        """Drop history heads whose record and summary are gone, about ``budget`` heads or
-        ``shards`` buckets of the index at a time (the sweep's part of keeping the index
-        bounded); (buckets seen, heads dropped, buckets in the index(es))."""
-        seen = dropped = total = 0
+                      shards: int = PRUNE_SHARDS) -> tuple[int, int]:
+        """Drop history heads whose record expired, about ``budget`` heads or ``shards`` shards
+        at a time (the sweep's part of keeping the index bounded); (shards seen, heads dropped)."""
+        seen = dropped = 0
         for app in self.apps_of():  # in cluster mode each app's index, in its slot
             scope = self.scope(app)
-            raw = self._scripts["prune_history"](keys=[scope.history_cursor, scope.history_meta],
+            raw = self._scripts["prune_history"](keys=[scope.history_cursor],
                                                  args=[scope.prefix, budget, shards])
-            seen, dropped, total = seen + int(raw[0]), dropped + int(raw[1]), total + int(raw[2])
-        return seen, dropped, total
+            seen, dropped = seen + int(raw[0]), dropped + int(raw[1])
+        return seen, dropped

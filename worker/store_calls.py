@@ -150,12 +150,12 @@ class Completion:
 
 
 def load_script(name: str) -> str:
-    """The prelude of names and constants from ``worker.keys``, ``lib.lua``, ``index.lua``,
-    ``summary.lua``, then the script."""
+    """The prelude of names and constants from ``worker.keys``, ``lib.lua``, ``summary.lua``,
+    then the script."""
     files = resources.files("worker")
-    parts = [files.joinpath(f"lua/{part}.lua").read_text(encoding="utf-8")
-             for part in ("lib", "index", "summary", name)]
-    return lua_prelude() + "\n".join(parts)
+    lib, summary, body = (files.joinpath(f"lua/{part}.lua").read_text(encoding="utf-8")
+                          for part in ("lib", "summary", name))
+    return lua_prelude() + lib + "\n" + summary + "\n" + body
 
 
 def evalsha(pipe: Any, sha: str, keys: Sequence[str], args: Sequence[Any]) -> None:

@@ -79,7 +79,6 @@ for k = 5, #ARGV do
     stored = stored + 1
   end
 end
-history_done()
 flush_counts(N, counts)
 if stored > 0 then tl_add(KEYS[2], KEYS[3], now, {['in'] = stored}) end
 return {codes, wakes(woken, max_items, linger_ms)}

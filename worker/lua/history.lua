@@ -1,4 +1,4 @@
--- KEYS: the history index's meta (P.."hm": the bucket of the key is found from it, index.lua)
+-- KEYS: the history shard of the key (P.."h:" .. first 3 hex digits of its digest)
 -- ARGV: prefix, (unused), digest, app, kind ('t' token | 'a' account), value, account_type, limit
 -- Walks the key's history from its head backwards (lib.lua, remember) and returns
 -- {id1, record1, id2, record2, ...}, newest first, at most `limit` intents that named the key
@@ -6,8 +6,8 @@
 -- record is gone is dropped: the records behind it are older, so gone too. A compacted intent
 -- (summary.lua) no longer holds its keys: it is taken as naming the key its digest led to, and
 -- followed by the links it kept.
-local d = ARGV[3]
-local shard, field = h_key(d), h_field(d)
+local shard, d = KEYS[1], ARGV[3]
+local field = h_field(d)
 local app, kind, value, atype, limit = ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
 
 local function named(rec)
@@ -49,7 +49,7 @@ while id and #out < 2 * limit and steps < 2 * limit + 20 do
   else
     local packed = summary_get(id)
     if not packed then
-      if id == head and redis.call('HDEL', shard, field) == 1 then h_dropped(1) end
+      if id == head then redis.call('HDEL', shard, field) end
       break
     end
     rec = summary_rec(packed)

@@ -47,7 +47,12 @@ local function ko_key(d) return P .. K_KEY_INDEX .. string.sub(d, 1, 3) end
 local function ko_field(d) return string.sub(d, 4) end
 
 -- the digests of an intent's keys: its token (ops 1-4) and each account with its type (ops 1-3, 5)
+-- (kept per record table for the call: enqueue's chain and remember, complete's release and
+-- summary, ask for the same record's; a record's app, op, token and accounts never change)
+local DIGESTS = setmetatable({}, {__mode = 'k'})
 local function digests(rec)
+  local known = DIGESTS[rec]
+  if known then return known end
   local out, seen = {}, {}
   local function add(s)
     local d = string.sub(redis.sha1hex(rec.a .. '\0' .. s), 1, 10)
@@ -57,6 +62,7 @@ local function digests(rec)
   if rec.l and rec.o ~= 4 then
     for _, acc in ipairs(rec.l) do add('a\0' .. tostring(acc[2]) .. '\0' .. acc[1]) end
   end
+  DIGESTS[rec] = out
   return out
 end
 
@@ -147,6 +153,13 @@ local function wakes(woken, max_items, linger_ms)
   return out
 end
 
+-- History by key (SPEC §8): P.."h:<shard>" maps the digest of each key (as the key index above
+-- does) to the latest intent that named it, whatever its state, and each record keeps in `hp` the
+-- intent before it for each of its keys (aligned with digests(rec), '' for none; absent when it
+-- has none). A key's history is a walk backwards from its head (history.lua): the links live and
+-- expire with the records, and the head is dropped once its record is gone.
+-- The index is read and written by lookup, never listed, so it is packed for memory: the field
+-- is the digest's last 7 hex digits in 4 bytes, the value the id packed (id_pack).
 -- hex digits (an even number, at most 24) as bytes, and back: by 4-byte words (struct), which
 -- costs far less than a callback per byte
 local function hex_bin(hex)
@@ -172,7 +185,10 @@ end
 -- A generated id of a Redis Cluster store, '<app>.<20 hex>' (worker/keys.py, app_id), is packed
 -- as '\2' .. app .. '\0' .. the 10 bytes (ids never contain either byte; 13 bytes or more).
 local function id_pack(id)
-  if #id == 20 and not string.find(id, '[^0-9a-f]') then return hex_bin(id) end
+  if #id == 20 and not string.find(id, '[^0-9a-f]') then
+    return struct.pack('>I4I4I2', tonumber(string.sub(id, 1, 8), 16),
+      tonumber(string.sub(id, 9, 16), 16), tonumber(string.sub(id, 17), 16))
+  end
   if #id == 10 then return id .. '\0' end
   if #id > 21 and string.byte(id, #id - 20) == 46 then  -- '.' before 20 characters
     local app, hex = string.sub(id, 1, #id - 21), string.sub(id, #id - 19)
@@ -192,6 +208,21 @@ local function id_unpack(s)
   return s
 end
 
+local function h_key(d) return P .. K_HISTORY .. string.sub(d, 1, 3) end
+local function h_field(d) return hex_bin('0' .. string.sub(d, 4, 10)) end
+
+local function remember(id, rec)
+  local prev, any = {}, false
+  local packed = id_pack(id)
+  for k, d in ipairs(digests(rec)) do
+    local key, field = h_key(d), h_field(d)
+    local p = redis.call('HGET', key, field)
+    redis.call('HSET', key, field, packed)
+    if p then p = id_unpack(p) end
+    if p and p ~= id then prev[k] = p; any = true else prev[k] = '' end
+  end
+  if any then rec.hp = prev else rec.hp = nil end
+end
 
 -- One entry in the events stream (SPEC §8) per change to retrying, verifying, succeeded or
 -- failed, written by the script that makes the change, after the record: fields as

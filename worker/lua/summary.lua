@@ -26,6 +26,15 @@
 
 local function hash32(packed) return tonumber(string.sub(redis.sha1hex(packed), 1, 8), 16) end
 
+-- the bucket of hash h in a family of m buckets (2^L <= m < 2^(L+1); the first m - 2^L split)
+local function bucket_of(h, m)
+  local lo = 1
+  while lo * 2 <= m do lo = lo * 2 end
+  local a = h % (lo * 2)
+  if a >= m then a = a - lo end
+  return a
+end
+
 local function bucket_key(start, k) return P .. K_SUMMARY .. start .. ':' .. k end
 local function overflow_key(start) return P .. K_SUMMARY .. start .. ':o' end
 -- in a bucket, in place of a summary too long for a listpack entry, which is in the overflow hash
