@@ -238,6 +238,8 @@ def test_a_following_reader_wakes_up_for_a_new_entry_of_any_app(
             assert seen(got) == [("event", app, added[0])]
     finally:
         follower.close()
+    # the other app's read was still blocked: closing ends it, and no thread outlives the reader
+    assert [t.name for t in threading.enumerate() if t.name.startswith("tpns-events")] == []
 
 
 def test_bad_starts_are_refused_with_the_field_and_the_rule(

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent import futures
@@ -167,6 +168,7 @@ class MergedEventReader(_Merge[EventReader]):
         self.apps = apps
         self._waiting: dict[str, futures.Future[Any]] = {}
         self._pool: futures.ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
 
     def _reader(self, app: str, start: str) -> EventReader:
         return EventReader(self.client, self.key_of(app), start, count=self.count, app=app)
@@ -203,11 +205,12 @@ class MergedEventReader(_Merge[EventReader]):
             return
         if self._pool is None:
             self._pool = futures.ThreadPoolExecutor(MAX_WAITERS, thread_name_prefix="tpns-events")
+            self._stop.clear()
+        until = time.monotonic() + block_ms / 1000
         for app, reader in self.readers.items():
             if app not in self._waiting:
                 self._waiting[app] = self._pool.submit(
-                    self.client.xread, {reader.key: reader.cursor or "0-0"}, count=1,
-                    block=block_ms)
+                    self._blocking_read, reader.key, reader.cursor or "0-0", until)
         done, _ = futures.wait(self._waiting.values(), timeout=block_ms / 1000,
                                return_when=futures.FIRST_COMPLETED)
         for app, waiter in list(self._waiting.items()):
@@ -215,10 +218,24 @@ class MergedEventReader(_Merge[EventReader]):
                 del self._waiting[app]
                 waiter.result()  # a Redis error ends the reading, as one stream's would
 
+    def _blocking_read(self, key: str, cursor: str, until: float) -> Any:
+        """XREAD of one stream until an entry comes, ``until`` (monotonic), or ``close``: in
+        blocks of at most ``BLOCK_MS``, so that closing never waits longer than one."""
+        while not self._stop.is_set():
+            left_ms = int((until - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return []
+            got = self.client.xread({key: cursor}, count=1, block=min(left_ms, BLOCK_MS))
+            if got:
+                return got
+        return []
+
     def close(self) -> None:
-        """Stop the blocking reads' threads (a read in flight ends within its block time)."""
+        """Stop the blocking reads' threads and wait for them (a read in flight ends within
+        ``BLOCK_MS``), so that no thread outlives the reader and uses its client after it."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._stop.set()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._waiting = None, {}
 
     def follow(self, *, follow: bool = False, block_ms: int = BLOCK_MS) -> Iterator[Event | Gap]:

@@ -78,7 +78,12 @@ class ReplyLosingRelay:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        try:  # wakes the accepting thread (a plain close does not interrupt accept on Linux)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
+        self._thread.join(timeout=5)
         with self._lock:
             for sock in self._open:
                 _close(sock)
