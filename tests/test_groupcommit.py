@@ -2,8 +2,8 @@
 caller still gets its own id or its own refusal — against a real Redis (the machine's, or private
 ones the tests kill).
 
-To make "concurrent" a fact rather than luck, the tests hold the first commit at a gate until
-every other caller has queued behind it; the second commit then carries all of them.
+To make "concurrent" a fact rather than luck, the tests hold the commits at a gate until every
+other caller has queued behind them; the next commits then carry all of them.
 """
 
 from __future__ import annotations
@@ -39,19 +39,26 @@ def until(condition: Callable[[], bool], what: str) -> None:
     wait_until(condition, DEADLINE_S, interval_s=0.005, message=what)
 
 
-def gate_first_commit(producer: Producer, callers: int,
-                      before: Callable[[], None] = lambda: None) -> None:
-    """Hold the producer's first commit until the rest of ``callers`` queued behind it, then
-    run ``before`` and let it go (the seam is our own: the commit function of the group)."""
+def gate_commits(producer: Producer, callers: int,
+                 before: Callable[[], None] = lambda: None) -> None:
+    """Hold the producer's commits until every one of ``callers`` is in a held commit or queued
+    behind them (at most ``group.depth`` commits are in flight, so the rest must queue), then
+    run ``before`` and let them all go (the seam is our own: the commit function of the group)."""
     commit = producer.group._commit
-    first = [True]
+    held = [0]
+    lock = threading.Lock()
+    go = threading.Event()
 
     def gated(items: list[Any]) -> list[Any]:
-        if first[0]:
-            first[0] = False
-            waiting = callers - len(items)
-            until(lambda: producer.group.queued == waiting, f"{waiting} callers queued")
-            before()
+        if not go.is_set():
+            with lock:
+                held[0] += len(items)
+            until(lambda: go.is_set() or held[0] + producer.group.queued == callers,
+                  f"{callers} callers held or queued")
+            with lock:
+                if not go.is_set():
+                    before()
+                    go.set()
         return commit(items)
 
     producer.group._commit = gated
@@ -84,8 +91,9 @@ def records(client: redis.Redis, prefix: str) -> set[str]:
 def test_concurrent_submits_each_get_their_own_id_in_one_script_call(tmp_path: Path) -> None:
     """On a private Redis, so that its command statistics count our script calls alone.
 
-    The first commit is held until every other caller queued behind it, so there are one or
-    two commits (two when the first leader left before the others came in)."""
+    The commits are held until every other caller queued behind them: at most ``depth`` (2)
+    held, and the callers queued behind them go in at most two more (a leader takes its share,
+    half of the callers about, and the next one the rest)."""
     with private_redis(tmp_path / "redis") as server:
         prefix = "tpnstest:gc:"
         producer = make_producer(server.url, prefix)
@@ -94,7 +102,7 @@ def test_concurrent_submits_each_get_their_own_id_in_one_script_call(tmp_path: P
             client = server.client()
             client.config_resetstat()
             n = 40
-            gate_first_commit(producer, n)
+            gate_commits(producer, n)
             answers = submit_all(producer, [op4(k) for k in range(n)])
             stats = client.info("commandstats")
         finally:
@@ -103,9 +111,9 @@ def test_concurrent_submits_each_get_their_own_id_in_one_script_call(tmp_path: P
         assert len(set(answers)) == n, "two callers got the same id"
         stored = records(client, prefix)
         assert stored == {warm, *answers}
-        # the gate lets the first commit go only once every other caller queued: at most two
-        assert producer.group.commits <= 3 and producer.group.items == n + 1
-        assert stats["cmdstat_evalsha"]["calls"] <= 2, stats  # 40 intents, 1 or 2 script calls
+        assert producer.group.depth == 2
+        assert producer.group.commits <= 1 + 2 + 2 and producer.group.items == n + 1
+        assert stats["cmdstat_evalsha"]["calls"] <= 4, stats  # 40 intents, at most 4 calls
         assert client.hget(f"{prefix}n", "enqueued:4") == str(n + 1)  # each stored once
         assert sorted(client.get(f"{prefix}i:{a}") is not None for a in answers) == [True] * n
 
@@ -118,7 +126,7 @@ def test_a_bad_intent_among_concurrent_good_ones_is_refused_alone(redis_url: str
         good = [op4(k) for k in range(1, 11)]
         bad = {"operator_type": 4, "token": "has space"}
         clash = op4(99, id="taken")  # the id is stored with another payload
-        gate_first_commit(producer, len(good) + 1)  # the bad one never queues; the clash does
+        gate_commits(producer, len(good) + 1)  # the bad one never queues; the clash does
         answers = submit_all(producer, [*good, bad, clash])
     finally:
         producer.close()
@@ -135,7 +143,7 @@ def test_queue_full_is_told_to_each_caller_refused(redis_url: str, prefix: str,
                                                    rconn: redis.Redis) -> None:
     producer = make_producer(redis_url, prefix, TPNS_MAX_PENDING="5")
     try:
-        gate_first_commit(producer, 8)
+        gate_commits(producer, 8)
         answers = submit_all(producer, [op4(k) for k in range(8)])
     finally:
         producer.close()
@@ -158,7 +166,7 @@ def test_redis_killed_during_a_group_commit_gives_each_caller_its_own_error(
         try:
             producer.apps()
             n = 6
-            gate_first_commit(producer, n, before=server.kill)
+            gate_commits(producer, n, before=server.kill)
             answers = submit_all(producer, [op4(k) for k in range(n)])
         finally:
             producer.close()
@@ -180,7 +188,7 @@ def test_a_lost_reply_of_a_group_commit_is_in_doubt_for_each_caller(tmp_path: Pa
             first = producer.submit(op4(100))  # Redis has the script now
             relay.losing = True
             n = 5
-            gate_first_commit(producer, n)
+            gate_commits(producer, n)
             answers = submit_all(producer, [op4(k) for k in range(n)])
         finally:
             producer.close()
@@ -240,3 +248,66 @@ def test_a_failing_prepare_queues_nothing_and_a_commit_error_reaches_every_calle
     with pytest.raises(ValueError):  # and the next caller leads again
         group.run(lambda: 2)
     assert group.commits == 2
+
+
+def test_with_depth_two_two_commits_are_in_flight_and_a_third_waits_for_one_of_them() -> None:
+    """Callers "a" and "b" each lead a commit that the commit function holds; with two in
+    flight, caller "c" queues until one of them ends, then goes while the other is still held."""
+    held = {"a": threading.Event(), "b": threading.Event()}
+    entered: dict[str, threading.Event] = {k: threading.Event() for k in ("a", "b", "c")}
+
+    def commit(items: list[str]) -> list[str | BaseException]:
+        for item in items:
+            entered[item].set()
+            if item in held:
+                held[item].wait(DEADLINE_S)
+        return [item.upper() for item in items]
+
+    group: GroupCommit[str, str] = GroupCommit(commit, depth=2)
+    answers: dict[str, str] = {}
+
+    def call(item: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.update({item: group.run(lambda: item)}))
+        thread.start()
+        return thread
+
+    threads = {"a": call("a")}
+    until(entered["a"].is_set, "a's commit in flight")
+    threads["b"] = call("b")
+    until(entered["b"].is_set, "b's commit in flight while a's is")
+    threads["c"] = call("c")
+    until(lambda: group.queued == 1, "c queued behind the two commits in flight")
+    assert not entered["c"].is_set() and answers == {}
+    held["b"].set()
+    threads["b"].join(DEADLINE_S)
+    threads["c"].join(DEADLINE_S)
+    assert answers == {"b": "B", "c": "C"}  # c went once b's commit ended; a's is still held
+    held["a"].set()
+    threads["a"].join(DEADLINE_S)
+    assert answers == {"a": "A", "b": "B", "c": "C"}
+    assert group.commits == 3 and group.items == 3
+
+
+def test_with_depth_one_a_second_caller_waits_for_the_commit_in_flight() -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    def commit(items: list[str]) -> list[str | BaseException]:
+        entered.set()
+        if "a" in items:
+            release.wait(DEADLINE_S)
+        return [item.upper() for item in items]
+
+    group: GroupCommit[str, str] = GroupCommit(commit)
+    answers: dict[str, str] = {}
+    first = threading.Thread(target=lambda: answers.update(a=group.run(lambda: "a")))
+    first.start()
+    until(entered.is_set, "a's commit in flight")
+    second = threading.Thread(target=lambda: answers.update(b=group.run(lambda: "b")))
+    second.start()
+    until(lambda: group.queued == 1, "b queued behind a's commit")
+    assert answers == {}
+    release.set()
+    first.join(DEADLINE_S)
+    second.join(DEADLINE_S)
+    assert answers == {"a": "A", "b": "B"} and group.commits == 2

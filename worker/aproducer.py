@@ -69,6 +69,8 @@ class AsyncProducer:
         self.settings = s = settings or Settings.from_env()
         url = redis_url or resolve_redis_url(s.redis_url, s.data_dir)
         self.redis_url = url
+        #: the URL as errors name it: without its password (worked out once, not per call)
+        self.shown_url = redact_url(url) or ""
         self.redis = client or async_redis_client(url, **client_options(s, Retry))
         self.store = AsyncStore(self.redis, prefix or s.prefix, **store_options(s))
         self.wake_sender = WakeSender(s, url, self.store.prefix, wake)
@@ -83,11 +85,7 @@ class AsyncProducer:
 
     def unavailable(self, exc: BaseException, **groups: Any) -> StoreUnavailableError | StoreError:
         """The typed error for a Redis error ``exc``, as ``Producer.unavailable``."""
-        return bulk.error_for(self._url, exc, **groups)
-
-    @property
-    def _url(self) -> str:
-        return redact_url(self.redis_url) or ""
+        return bulk.error_for(self.shown_url, exc, **groups)
 
     @_guarded
     async def apps(self) -> frozenset[str]:
@@ -131,7 +129,7 @@ class AsyncProducer:
     async def _commit_group(self, valid: list[tuple[str, Intent]]) -> list[str | BaseException]:
         prepared = bulk.grouped(valid)
         failure = await self._store(prepared, None)
-        return bulk.per_caller(prepared, failure, self._url)
+        return bulk.per_caller(prepared, failure, self.shown_url)
 
     async def submit_many(self, intents: Iterable[Any], *, strict: bool = False) -> list[str | None]:
         """Enqueue many intents, pipelined. Returns ids in input order, None for refused ones.
@@ -156,7 +154,7 @@ class AsyncProducer:
         prepared = await self._prepare(items, line_numbers)
         if prepared.valid:
             failure = await self._store(prepared, line_numbers)
-            bulk.raise_failure(self._url, failure, prepared.result)
+            bulk.raise_failure(self.shown_url, failure, prepared.result)
         return prepared.result
 
     async def _prepare(self, items: Sequence[Any], line_numbers: Sequence[int] | None) -> Prepared:

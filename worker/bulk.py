@@ -112,27 +112,32 @@ class Prepared:
     positions: list[int] = field(default_factory=list)
 
 
+def prepare_one(obj: Any, apps: Collection[str], default_app: str, *,
+                app_ids: bool = False) -> tuple[str, Intent]:
+    """One item checked and given its id (its own, or a new one); ``IntentError`` if invalid.
+    With ``app_ids`` (a Redis Cluster store) the id carries its app (``app.<id>``): an explicit
+    id is then unique per app, and a lookup by id finds the app's slot."""
+    intent = validate(obj, apps, default_app)
+    intent_id = intent.id or new_id()
+    return (app_id(intent.app, intent_id) if app_ids else intent_id), intent
+
+
 def prepare(items: Sequence[Any], apps: Collection[str], default_app: str,
             line_numbers: Sequence[int] | None = None, *, app_ids: bool = False) -> Prepared:
-    """Validate each item on its own and assign an id to each valid one (its own, or a new one).
-    With ``app_ids`` (a Redis Cluster store) every id carries its app (``app.<id>``): an explicit
-    id is then unique per app, and a lookup by id finds the app's slot."""
+    """Each item checked on its own (``prepare_one``), the valid ones ready to store."""
     prepared = Prepared(BulkResult())
     result = prepared.result
     for k, obj in enumerate(items):
         try:
-            intent = validate(obj, apps, default_app)
+            item = prepare_one(obj, apps, default_app, app_ids=app_ids)
         except IntentError as exc:
             line = line_numbers[k] if line_numbers is not None else None
             result.errors[k] = IntentError(exc.field, exc.rule, line) if line is not None else exc
             result.ids.append(None)
             continue
-        intent_id = intent.id or new_id()
-        if app_ids:
-            intent_id = app_id(intent.app, intent_id)
-        prepared.valid.append((intent_id, intent))
+        prepared.valid.append(item)
         prepared.positions.append(k)
-        result.ids.append(intent_id)
+        result.ids.append(item[0])
     return prepared
 
 

@@ -2,17 +2,29 @@
 
 Many threads calling ``Producer.submit`` at once, or many requests ``POST``-ing one intent each to
 ``serve``, would each pay a whole Redis round trip and a script call for one intent. Here they
-queue instead, and one of them — the *leader* — stores everything queued (up to ``max_batch``)
-in one call, then hands each caller its own answer: its id or its own error. While the leader's
-call is in flight, the next callers queue behind it, and the first of them leads the next call.
+queue instead, and one of them — the *leader* — stores what is queued in one call, then hands
+each caller its own answer: its id or its own error. While a call is in flight, the next
+callers queue behind it, and the first of them leads the next call.
 
 A lone caller pays nothing: it leads at once, and no window is waited. A leader waits (at most
 ``window_s``) only for callers already on their way in — those preparing their item (validating)
-right now, counted by ``GroupCommit.run``, and as many as the last call carried (the callers it
+right now, counted by ``GroupCommit.run``, and those the last calls carried (the callers they
 answered are typically back with their next item within microseconds) — so a burst of threads
 lands in one call instead of the first one going alone. After a burst, the first lone caller
-waits the window once; the next ones not at all. ``AsyncGroupCommit`` does the same for coroutines on one event loop,
-where "on their way" is "runnable now": the leader yields to the loop once before taking its batch.
+waits the window once; the next ones not at all.
+
+With ``depth`` > 1, up to that many calls are in flight at once, and a leader takes only its
+share (1/``depth``) of the callers about: while one call waits for Redis, the callers of the
+next one prepare their items, so Python's work and Redis's overlap instead of taking turns
+(``Producer.submit`` from 16 threads, measured in turn on a 2-core box: ~10,600 intents/s
+with one call in flight, ~12,700 with two, ~10,900 with three). A caller's call is always
+answered before that caller can queue its next item, so one thread's intents are stored in the
+order it submitted them.
+
+The leader waiting in its window is woken once, when what it waits for is queued, not at each
+arrival: on a small machine every thread switch costs more than the rest of a submit.
+``AsyncGroupCommit`` does the same for coroutines on one event loop, where "on their way" is
+"runnable now": the leader yields to the loop once before taking its batch.
 
 ``commits`` and ``items`` count the calls made and the items they carried (tests and the
 benchmark read them).
@@ -78,15 +90,24 @@ class GroupCommit(Generic[T, R]):
     """
 
     def __init__(self, commit: Commit[T, R], *, max_batch: int = MAX_BATCH,
-                 window_s: float = WINDOW_S) -> None:
+                 window_s: float = WINDOW_S, depth: int = 1) -> None:
         self._commit = commit
         self.max_batch = max_batch
         self.window_s = window_s
-        self._cond = threading.Condition()  # guards everything below
+        #: the most commits in flight at once
+        self.depth = depth
+        self._cond = threading.Condition(threading.Lock())  # guards everything below
         self._queue: deque[_Slot[T, R]] = deque()
+        #: a leader is gathering its batch (at most one at a time)
         self._leading = False
+        #: commits taken and not yet answered, and the items they carry
+        self._in_flight = 0
+        self._in_flight_items = 0
+        #: the gathering leader waits in its window (``_gather``) for ``_want`` queued items
+        self._gathering = False
+        self._want = 1
         self._arriving = 0
-        #: items of the last call
+        #: the callers about (preparing, queued, in flight) when the last call was taken
         self._last = 1
         self.commits = 0
         self.items = 0
@@ -107,15 +128,17 @@ class GroupCommit(Generic[T, R]):
         except BaseException:
             with self._cond:
                 self._arriving -= 1
-                self._cond.notify_all()
+                self._wake_gatherer()
             raise
         slot: _Slot[T, R] = _Slot(item)
         with self._cond:
             self._arriving -= 1
             self._queue.append(slot)
-            lead = not self._leading
-            self._leading = True
-            self._cond.notify_all()  # a leader in its window counts arrivals
+            lead = not self._leading and self._in_flight < self.depth
+            if lead:
+                self._leading = True
+            else:
+                self._wake_gatherer()
         if not lead:
             slot.ready.acquire()
             if not slot.lead:
@@ -123,17 +146,40 @@ class GroupCommit(Generic[T, R]):
         self._lead()
         return self._answer(slot)
 
-    def _gather(self) -> None:
+    def _gathered(self) -> bool:
+        """Whether the gathering leader has what it waits for (lock held)."""
+        queued = len(self._queue)
+        return queued >= self._want and (
+            self.depth > 1 or self._arriving == 0 or queued >= self.max_batch)
+
+    def _wake_gatherer(self) -> None:
+        """Wake the leader waiting in its window once it has what it waits for, not before:
+        each wake-up is a thread switch, dearer than the rest of a submit (lock held)."""
+        if self._gathering and self._gathered():
+            self._cond.notify()
+
+    def _gather(self) -> int:
         """Wait (at most ``window_s``, lock held but released while waiting) for the callers on
-        their way: those preparing their item now, and as many as the last call carried — the
-        callers it answered are typically back with their next item in a moment. A lone caller
-        (the last call carried one, nobody is preparing) does not wait at all."""
+        their way; how many items to take.
+
+        With one commit at a time, it waits for those preparing their item now, and as many as
+        the last call carried — the callers it answered are typically back with their next
+        item in a moment — and takes them all. A lone caller (the last call carried one, nobody
+        is preparing) does not wait at all. With ``depth`` commits in flight, it waits for and
+        takes 1/``depth`` of the callers about (preparing, queued or in flight), so that while
+        one commit waits for Redis the next one's callers prepare theirs."""
+        about = max(self._last, self._in_flight_items + len(self._queue) + self._arriving)
+        self._want = min(self.max_batch, -(-about // self.depth))
         deadline = time.monotonic() + self.window_s
-        while len(self._queue) < self.max_batch and (
-                self._arriving > 0 or len(self._queue) < self._last):
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._cond.wait(left):
-                return
+        self._gathering = True
+        try:
+            while not self._gathered():
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    break
+        finally:
+            self._gathering = False
+        return self._want if self.depth > 1 else self.max_batch
 
     @staticmethod
     def _answer(slot: _Slot[T, R]) -> R:
@@ -143,18 +189,18 @@ class GroupCommit(Generic[T, R]):
         return answer  # type: ignore[return-value]  # set by the commit before ready
 
     def _lead(self) -> None:
-        """Take a batch (this leader's own slot is at its head), commit it, answer each caller,
-        and make the first caller still queued the next leader."""
+        """Take a batch (this leader's own slot is at its head), let the next leader start
+        gathering if another commit may be in flight, commit, and answer each caller."""
         batch: list[_Slot[T, R]] = []
+        answers: list[R | BaseException] = []
         try:
             with self._cond:
-                self._gather()
-                while self._queue and len(batch) < self.max_batch:
-                    batch.append(self._queue.popleft())
-                self._last = len(batch)
+                limit = self.max_batch
+                try:
+                    limit = self._gather()
+                finally:  # even interrupted while gathering: the callers must get an answer
+                    batch = self._take(limit)
             answers = _answers(self._commit, [s.item for s in batch])
-            self.commits += 1
-            self.items += len(batch)
         except BaseException as exc:  # interrupted: no caller may wait forever
             answers = [exc] * len(batch)
             raise
@@ -163,12 +209,31 @@ class GroupCommit(Generic[T, R]):
                 slot.answer = answer
                 slot.wake()
             with self._cond:
-                if self._queue:
-                    head = self._queue[0]
-                    head.lead = True
-                    head.wake()
-                else:
-                    self._leading = False
+                self._in_flight -= 1
+                self._in_flight_items -= len(batch)
+                self._next_leader()
+
+    def _take(self, limit: int) -> list[_Slot[T, R]]:
+        """This leader's batch, off the queue: its commit is in flight from now (lock held)."""
+        batch: list[_Slot[T, R]] = []
+        while self._queue and len(batch) < limit:
+            batch.append(self._queue.popleft())
+        self._last = self._in_flight_items + len(batch) + len(self._queue) + self._arriving
+        self._in_flight_items += len(batch)
+        self.commits += 1
+        self.items += len(batch)
+        self._in_flight += 1
+        self._leading = False
+        self._next_leader()
+        return batch
+
+    def _next_leader(self) -> None:
+        """Make the first caller queued the next leader, if a leader may start (lock held)."""
+        if self._queue and not self._leading and self._in_flight < self.depth:
+            self._leading = True
+            head = self._queue[0]
+            head.lead = True
+            head.wake()
 
 
 class AsyncGroupCommit(Generic[T, R]):

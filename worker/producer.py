@@ -57,6 +57,9 @@ REPLY_TIMEOUT_S = 10.0
 RETRIES = 3
 #: after a wake-up could not be sent, wakes are skipped for this long (the sweep sends them)
 WAKE_PAUSE_S = 5.0
+#: ``submit``'s group commits in flight at once: while one waits for Redis, the callers it does
+#: not carry prepare the next one, so the Python work and Redis's overlap
+DEPTH = 2
 
 
 class WakeSender:
@@ -148,13 +151,15 @@ class Producer:
         self.settings = s = settings or Settings.from_env()
         url = redis_url or resolve_redis_url(s.redis_url, s.data_dir)
         self.redis_url = url
+        #: the URL as errors name it: without its password (worked out once, not per call)
+        self.shown_url = redact_url(url) or ""
         self.redis = client or redis_client(url, **client_options(s, Retry))
         self.store = Store(self.redis, prefix or s.prefix, **store_options(s),
                            events_maxlen=s.events_maxlen)
         self.wake_sender = WakeSender(s, url, self.store.prefix, wake)
         self.app_names = AppNames(s.apps)
         #: concurrent ``submit`` calls share one enqueue call (``worker.groupcommit``)
-        self.group: GroupCommit[tuple[str, Intent], str] = GroupCommit(self._commit_group)
+        self.group: GroupCommit[tuple[str, Intent], str] = GroupCommit(self._commit_group, depth=DEPTH)
 
     @classmethod
     def from_env(cls, **kw: Any) -> Producer:
@@ -174,7 +179,7 @@ class Producer:
     def unavailable(self, exc: BaseException, **groups: Any) -> StoreUnavailableError | StoreError:
         """The typed error for a Redis error ``exc`` (``groups``: stored, refused, in_doubt,
         result). The message names the URL without its password."""
-        return bulk.error_for(redact_url(self.redis_url) or "", exc, **groups)
+        return bulk.error_for(self.shown_url, exc, **groups)
 
     def _send_wakes(self, wakes: Sequence[Wake]) -> None:
         self.wake_sender(wakes)
@@ -194,16 +199,18 @@ class Producer:
         return self.group.run(lambda: self._prepare_one(intent))
 
     def _prepare_one(self, intent: Any) -> tuple[str, Intent]:
-        prepared = self._prepare([intent], None)
-        if prepared.result.errors:
-            raise prepared.result.errors[0]
-        return prepared.valid[0]
+        try:
+            apps = self.apps()
+        except StoreUnavailableError as exc:  # nothing was sent
+            raise bulk.unread([intent], exc) from exc.__cause__
+        return bulk.prepare_one(intent, apps, self.settings.default_app,
+                                app_ids=self.store.cluster)
 
     def _commit_group(self, valid: list[tuple[str, Intent]]) -> list[str | BaseException]:
         """Store the items of concurrent ``submit`` calls at once; each caller's answer."""
         prepared = bulk.grouped(valid)
         failure = self._store(prepared, None)
-        return bulk.per_caller(prepared, failure, redact_url(self.redis_url) or "")
+        return bulk.per_caller(prepared, failure, self.shown_url)
 
     def submit_many(self, intents: Iterable[Any], *, strict: bool = False) -> list[str | None]:
         """Enqueue many intents, pipelined. Returns ids in input order, None for refused ones.
@@ -227,7 +234,7 @@ class Producer:
         prepared = self._prepare(items, line_numbers)
         if prepared.valid:
             failure = self._store(prepared, line_numbers)
-            bulk.raise_failure(redact_url(self.redis_url) or "", failure, prepared.result)
+            bulk.raise_failure(self.shown_url, failure, prepared.result)
         return prepared.result
 
     def _prepare(self, items: Sequence[Any], line_numbers: Sequence[int] | None) -> Prepared:

@@ -192,8 +192,11 @@ def intent_arg(intent_id: str, intent: Intent) -> str:
         payload["l"] = [[a.account, a.account_type] for a in intent.accounts]
     if intent.id is not None:
         payload["x"] = 1  # an id given by the caller: checked against the summaries too
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return _compact_json(payload)
 
+
+#: compact JSON (one encoder for every call: ``json.dumps`` with options builds one per call)
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 #: the Lua scripts, each ``lua/lib.lua`` + ``lua/<name>.lua``
 SCRIPTS = ("enqueue", "claim", "complete", "reap", "requeue_failed", "throttle", "verify_claim",
