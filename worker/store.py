@@ -108,17 +108,18 @@ class Store(StoreReads):
             sent = False
             try:
                 for _attempt in range(2):
-                    pipe = self.redis.pipeline(transaction=False)
-                    if not self.cluster:
+                    if self.cluster:  # a cluster pipeline routes each call to its app's node
+                        pipe = self.redis.pipeline(transaction=False)
+                        sent = True
+                        for keys, args in calls:
+                            evalsha(pipe, sha, keys, args)
+                        replies = pipe.execute(raise_on_error=False)
+                    else:
                         # connect first: a failure here means nothing of this round left the
                         # process (a cluster pipeline connects per node as it sends)
-                        pipe.connection = self.redis.connection_pool.get_connection()
-                    sent = True
-                    for keys, args in calls:
-                        evalsha(pipe, sha, keys, args)
-                    if min_replicas > 0:
-                        pipe.execute_command("WAIT", min_replicas, wait_ms)  # type: ignore[no-untyped-call]
-                    replies = pipe.execute(raise_on_error=False)
+                        conn = self.redis.connection_pool.get_connection()
+                        sent = True
+                        replies = self._round_trip(conn, sha, calls, min_replicas, wait_ms)
                     if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                         break
                     # a restarted server lost its scripts (then none of the calls ran): load, redo
@@ -136,6 +137,37 @@ class Store(StoreReads):
             yield done
             if done.error is not None:
                 return
+
+    def _round_trip(self, conn: Any, sha: str,
+                    calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+                    min_replicas: int, wait_ms: int) -> list[Any]:
+        """The ``enqueue.lua`` calls (and a ``WAIT``) written at once on ``conn``, taken from the
+        pool and given back here; one reply per command, an error reply as its exception. By
+        hand rather than through ``pipeline()``, whose machinery cost about as much as the rest
+        of a group commit of a few intents."""
+        pool = self.redis.connection_pool
+        commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args)
+                                           for keys, args in calls]
+        if min_replicas > 0:
+            commands.append(("WAIT", min_replicas, wait_ms))
+
+        def trip() -> list[Any]:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _command in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:  # the connection stays in step: read on
+                    replies.append(exc)
+            return replies
+
+        try:
+            return conn.retry.call_with_retry(trip, lambda _error: conn.disconnect())  # type: ignore[no-any-return]
+        except BaseException:  # replies may be left unread: never reuse it
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def claim(self, app: str, operator_type: int, *, clear_wake: bool = False,
               read_backoff: bool = False) -> Claim:
