@@ -113,6 +113,8 @@ class Store(StoreReads):
                         sent = True
                         for keys, args in calls:
                             evalsha(pipe, sha, keys, args)
+                        if min_replicas > 0:
+                            pipe.execute_command("WAIT", min_replicas, wait_ms)  # type: ignore[no-untyped-call]
                         replies = pipe.execute(raise_on_error=False)
                     else:
                         # connect first: a failure here means nothing of this round left the
