@@ -107,9 +107,14 @@ def worker_env(launcher: Launcher, url: str, prefix: str, sandbox: SandboxServer
 
 def drain_through_outages(server: Any, worker: WorkerProcess, prefix: str, n: int,
                           outages: tuple[float, ...], kill: Any, restart: Any,
-                          during: Any = None) -> None:
+                          during: Any = None, logged: bool = False) -> None:
     """For each outage: wait for some progress, ``kill()``, hold it down, ``restart()``, then
-    require a claim and more terminal intents, from the very same worker process."""
+    require a claim and more terminal intents, from the very same worker process.
+
+    With ``logged``, each outage also lasts until the worker has logged it, and the next one
+    starts only once the worker has logged Redis answering again: so each outage is one the
+    worker saw begin and end, whatever the machine's speed (a 1 s outage, or a short spell of
+    Redis between two, could otherwise fall between two checks of a busy worker's watchdog)."""
     pid = worker.pid
     for k, down_s in enumerate(outages, 1):
         goal = n * k // (len(outages) + 2)
@@ -117,6 +122,9 @@ def drain_through_outages(server: Any, worker: WorkerProcess, prefix: str, n: in
                    message=f"{goal} intents terminal before outage {k}")
         kill()
         held_from = time.monotonic()
+        if logged:
+            wait_until(lambda k=k: worker.log().count("Redis unreachable (") >= k,
+                       RESUME_DEADLINE_S, message=f"the worker logged outage {k}")
         if during is not None and down_s >= 15:
             during()
         left = down_s - (time.monotonic() - held_from)
@@ -129,6 +137,9 @@ def drain_through_outages(server: Any, worker: WorkerProcess, prefix: str, n: in
                    message=f"a claim after outage {k} ({down_s} s)")
         wait_until(lambda d=done: (terminal(server, prefix) or 0) > d, RESUME_DEADLINE_S,
                    message=f"more intents terminal after outage {k} ({down_s} s)")
+        if logged:
+            wait_until(lambda k=k: worker.log().count("Redis answering again after") >= k,
+                       RESUME_DEADLINE_S, message=f"the worker logged the end of outage {k}")
         assert worker.proc.poll() is None, f"the worker exited in outage {k}:\n{worker.log()[-3000:]}"
         assert worker.pid == pid
 
@@ -166,7 +177,8 @@ def test_worker_rides_out_redis_kills_mid_drain(
             assert health(env).returncode == 1  # readiness: Redis is down
 
         drain_through_outages(aof_redis, worker, own_prefix, len(intents), OUTAGES,
-                              kill=aof_redis.kill, restart=aof_redis.start, during=during)
+                              kill=aof_redis.kill, restart=aof_redis.start, during=during,
+                              logged=True)
         wait_until(lambda: (terminal(aof_redis, own_prefix) or 0) >= len(intents), 180,
                    message=lambda: f"all terminal; stats {producer.stats()['states']}")
 
