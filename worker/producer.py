@@ -193,8 +193,9 @@ class Producer:
     def submit(self, intent: Any) -> str:
         """Enqueue one intent; returns its id. Raises ``IntentError`` and stores nothing if invalid.
 
-        Concurrent calls from many threads are stored together, one enqueue call per few
-        milliseconds (group commit); each caller still gets its own id or its own error.
+        Concurrent calls from many threads are stored together, up to two enqueue calls in
+        flight, each carrying the intents queued meanwhile (group commit); each caller still
+        gets its own id or its own error.
         """
         return self.group.run(lambda: self._prepare_one(intent))
 
