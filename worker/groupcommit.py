@@ -98,7 +98,7 @@ class GroupCommit(Generic[T, R]):
         self.depth = depth
         self._cond = threading.Condition(threading.Lock())  # guards everything below
         self._queue: deque[_Slot[T, R]] = deque()
-        #: a leader is gathering its batch (at most one at a time)
+        #: a leader is chosen and has not taken its batch yet (at most one at a time)
         self._leading = False
         #: commits taken and not yet answered, and the items they carry
         self._in_flight = 0
