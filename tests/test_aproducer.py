@@ -16,6 +16,8 @@ from worker.errors import IdConflictError, IntentError, QueueFullError, StoreUna
 from worker.events import Event
 from worker.producer import Producer
 from worker.settings import Settings
+from worker.store import Store
+from worker.tools.memory import complete_all
 
 
 def make(url: str, prefix: str, wakes: list[Any] | None = None, **env: str) -> AsyncProducer:
@@ -223,3 +225,34 @@ def test_a_lost_reply_is_in_doubt_and_each_intent_stored_once(tmp_path: Path) ->
     doubts = {*exc.in_doubt, *(e.in_doubt[0] for e in singles)}  # type: ignore[union-attr]
     assert stored == {first, *doubts}
     assert counters["enqueued:4"] == "6"  # each once, however often its call ran
+
+
+def test_an_intent_compacted_before_its_lost_reply_is_resent_is_not_stored_twice(
+        tmp_path: Path) -> None:
+    """``Producer``'s test of the same name, through ``AsyncProducer``'s own round trip."""
+    prefix = "tpnstest:aresend:"
+    with private_redis(tmp_path / "redis") as server, ReplyLosingRelay(server.port) as relay:
+        store = Store(server.client(), prefix, linger_ms=0, status_detail_s=0)
+        completed: list[int] = []
+
+        def succeed_meanwhile() -> None:
+            relay.losing = False  # the re-send goes through
+            completed.append(complete_all(store, 4))
+
+        async def scenario() -> str:
+            async with make(relay.url, prefix, TPNS_STATUS_DETAIL_S="0",
+                            TPNS_LINGER_MS="0") as producer:
+                relay.losing = False
+                await producer.submit({"operator_type": 5, "account": "warm"})  # script loaded
+                relay.losing = True
+                relay.on_lost = succeed_meanwhile
+                return await producer.submit(op4(1))
+
+        stored = asyncio.run(scenario())
+        client = server.client()
+        assert relay.calls_lost == 1 and completed == [1]
+        assert client.get(f"{prefix}i:{stored}") is None, "stored again by the re-send"
+        counters = client.hgetall(f"{prefix}n")
+        assert counters["enqueued:4"] == "1" and counters.get("queued:4", "0") == "0", counters
+        status = store.status(stored)
+        assert status is not None and status.state == "succeeded" and status.detail == "compacted"

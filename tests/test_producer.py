@@ -17,7 +17,9 @@ from tests.support.redis_faults import RedisProcess, ReplyLosingRelay, private_r
 from worker.errors import QueueFullError, StoreUnavailableError, TpnsBatcherError
 from worker.producer import Producer
 from worker.settings import Settings
+from worker.store import Store
 from worker.tools.drill import free_port
+from worker.tools.memory import complete_all
 
 PASSWORD = "s3cret-redis-pw"
 
@@ -146,6 +148,40 @@ def test_a_lost_reply_is_in_doubt_and_the_retried_enqueue_stored_each_intent_onc
     assert counters["enqueued:4"] == "6" and counters["enqueued:2"] == "1"
     # the later intent on tok-0 waits for the earlier one, once
     assert records[exc.in_doubt[5]]["d"] == 1
+
+
+def test_an_intent_compacted_before_its_lost_reply_is_resent_is_not_stored_twice(
+        server: RedisProcess) -> None:
+    """The relay holds back the reply of the enqueue. Before the producer sends the call again,
+    the intent is claimed and succeeds, and with ``TPNS_STATUS_DETAIL_S=0`` only its summary is
+    left. The re-sent call looks its (generated) ids up among the summaries too, so the intent is
+    not stored again: a second copy would be sent again, after any later intent on its keys."""
+    prefix = "tpnstest:resend:"
+    store = Store(server.client(), prefix, linger_ms=0, status_detail_s=0)
+    completed: list[int] = []
+
+    def succeed_meanwhile() -> None:
+        relay.losing = False  # the re-send goes through
+        completed.append(complete_all(store, 4))
+
+    with ReplyLosingRelay(server.port) as relay:
+        producer = make_producer(relay.url, prefix, TPNS_STATUS_DETAIL_S="0", TPNS_LINGER_MS="0")
+        try:
+            relay.losing = False
+            producer.submit({"operator_type": 5, "account": "warm"})  # Redis has the script now
+            relay.losing = True
+            relay.on_lost = succeed_meanwhile
+            stored = producer.submit(op4(1))
+        finally:
+            producer.close()
+    assert relay.calls_lost == 1 and completed == [1]
+    client = server.client()
+    assert client.get(f"{prefix}i:{stored}") is None, "stored again by the re-send"
+    counters = client.hgetall(f"{prefix}n")
+    assert counters["enqueued:4"] == "1" and counters.get("queued:4", "0") == "0", counters
+    assert client.llen(store.keys.ready("default", 4)) == 0
+    status = store.status(stored)
+    assert status is not None and status.state == "succeeded" and status.detail == "compacted"
 
 
 # -- back-pressure ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import redis
@@ -31,6 +31,7 @@ from .store_calls import (
     load_script,
     requeued,
     round_of,
+    sends,
 )
 from .store_read import lookup_calls, record_to_status
 
@@ -73,8 +74,11 @@ class AsyncStore(Layout):
                     # connect first: a failure here means nothing of this round left the process
                     conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
                     sent = True
-                    trip = functools.partial(self._round_trip, conn, keys, calls, min_replicas,
-                                             wait_ms)
+                    # a re-send after a dropped connection looks each id up among the
+                    # summaries too (``intent_arg``)
+                    trip = functools.partial(self._round_trip, conn, keys, sends(
+                        calls, functools.partial(self.enqueue_calls, block, max_pending,
+                                                 resent=True)), min_replicas, wait_ms)
                     try:
                         replies = await conn.retry.call_with_retry(
                             trip, functools.partial(_dropped, conn))
@@ -116,13 +120,15 @@ class AsyncStore(Layout):
             if done.error is not None:
                 return
 
-    async def _round_trip(self, conn: Any, keys: Sequence[str], calls: Sequence[Sequence[Any]],
+    async def _round_trip(self, conn: Any, keys: Sequence[str],
+                          calls: Callable[[], Sequence[Sequence[Any]]],
                           min_replicas: int, wait_ms: int) -> list[Any]:
         """The calls (and a ``WAIT``) written at once on ``conn``; one reply per command, an error
         reply as its exception. By hand rather than through ``pipeline()``: a group commit is one
         call, and redis.asyncio's pipeline machinery costs more than the call itself (~0.2 ms)."""
         sha = self._shas["enqueue"]
-        commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args) for args in calls]
+        commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args)
+                                           for args in calls()]
         if min_replicas > 0:
             commands.append(("WAIT", min_replicas, wait_ms))
         await conn.send_packed_command(conn.pack_commands(commands))

@@ -13,8 +13,9 @@ hands out two intents that share a key, and the earlier one is terminal before t
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -45,6 +46,7 @@ from .store_calls import (
     refused_before_writing,
     requeued,
     round_of,
+    sends,
     unavailable,
     wakes_of,
 )
@@ -121,7 +123,10 @@ class Store(StoreReads):
                         # process (a cluster pipeline connects per node as it sends)
                         conn = self.redis.connection_pool.get_connection()
                         sent = True
-                        replies = self._round_trip(conn, sha, calls, min_replicas, wait_ms)
+                        replies = self._round_trip(conn, sha, sends(
+                            [args for _, args in calls],
+                            functools.partial(self.enqueue_calls, block, max_pending, resent=True)),
+                            min_replicas, wait_ms)
                     if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                         break
                     # a restarted server lost its scripts (then none of the calls ran): load, redo
@@ -140,23 +145,25 @@ class Store(StoreReads):
             if done.error is not None:
                 return
 
-    def _round_trip(self, conn: Any, sha: str,
-                    calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+    def _round_trip(self, conn: Any, sha: str, calls: Callable[[], Sequence[Sequence[Any]]],
                     min_replicas: int, wait_ms: int) -> list[Any]:
-        """The ``enqueue.lua`` calls (and a ``WAIT``) written at once on ``conn``, taken from the
-        pool and given back here; one reply per command, an error reply as its exception. By
-        hand rather than through ``pipeline()``, whose machinery cost about as much as the rest
-        of a group commit of a few intents."""
+        """The ``enqueue.lua`` calls (their ``ARGV``s: ``calls()``) and a ``WAIT`` written at once
+        on ``conn``, taken from the pool and given back here; one reply per command, an error
+        reply as its exception. By hand rather than through ``pipeline()``, whose machinery cost
+        about as much as the rest of a group commit of a few intents. When the connection drops,
+        the client's ``Retry`` sends the calls again as ``calls()`` then makes them
+        (``store_calls.sends``): each id is then also looked up among the summaries."""
         pool = self.redis.connection_pool
-        commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args)
-                                           for keys, args in calls]
-        if min_replicas > 0:
-            commands.append(("WAIT", min_replicas, wait_ms))
+        keys = self.enqueue_keys
 
         def trip() -> list[Any]:
-            conn.send_packed_command(conn.pack_commands(commands))
+            sending: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args)
+                                              for args in calls()]
+            if min_replicas > 0:
+                sending.append(("WAIT", min_replicas, wait_ms))
+            conn.send_packed_command(conn.pack_commands(sending))
             replies: list[Any] = []
-            for _command in commands:
+            for _command in sending:
                 try:
                     replies.append(conn.read_response())
                 except redis.ResponseError as exc:  # the connection stays in step: read on

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import redis
 
 from .keys import DEFAULT_PREFIX, Keys, app_of_batch, app_of_id, batch_nonce, lua_prelude
 from .model import BatchItem, Intent
+
+T = TypeVar("T")
 
 #: an outcome's state as complete.lua takes it
 OUTCOME_CODES = {"succeeded": "ok", "failed": "f", "retry": "r", "requeue": "q"}
@@ -183,16 +185,33 @@ def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def intent_arg(intent_id: str, intent: Intent) -> str:
-    """The compact JSON one intent is passed to ``enqueue.lua`` as."""
+def intent_arg(intent_id: str, intent: Intent, resent: bool = False) -> str:
+    """The compact JSON one intent is passed to ``enqueue.lua`` as; ``resent``: in a call sent
+    again after its connection dropped (``x``, below)."""
     payload: dict[str, Any] = {"i": intent_id, "a": intent.app, "o": intent.operator_type}
     if intent.token is not None:
         payload["t"] = intent.token
     if intent.accounts:
         payload["l"] = [[a.account, a.account_type] for a in intent.accounts]
-    if intent.id is not None:
-        payload["x"] = 1  # an id given by the caller: checked against the summaries too
+    if intent.id is not None or resent:
+        # checked against the summaries too: an id given by the caller, or any id of a call
+        # sent again (the first send may have stored it, and it may have succeeded and been
+        # compacted since; a generated id is otherwise new by construction)
+        payload["x"] = 1
     return _compact_json(payload)
+
+
+def sends(first: T, again: Callable[[], T]) -> Callable[[], T]:
+    """What each send of a round trip writes: ``first``, then ``again()`` for every re-send after
+    a dropped connection (``Layout.enqueue_calls(..., resent=True)``)."""
+    sent: list[bool] = []
+
+    def this_send() -> T:
+        out = again() if sent else first
+        sent.append(True)
+        return out
+
+    return this_send
 
 
 #: compact JSON (one encoder for every call: ``json.dumps`` with options builds one per call)
@@ -284,11 +303,12 @@ class Layout:
                 order.extend(part)
         return calls, order
 
-    def enqueue_calls(self, block: Sequence[tuple[str, Intent]],
-                      max_pending: int) -> list[list[str | int]]:
-        """The arguments of the ``enqueue.lua`` calls storing ``block``, ``ENQUEUE_CHUNK`` a call."""
+    def enqueue_calls(self, block: Sequence[tuple[str, Intent]], max_pending: int,
+                      resent: bool = False) -> list[list[str | int]]:
+        """The arguments of the ``enqueue.lua`` calls storing ``block``, ``ENQUEUE_CHUNK`` a call
+        (``resent``: sent again after the connection of the first send dropped)."""
         head: list[str | int] = [self.prefix, self.max_items, self.linger_ms, max_pending]
-        return [head + [intent_arg(i, it) for i, it in block[k:k + ENQUEUE_CHUNK]]
+        return [head + [intent_arg(i, it, resent) for i, it in block[k:k + ENQUEUE_CHUNK]]
                 for k in range(0, len(block), ENQUEUE_CHUNK)]
 
     @property

@@ -54,12 +54,15 @@ class ReplyLosingRelay:
     connections instead of forwarding it: the script ran, and its reply was lost.
 
     While ``losing`` is False it forwards everything. ``calls_lost`` counts the lost replies.
+    ``on_lost``, if set, runs once a reply is held back, before the connections are closed (the
+    client has sent its call and waits: what happens meanwhile happens before any re-send).
     """
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.losing = True
         self.calls_lost = 0
+        self.on_lost: Callable[[], None] | None = None
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -117,6 +120,8 @@ class ReplyLosingRelay:
                 return True
             with self._lock:
                 self.calls_lost += 1
+            if self.on_lost is not None:
+                self.on_lost()
             _close(client)
             _close(upstream)
             return False

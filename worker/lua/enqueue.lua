@@ -1,8 +1,10 @@
 -- KEYS: counters, timeline seconds, timeline minutes[, the app's move flag (cluster mode: one
 --       app a call)]
 -- ARGV: prefix, max_items, linger_ms, max_pending (0 = none), then one JSON intent per argument:
--- {i, a, o, t?, l?, x?} (x: the caller gave the id, which is then also looked up among the
--- summaries of succeeded intents: summary.lua; a generated id is new by construction)
+-- {i, a, o, t?, l?, x?} (x: the id is also looked up among the summaries of succeeded intents,
+-- summary.lua: an id the caller gave, or any id of a call re-sent after its reply was lost, whose
+-- first run may have stored an intent that has since succeeded and been compacted; a generated id
+-- is otherwise new by construction)
 -- Returns {codes, wakes}: codes[k] is 1 (stored), 0 (same id and payload already stored), -1 (same
 -- id, other payload) or -2 (refused: queue_full, nothing written); wakes lists "app:op:now|linger".
 -- Idempotent by id: a call run twice (a client re-sending after a lost reply) stores each intent
