@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.cluster import RedisCluster
 
+from tests.support.fuzz import examples
 from tests.support.live_server import serving
 from tests.support.polling import wait_until
 from tests.test_cluster_store import apps_on_two_masters, login, make
@@ -137,7 +138,7 @@ def test_ties_go_by_app_name_and_every_cursor_resumes_without_loss_or_repeat(
 _IDS = st.lists(st.tuples(st.integers(1000, 1006), st.integers(0, 2)), max_size=6, unique=True)
 
 
-@settings(max_examples=30, deadline=None,
+@settings(max_examples=examples(30, 300), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.tuples(_IDS, _IDS), count=st.integers(1, 4), cut=st.integers(0, 12))
 def test_any_two_streams_merge_in_order_and_resume_from_any_cursor(

@@ -88,7 +88,7 @@ def records(client: redis.Redis, prefix: str) -> set[str]:
     return {k[len(head):] for k in client.scan_iter(match=f"{head}*", count=1000)}
 
 
-def test_concurrent_submits_each_get_their_own_id_in_one_script_call(tmp_path: Path) -> None:
+def test_concurrent_submits_each_get_their_own_id_in_a_few_script_calls(tmp_path: Path) -> None:
     """On a private Redis, so that its command statistics count our script calls alone.
 
     The commits are held until every other caller queued behind them: at most ``depth`` (2)

@@ -12,6 +12,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.fuzz import examples
 from worker.bulk import new_id
 from worker.keys import app_id
 from worker.store_calls import load_script
@@ -55,7 +56,7 @@ def test_look_alikes_come_back_as_they_went_in(lua: redis.Redis) -> None:
     assert [back for back, _ in packed(lua, ids)] == ids
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200, 2000), deadline=None)
 @given(st.lists(st.one_of(
     st.text(ID_CHARS, min_size=1, max_size=64),
     st.builds(lambda app, hexes: f"{app}.{hexes}",

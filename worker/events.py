@@ -19,7 +19,7 @@ cannot slip between them.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,18 +125,23 @@ def _opt_int(value: str) -> int | None:
     return int(value) if value not in ("", None) else None
 
 
-def _mapping(value: Any) -> Mapping[Any, Any]:
-    """A reply as a mapping with text keys: redis-py parses XRANGE's fields and XINFO STREAM into
+def _pairs(value: Any) -> Iterable[tuple[Any, Any]]:
+    """A reply's ``(name, value)`` pairs: redis-py parses XRANGE's fields and XINFO STREAM into
     dicts, but a cluster client's transaction hands them back as flat ``[name, value, …]`` lists
     or as dicts keyed by bytes."""
     if isinstance(value, (list, tuple)):
-        return {_text(value[k]): value[k + 1] for k in range(0, len(value) - 1, 2)}
-    return {_text(k): v for k, v in value.items()}
+        return zip(value[0::2], value[1::2], strict=False)
+    return value.items()  # type: ignore[no-any-return]
+
+
+def _mapping(value: Any) -> Mapping[Any, Any]:
+    """A reply as a mapping with text keys (``_pairs``)."""
+    return {_text(k): v for k, v in _pairs(value)}
 
 
 def to_event(stream_id: str, fields: Mapping[Any, Any]) -> Event:
     """An entry as emit() wrote it (empty strings for nulls, ``at`` in epoch ms) as an Event."""
-    f = {_text(k): _text(v) for k, v in _mapping(fields).items()}
+    f = {_text(k): _text(v) for k, v in _pairs(fields)}
     verified = f.get("verified", "")
     return Event(
         stream_id=stream_id, id=f.get("id", ""), app=f.get("app") or "default",

@@ -71,7 +71,7 @@ from ..producer import Producer
 from ..settings import Settings
 from ..webhook_state import lag_limits
 from .body import MAX_BODY_BYTES, MAX_INTENTS, BodyError, ParsedBody, media_type, parse_body
-from .intake import PostIntents, Shortcut, enqueue_parsed, enqueue_single, unavailable_content
+from .intake import PostIntents, Shortcut, as_unavailable, enqueue_parsed, unavailable_content
 from .lookup import events_endpoint, history_endpoint
 from .openapi import openapi_schema
 from .session import Auth, Sessions
@@ -86,7 +86,6 @@ __all__ = [
     "ParsedBody",
     "create_app",
     "enqueue_parsed",
-    "enqueue_single",
     "media_type",
     "openapi_schema",
     "parse_body",
@@ -180,12 +179,9 @@ def _redis_down(producer: Producer) -> Callable[[Request, Exception], Awaitable[
     """The handler of a Redis error raised by any route: 503 with the store's error."""
 
     async def redis_down(request: Request, exc: Exception) -> Response:
-        if not isinstance(exc, StoreUnavailableError):  # a route that reads the store directly
-            exc = producer.unavailable(exc)
-            if not isinstance(exc, StoreUnavailableError):
-                raise exc
-        logger.warning("%s %s: %s", request.method, request.url.path, exc)
-        return unavailable_response(exc)
+        error = as_unavailable(producer, exc)  # also from a route that reads the store directly
+        logger.warning("%s %s: %s", request.method, request.url.path, error)
+        return unavailable_response(error)
 
     return redis_down
 

@@ -110,10 +110,15 @@ def enqueue_parsed(producer: Producer, parsed: ParsedBody) -> dict[str, Any]:
     return answer(parsed, result)
 
 
-async def enqueue_single(producer: AsyncProducer, parsed: ParsedBody) -> dict[str, Any]:
-    """``enqueue_parsed`` for a body of one readable intent, through the group commit."""
-    line = parsed.lines[0] if parsed.lines is not None else None
-    return answer(parsed, await producer.enqueue_one(parsed.objs[0], line=line))
+def as_unavailable(producer: Producer, exc: Exception) -> StoreUnavailableError:
+    """A Redis error as the store's ``StoreUnavailableError`` (answered 503); any other answer
+    of Redis (a wrong type, an ACL refusal: ``StoreError``) is raised, as a bug would be."""
+    if isinstance(exc, StoreUnavailableError):
+        return exc
+    error = producer.unavailable(exc)
+    if not isinstance(error, StoreUnavailableError):
+        raise error from exc
+    return error
 
 
 def answer(parsed: ParsedBody, result: BulkResult | None) -> dict[str, Any]:
@@ -191,9 +196,7 @@ class PostIntents:
                 content = await run_in_threadpool(enqueue_parsed, self.producer, parsed)
         except (StoreUnavailableError, redis.RedisError) as exc:
             # a Redis error that escaped the producers is mapped as the app's handler maps it
-            error = exc if isinstance(exc, StoreUnavailableError) else self.producer.unavailable(exc)
-            if not isinstance(error, StoreUnavailableError):
-                raise error from exc
+            error = as_unavailable(self.producer, exc)
             logger.warning("POST /v1/intents: %s", error)
             await send_json(send, unavailable_content(error, parsed), 503, retry_after(error))
             return

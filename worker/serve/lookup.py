@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import redis
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -103,7 +104,10 @@ async def _stream(reader: Reader, batch: list[Event | Gap], follow: bool,
             yield line
     finally:
         if isinstance(reader, MergedEventReader):
-            reader.close()
+            # off the event loop (closing waits up to BLOCK_MS for its blocking reads), and
+            # shielded: a client gone cancels this task, but the reader must still be closed
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(reader.close)
 
 
 async def _lines(reader: Reader, batch: list[Event | Gap], follow: bool,
