@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from .history import HistoryQuery, history_call, history_reply
 from .keys import DEFAULT_PREFIX
 from .model import Intent, Status
+from .round_trip import sends
 from .store_calls import (
     ENQUEUE_CHUNK,
     SCRIPTS,
@@ -31,7 +32,6 @@ from .store_calls import (
     load_script,
     requeued,
     round_of,
-    sends,
 )
 from .store_read import lookup_calls, record_to_status
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -25,6 +25,7 @@ from .errors import StoreError
 from .history import PRUNE_BUDGET, PRUNE_SHARDS, HistoryQuery, history_call, history_reply
 from .keys import DEFAULT_PREFIX, SWEEP_LOCK_MS, WAKE_FLAG_MS, WORKER_TTL_S, app_of_batch
 from .model import Account, BatchItem, Intent, Status
+from .round_trip import round_trip, sends
 from .store_calls import (
     ENQUEUE_CHUNK,
     NOT_WRITTEN,
@@ -46,7 +47,6 @@ from .store_calls import (
     refused_before_writing,
     requeued,
     round_of,
-    sends,
     unavailable,
     wakes_of,
 )
@@ -123,9 +123,11 @@ class Store(StoreReads):
                         # process (a cluster pipeline connects per node as it sends)
                         conn = self.redis.connection_pool.get_connection()
                         sent = True
-                        replies = self._round_trip(conn, sha, sends(
-                            [args for _, args in calls],
-                            functools.partial(self.enqueue_calls, block, max_pending, resent=True)),
+                        replies = round_trip(
+                            self.redis.connection_pool, conn, sha, self.enqueue_keys, sends(
+                                [args for _, args in calls],
+                                functools.partial(self.enqueue_calls, block, max_pending,
+                                                  resent=True)),
                             min_replicas, wait_ms)
                     if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                         break
@@ -144,39 +146,6 @@ class Store(StoreReads):
             yield done
             if done.error is not None:
                 return
-
-    def _round_trip(self, conn: Any, sha: str, calls: Callable[[], Sequence[Sequence[Any]]],
-                    min_replicas: int, wait_ms: int) -> list[Any]:
-        """The ``enqueue.lua`` calls (their ``ARGV``s: ``calls()``) and a ``WAIT`` written at once
-        on ``conn``, taken from the pool and given back here; one reply per command, an error
-        reply as its exception. By hand rather than through ``pipeline()``, whose machinery cost
-        about as much as the rest of a group commit of a few intents. When the connection drops,
-        the client's ``Retry`` sends the calls again as ``calls()`` then makes them
-        (``store_calls.sends``): each id is then also looked up among the summaries."""
-        pool = self.redis.connection_pool
-        keys = self.enqueue_keys
-
-        def trip() -> list[Any]:
-            sending: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args)
-                                              for args in calls()]
-            if min_replicas > 0:
-                sending.append(("WAIT", min_replicas, wait_ms))
-            conn.send_packed_command(conn.pack_commands(sending))
-            replies: list[Any] = []
-            for _command in sending:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:  # the connection stays in step: read on
-                    replies.append(exc)
-            return replies
-
-        try:
-            return conn.retry.call_with_retry(trip, lambda _error: conn.disconnect())  # type: ignore[no-any-return]
-        except BaseException:  # replies may be left unread: never reuse it
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
 
     def claim(self, app: str, operator_type: int, *, clear_wake: bool = False,
               read_backoff: bool = False) -> Claim:

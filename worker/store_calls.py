@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import redis
 
 from .keys import DEFAULT_PREFIX, Keys, app_of_batch, app_of_id, batch_nonce, lua_prelude
 from .model import BatchItem, Intent
-
-T = TypeVar("T")
 
 #: an outcome's state as complete.lua takes it
 OUTCOME_CODES = {"succeeded": "ok", "failed": "f", "retry": "r", "requeue": "q"}
@@ -199,19 +197,6 @@ def intent_arg(intent_id: str, intent: Intent, resent: bool = False) -> str:
         # compacted since; a generated id is otherwise new by construction)
         payload["x"] = 1
     return _compact_json(payload)
-
-
-def sends(first: T, again: Callable[[], T]) -> Callable[[], T]:
-    """What each send of a round trip writes: ``first``, then ``again()`` for every re-send after
-    a dropped connection (``Layout.enqueue_calls(..., resent=True)``)."""
-    sent: list[bool] = []
-
-    def this_send() -> T:
-        out = again() if sent else first
-        sent.append(True)
-        return out
-
-    return this_send
 
 
 #: compact JSON (one encoder for every call: ``json.dumps`` with options builds one per call)
